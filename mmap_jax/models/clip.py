@@ -1,0 +1,408 @@
+"""OpenAI CLIP as pure functions of a frozen params pytree, with deep-prompt hooks.
+
+Why pure functions and not `flax.linen` modules: prompt learning needs control of the layer loop
+itself (deep prompts replace tokens between blocks, the text prefix shared by all classes of a
+task is computed once and attended to like a KV cache, the last block only computes the pooled
+token). The params are plain nested dicts with Flax's leaf names (`kernel`, `bias`, `scale`,
+`embedding`) and OpenAI's module names, so Orbax, `flax.traverse_util` and optax treat them as any
+Flax pytree, and checkpoint conversion is a rename.
+
+Layout (W = width, E = embed_dim; blocks are keyed "0".."layers-1" as in OpenAI's state dict):
+  visual/{conv1/kernel [p,p,3,W], class_embedding [W], positional_embedding [G*G+1, W],
+          ln_pre, transformer/resblocks/{i}, ln_post, proj [W, E]}
+  text/{token_embedding/embedding [V, W], positional_embedding [ctx, W], transformer/resblocks/{i},
+        ln_final, text_projection [W, E]}
+  logit_scale []
+  block = {ln_1, attn/{in_proj/{kernel [W,3W], bias}, out_proj/{kernel, bias}}, ln_2,
+           mlp/{c_fc/{kernel [W,4W], bias}, c_proj/{kernel [4W,W], bias}}}
+
+Deep prompts (MaPLe's convention, used by every method in this project): `prompts` is [J, L, W].
+Visual: prompts[0] is appended after the patch tokens (after the positional embedding, before
+`ln_pre`); before block j (1 <= j < J) the last L tokens are replaced by prompts[j]. Text:
+prompts[0] replaces the token embeddings at positions 1..L (the "X X .. X" of the template, so it
+receives positional embeddings like any token); before block j the hidden states at 1..L are
+replaced by prompts[j]. Blocks >= J carry the prompt tokens unchanged.
+
+Precision: params stay float32; matmuls run in `dtype` (float32 or bfloat16); layer norm and
+softmax run in float32.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmap_jax.models.config import ClipConfig
+
+Params = dict[str, Any]
+LN_EPS = 1e-5
+
+
+# ----------------------------------------------------------------------------- initialisation
+
+def _init_block(key, width: int, layers: int) -> Params:
+  """OpenAI's `initialize_parameters` scales, so random models behave like real ones."""
+  attn_std = width ** -0.5
+  proj_std = width ** -0.5 * (2 * layers) ** -0.5
+  fc_std = (2 * width) ** -0.5
+  k = jax.random.split(key, 4)
+  ln = lambda: {"scale": jnp.ones((width,), jnp.float32), "bias": jnp.zeros((width,), jnp.float32)}
+  normal = lambda kk, shape, std: std * jax.random.normal(kk, shape, jnp.float32)
+  return {
+      "ln_1": ln(),
+      "attn": {
+          "in_proj": {"kernel": normal(k[0], (width, 3 * width), attn_std),
+                      "bias": jnp.zeros((3 * width,), jnp.float32)},
+          "out_proj": {"kernel": normal(k[1], (width, width), proj_std),
+                       "bias": jnp.zeros((width,), jnp.float32)},
+      },
+      "ln_2": ln(),
+      "mlp": {
+          "c_fc": {"kernel": normal(k[2], (width, 4 * width), fc_std),
+                   "bias": jnp.zeros((4 * width,), jnp.float32)},
+          "c_proj": {"kernel": normal(k[3], (4 * width, width), proj_std),
+                     "bias": jnp.zeros((width,), jnp.float32)},
+      },
+  }
+
+
+def _init_tower(key, width: int, layers: int) -> Params:
+  keys = jax.random.split(key, layers)
+  return {"resblocks": {str(i): _init_block(keys[i], width, layers) for i in range(layers)}}
+
+
+def init_params(key: jax.Array, cfg: ClipConfig) -> Params:
+  """Random CLIP parameters with OpenAI's initialisation (for tests, benchmarks, pretraining)."""
+  v, t = cfg.vision, cfg.text
+  k = jax.random.split(key, 10)
+  ln = lambda w: {"scale": jnp.ones((w,), jnp.float32), "bias": jnp.zeros((w,), jnp.float32)}
+  vscale = v.width ** -0.5
+  fan_in = 3 * v.patch_size ** 2
+  return {
+      "visual": {
+          "conv1": {"kernel": fan_in ** -0.5 * jax.random.normal(
+              k[0], (v.patch_size, v.patch_size, 3, v.width), jnp.float32)},
+          "class_embedding": vscale * jax.random.normal(k[1], (v.width,), jnp.float32),
+          "positional_embedding": vscale * jax.random.normal(
+              k[2], (v.num_positions, v.width), jnp.float32),
+          "ln_pre": ln(v.width),
+          "transformer": _init_tower(k[3], v.width, v.layers),
+          "ln_post": ln(v.width),
+          "proj": vscale * jax.random.normal(k[4], (v.width, cfg.embed_dim), jnp.float32),
+      },
+      "text": {
+          "token_embedding": {"embedding": 0.02 * jax.random.normal(
+              k[5], (t.vocab_size, t.width), jnp.float32)},
+          "positional_embedding": 0.01 * jax.random.normal(
+              k[6], (t.context_length, t.width), jnp.float32),
+          "transformer": _init_tower(k[7], t.width, t.layers),
+          "ln_final": ln(t.width),
+          "text_projection": t.width ** -0.5 * jax.random.normal(
+              k[8], (t.width, cfg.embed_dim), jnp.float32),
+      },
+      "logit_scale": jnp.asarray(math.log(1 / 0.07), jnp.float32),
+  }
+
+
+def param_shapes(cfg: ClipConfig) -> Params:
+  """The expected shape of every leaf, without allocating (used by checkpoint loaders)."""
+  return jax.eval_shape(lambda: init_params(jax.random.key(0), cfg))
+
+
+def count_params(tree: Any) -> int:
+  return int(sum(np.prod(np.shape(x)) for x in jax.tree.leaves(tree)))
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+def layer_norm(x: jax.Array, p: Params) -> jax.Array:
+  """LayerNorm in float32 whatever the compute dtype (as OpenAI's fp16-safe LayerNorm)."""
+  x32 = x.astype(jnp.float32)
+  mean = x32.mean(-1, keepdims=True)
+  var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+  y = (x32 - mean) * jax.lax.rsqrt(var + LN_EPS) * p["scale"] + p["bias"]
+  return y.astype(x.dtype)
+
+
+def _dense(x: jax.Array, p: Params) -> jax.Array:
+  y = jnp.dot(x, p["kernel"].astype(x.dtype))
+  return y + p["bias"].astype(x.dtype) if "bias" in p else y
+
+
+def _activation(x: jax.Array, kind: str) -> jax.Array:
+  if kind == "quick_gelu":
+    return x * jax.nn.sigmoid(1.702 * x)
+  return jax.nn.gelu(x, approximate=False)
+
+
+def _mlp(x: jax.Array, p: Params, activation: str) -> jax.Array:
+  return _dense(_activation(_dense(x, p["c_fc"]), activation), p["c_proj"])
+
+
+def _qkv(x: jax.Array, p: Params, heads: int):
+  """[..., S, W] -> three [..., S, H, D] arrays; q already scaled by 1/sqrt(D) as torch does."""
+  qkv = _dense(x, p["in_proj"])
+  q, k, v = jnp.split(qkv, 3, axis=-1)
+  split = lambda a: a.reshape(a.shape[:-1] + (heads, a.shape[-1] // heads))
+  q, k, v = split(q), split(k), split(v)
+  return q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype), k, v
+
+
+def _softmax_attend(q, k, v, mask: Optional[jax.Array]) -> jax.Array:
+  """Plain attention: q [..., Sq, H, D], k/v [..., Sk, H, D], boolean mask [Sq, Sk] (True=keep)."""
+  logits = jnp.einsum("...qhd,...khd->...hqk", q, k, preferred_element_type=jnp.float32)
+  if mask is not None:
+    logits = jnp.where(mask, logits, -jnp.inf)
+  w = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  return jnp.einsum("...hqk,...khd->...qhd", w, v)
+
+
+def _merge_heads(o: jax.Array) -> jax.Array:
+  return o.reshape(o.shape[:-2] + (o.shape[-2] * o.shape[-1],))
+
+
+def residual_block(x: jax.Array, p: Params, heads: int, mask: Optional[jax.Array],
+                   activation: str) -> jax.Array:
+  """OpenAI's ResidualAttentionBlock: pre-LN attention and MLP, both residual."""
+  q, k, v = _qkv(layer_norm(x, p["ln_1"]), p["attn"], heads)
+  x = x + _dense(_merge_heads(_softmax_attend(q, k, v, mask)), p["attn"]["out_proj"])
+  return x + _mlp(layer_norm(x, p["ln_2"]), p["mlp"], activation)
+
+
+def _pooled_block(x: jax.Array, pooled_index: jax.Array, p: Params, heads: int,
+                  mask_row: Optional[jax.Array], activation: str,
+                  prefix: Optional[jax.Array] = None) -> jax.Array:
+  """The last block, evaluated only where the output is read: [N, S, W] -> [N, W].
+
+  Keys and values need every token; queries, attention output and the MLP only the pooled one.
+  `mask_row` [N, S] says which of the N rows' keys the pooled query may see. An optional shared
+  `prefix` [P, W] precedes every row (fully visible); its keys/values are computed once.
+  """
+  q, k, v = _qkv(layer_norm(x, p["ln_1"]), p["attn"], heads)
+  take = lambda a: jnp.take_along_axis(
+      a, pooled_index.reshape((-1,) + (1,) * (a.ndim - 1)), axis=1)[:, 0]
+  q0, x0 = take(q), take(x)                                     # [N, H, D], [N, W]
+  logits = jnp.einsum("nhd,nkhd->nhk", q0, k, preferred_element_type=jnp.float32)
+  if mask_row is not None:
+    logits = jnp.where(mask_row[:, None, :], logits, -jnp.inf)
+  if prefix is not None:
+    _, kp, vp = _qkv(layer_norm(prefix, p["ln_1"]), p["attn"], heads)   # [P, H, D]
+    lp = jnp.einsum("nhd,khd->nhk", q0, kp, preferred_element_type=jnp.float32)
+    w = jax.nn.softmax(jnp.concatenate([lp, logits], axis=-1), axis=-1).astype(v.dtype)
+    plen = prefix.shape[0]
+    o = (jnp.einsum("nhk,khd->nhd", w[..., :plen], vp)
+         + jnp.einsum("nhk,nkhd->nhd", w[..., plen:], v))
+  else:
+    w = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    o = jnp.einsum("nhk,nkhd->nhd", w, v)
+  x0 = x0 + _dense(o.reshape(o.shape[0], -1), p["attn"]["out_proj"])
+  return x0 + _mlp(layer_norm(x0, p["ln_2"]), p["mlp"], activation)
+
+
+def _maybe_remat(fn, remat: bool):
+  return jax.checkpoint(fn, static_argnums=(2, 4)) if remat else fn
+
+
+def _replace_tokens(x: jax.Array, prompt: jax.Array, start: int) -> jax.Array:
+  """Overwrite tokens [start, start+L) of every sequence with the prompt (replace, not add)."""
+  prompt = jnp.broadcast_to(prompt.astype(x.dtype), x.shape[:-2] + prompt.shape)
+  return jax.lax.dynamic_update_slice_in_dim(x, prompt, start, axis=x.ndim - 2)
+
+
+def _check_prompts(prompts: jax.Array, layers: int, width: int, tower: str):
+  if prompts.ndim != 3 or prompts.shape[-1] != width or not 1 <= prompts.shape[0] <= layers:
+    raise ValueError(f"{tower} prompts must be [J, L, {width}] with 1 <= J <= {layers}, "
+                     f"got shape {prompts.shape}")
+
+
+# ----------------------------------------------------------------------------- image tower
+
+def encode_image(params: Params, cfg: ClipConfig, images: jax.Array,
+                 visual_prompts: Optional[jax.Array] = None, *, dtype=jnp.float32,
+                 remat: bool = False, pooled_only_last: bool = True) -> jax.Array:
+  """Images [B, H, W, 3] (CLIP-normalised, NHWC) -> unnormalised embeddings [B, E].
+
+  `visual_prompts` [J, L, W_v] are deep prompts (module docstring). `pooled_only_last` evaluates
+  the last block only at the class token; the result is identical.
+  """
+  vc, p = cfg.vision, params["visual"]
+  b, hgt, wid, _ = images.shape
+  ps = vc.patch_size
+  if (hgt, wid) != (vc.image_size, vc.image_size):
+    raise ValueError(f"images must be {vc.image_size}x{vc.image_size}, got {hgt}x{wid}")
+  # A stride-p conv without bias is exactly a matmul over flattened (py, px, c) patches.
+  patches = images.astype(dtype).reshape(b, vc.grid, ps, vc.grid, ps, 3)
+  patches = patches.transpose(0, 1, 3, 2, 4, 5).reshape(b, vc.grid * vc.grid, ps * ps * 3)
+  x = jnp.dot(patches, p["conv1"]["kernel"].reshape(ps * ps * 3, vc.width).astype(dtype))
+  cls = jnp.broadcast_to(p["class_embedding"].astype(dtype), (b, 1, vc.width))
+  x = jnp.concatenate([cls, x], axis=1) + p["positional_embedding"].astype(dtype)
+  num_prompts = 0
+  if visual_prompts is not None:
+    _check_prompts(visual_prompts, vc.layers, vc.width, "visual")
+    num_prompts = visual_prompts.shape[1]
+    x = jnp.concatenate(
+        [x, jnp.broadcast_to(visual_prompts[0].astype(dtype), (b,) + visual_prompts.shape[1:])],
+        axis=1)
+  x = layer_norm(x, p["ln_pre"])
+  blocks = p["transformer"]["resblocks"]
+  block = _maybe_remat(residual_block, remat)
+  start = x.shape[1] - num_prompts
+  last = vc.layers - 1 if pooled_only_last else vc.layers
+  for i in range(last):
+    if visual_prompts is not None and 1 <= i < visual_prompts.shape[0]:
+      x = _replace_tokens(x, visual_prompts[i], start)
+    x = block(x, blocks[str(i)], vc.heads, None, cfg.activation)
+  if pooled_only_last:
+    i = vc.layers - 1
+    if visual_prompts is not None and 1 <= i < visual_prompts.shape[0]:
+      x = _replace_tokens(x, visual_prompts[i], start)
+    pooled = _pooled_block(x, jnp.zeros((b,), jnp.int32), blocks[str(i)], vc.heads, None,
+                           cfg.activation)
+  else:
+    pooled = x[:, 0]
+  pooled = layer_norm(pooled, p["ln_post"])
+  return jnp.dot(pooled, p["proj"].astype(dtype)).astype(jnp.float32)
+
+
+# ----------------------------------------------------------------------------- text tower
+
+def embed_tokens(params: Params, token_ids: jax.Array) -> jax.Array:
+  """Token ids [..., S] -> token embeddings [..., S, W_t] (no positional embedding yet)."""
+  return jnp.take(params["text"]["token_embedding"]["embedding"], token_ids, axis=0)
+
+
+def eot_positions(token_ids: np.ndarray, eot_token: int = 49407) -> np.ndarray:
+  """Index of the end-of-text token per row (where CLIP pools); an error if a row has none."""
+  ids = np.asarray(token_ids)
+  has = (ids == eot_token).any(-1)
+  if not has.all():
+    raise ValueError(f"{int((~has).sum())} token sequence(s) have no end-of-text token {eot_token}")
+  return (ids == eot_token).argmax(-1).astype(np.int32)
+
+
+def truncate_to_longest(token_ids: np.ndarray, eot_token: int = 49407) -> np.ndarray:
+  """Drop the columns after the last end-of-text token of any row: exact under the causal mask."""
+  return np.asarray(token_ids)[..., : int(eot_positions(token_ids, eot_token).max()) + 1]
+
+
+def _causal_mask(n: int) -> jax.Array:
+  return jnp.tril(jnp.ones((n, n), bool))
+
+
+def encode_text(params: Params, cfg: ClipConfig, token_embeds: jax.Array, eot_index: jax.Array,
+                text_prompts: Optional[jax.Array] = None, *, dtype=jnp.float32,
+                remat: bool = False, share_prefix: bool = False,
+                pooled_only_last: bool = True) -> jax.Array:
+  """Token embeddings [N, S, W_t] + end-of-text index [N] -> unnormalised embeddings [N, E].
+
+  S may be shorter than the context length (see `truncate_to_longest`). `text_prompts` [J, L, W_t]
+  are deep prompts at positions 1..L. With prompts, `share_prefix` computes the start token and
+  the prompt tokens, identical for every sequence, once, and lets the per-sequence suffixes attend
+  to their keys/values; the result is the same as the unshared computation.
+  """
+  tc, p = cfg.text, params["text"]
+  n, s, w = token_embeds.shape
+  if s > tc.context_length:
+    raise ValueError(f"text sequences of length {s} exceed context_length {tc.context_length}")
+  x = token_embeds.astype(dtype)
+  num_prompts = 0
+  if text_prompts is not None:
+    _check_prompts(text_prompts, tc.layers, tc.width, "text")
+    num_prompts = text_prompts.shape[1]
+    if 1 + num_prompts >= s:
+      raise ValueError(f"text sequences of length {s} leave no room after {num_prompts} prompts")
+    x = _replace_tokens(x, text_prompts[0], 1)
+  x = x + p["positional_embedding"][:s].astype(dtype)
+  eot_index = jnp.asarray(eot_index, jnp.int32)
+  blocks = p["transformer"]["resblocks"]
+  if share_prefix and text_prompts is not None:
+    pooled = _text_tower_shared_prefix(x, eot_index, blocks, cfg, text_prompts, 1 + num_prompts,
+                                       remat, pooled_only_last)
+  else:
+    pooled = _text_tower(x, eot_index, blocks, cfg, text_prompts, remat, pooled_only_last)
+  pooled = layer_norm(pooled, p["ln_final"])
+  return jnp.dot(pooled, p["text_projection"].astype(dtype)).astype(jnp.float32)
+
+
+def _text_tower(x, eot_index, blocks, cfg: ClipConfig, prompts, remat, pooled_only_last):
+  tc = cfg.text
+  s = x.shape[1]
+  mask = _causal_mask(s)
+  block = _maybe_remat(residual_block, remat)
+  last = tc.layers - 1 if pooled_only_last else tc.layers
+  for i in range(last):
+    if prompts is not None and 1 <= i < prompts.shape[0]:
+      x = _replace_tokens(x, prompts[i], 1)
+    x = block(x, blocks[str(i)], tc.heads, mask, cfg.activation)
+  if not pooled_only_last:
+    return jnp.take_along_axis(x, eot_index[:, None, None], axis=1)[:, 0]
+  i = tc.layers - 1
+  if prompts is not None and 1 <= i < prompts.shape[0]:
+    x = _replace_tokens(x, prompts[i], 1)
+  mask_row = jnp.arange(s)[None, :] <= eot_index[:, None]
+  return _pooled_block(x, eot_index, blocks[str(i)], tc.heads, mask_row, cfg.activation)
+
+
+def _prefix_suffix_block(prefix, suffix, p, heads, activation):
+  """One block where every suffix row sees the shared prefix's keys/values (a KV cache).
+
+  prefix [P, W] is causal within itself and sees no suffix; suffix [N, S', W] sees the whole
+  prefix and is causal within itself. Equal to running the block on concat(prefix, suffix) rows.
+  """
+  hp, hs = layer_norm(prefix, p["ln_1"]), layer_norm(suffix, p["ln_1"])
+  qp, kp, vp = _qkv(hp, p["attn"], heads)                         # [P, H, D]
+  qs, ks, vs = _qkv(hs, p["attn"], heads)                         # [N, S', H, D]
+  op = _softmax_attend(qp, kp, vp, _causal_mask(prefix.shape[0]))
+  sl = suffix.shape[1]
+  lp = jnp.einsum("nqhd,khd->nhqk", qs, kp, preferred_element_type=jnp.float32)
+  ls = jnp.einsum("nqhd,nkhd->nhqk", qs, ks, preferred_element_type=jnp.float32)
+  ls = jnp.where(_causal_mask(sl), ls, -jnp.inf)
+  w = jax.nn.softmax(jnp.concatenate([lp, ls], axis=-1), axis=-1).astype(vs.dtype)
+  wp, ws = w[..., : prefix.shape[0]], w[..., prefix.shape[0]:]
+  os_ = jnp.einsum("nhqk,khd->nqhd", wp, vp) + jnp.einsum("nhqk,nkhd->nqhd", ws, vs)
+  out = p["attn"]["out_proj"]
+  prefix = prefix + _dense(_merge_heads(op), out)
+  suffix = suffix + _dense(_merge_heads(os_), out)
+  prefix = prefix + _mlp(layer_norm(prefix, p["ln_2"]), p["mlp"], activation)
+  suffix = suffix + _mlp(layer_norm(suffix, p["ln_2"]), p["mlp"], activation)
+  return prefix, suffix
+
+
+def _text_tower_shared_prefix(x, eot_index, blocks, cfg: ClipConfig, prompts, plen, remat,
+                              pooled_only_last):
+  tc = cfg.text
+  # Rows agree on positions < plen by construction (start token + replaced prompt tokens).
+  prefix, suffix = x[0, :plen], x[:, plen:]
+  block = (jax.checkpoint(_prefix_suffix_block, static_argnums=(3, 4)) if remat
+           else _prefix_suffix_block)
+  last = tc.layers - 1 if pooled_only_last else tc.layers
+  for i in range(last):
+    if 1 <= i < prompts.shape[0]:
+      prefix = _replace_tokens(prefix, prompts[i], 1)
+    prefix, suffix = block(prefix, suffix, blocks[str(i)], tc.heads, cfg.activation)
+  if not pooled_only_last:
+    return jnp.take_along_axis(suffix, (eot_index - plen)[:, None, None], axis=1)[:, 0]
+  i = tc.layers - 1
+  if 1 <= i < prompts.shape[0]:
+    prefix = _replace_tokens(prefix, prompts[i], 1)
+  # Last block: the pooled token's query against [prefix keys, suffix keys].
+  sidx = eot_index - plen
+  mask_row = jnp.arange(suffix.shape[1])[None, :] <= sidx[:, None]
+  return _pooled_block(suffix, sidx, blocks[str(i)], tc.heads, mask_row, cfg.activation,
+                       prefix=prefix)
+
+
+# ----------------------------------------------------------------------------- similarity
+
+def normalize(x: jax.Array) -> jax.Array:
+  return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def similarity_logits(params: Params, image_features: jax.Array,
+                      text_features: jax.Array) -> jax.Array:
+  """CLIP's logits: exp(logit_scale) * cosine(image, text), [B, E] x [C, E] -> [B, C]."""
+  scale = jnp.exp(params["logit_scale"])
+  return scale * normalize(image_features) @ normalize(text_features).T
