@@ -3,7 +3,7 @@
 The frozen CLIP text encoder only gives the features it was trained to give if
 prompts are tokenized exactly as during CLIP's training, so this follows
 OpenAI's original code step by step (ftfy + double HTML unescape cleanup, the
-same pre-tokenization regex, `</w>` word ends, argmax-free EOT pooling index)
+same pre-tokenization regex, `</w>` word ends, an explicit EOT pooling index)
 rather than Hugging Face's `CLIPTokenizer`, which skips ftfy and HTML
 unescaping and so differs on smart quotes, entities, ligatures, fullwidth
 letters and mojibake.
@@ -43,11 +43,11 @@ HF_VOCAB_NAME = "vocab.json"
 HF_MERGES_NAME = "merges.txt"
 # First line of OpenAI's merge file (skipped on load, written by `save`).
 BPE_HEADER = '"bpe_simple_vocab_16e6.txt#version: 0.2'
-HF_MERGES_HEADER = "#version: 0.2"
 
 _WORD_END = "</w>"
 _PRETOKENIZE = regex.compile(
-    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
+    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|"""
+    r"""[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
     regex.IGNORECASE,
 )
 _WHITESPACE = regex.compile(r"\s+")
@@ -180,9 +180,9 @@ class ClipTokenizer:
   def from_hf_files(cls, vocab_json: PathLike, merges_txt: PathLike) -> "ClipTokenizer":
     """Loads a Hugging Face `vocab.json` + `merges.txt` pair, keeping its ids."""
     vocab_json, merges_txt = pathlib.Path(vocab_json), pathlib.Path(merges_txt)
-    for p in (vocab_json, merges_txt):
-      if not p.is_file():
-        raise FileNotFoundError(f"CLIP tokenizer file not found: {p}")
+    missing = [str(p) for p in (vocab_json, merges_txt) if not p.is_file()]
+    if missing:
+      raise FileNotFoundError(f"CLIP tokenizer file(s) not found: {', '.join(missing)}")
     try:
       encoder = json.loads(vocab_json.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
