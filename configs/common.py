@@ -1,0 +1,107 @@
+"""Shared pieces of the experiment configs: the argument string and the base config.
+
+Each experiment file has `get_config(arg)`; `arg` is the big_vision-style string after the colon
+in `--config=configs/office_home.py:method=mmap_mt,clip=/ckpt/vit_b16,runlocal`.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections as mlc
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> mlc.ConfigDict:
+  """"a=1,b,c=x" -> ConfigDict(a=1, b=True, c="x"), typed like `defaults`; unknown keys are errors.
+
+  A bare key is a flag (True). Values of keys whose default is None stay strings.
+  """
+  out = mlc.ConfigDict(dict(defaults))
+  if not arg:
+    return out
+  for item in arg.split(","):
+    item = item.strip()
+    if not item:
+      continue
+    key, has_value, value = item.partition("=")
+    key = key.strip()
+    if key not in defaults:
+      raise ValueError(f"unknown config argument {key!r} in {arg!r}; known: {sorted(defaults)}")
+    default = defaults[key]
+    if not has_value:
+      if not isinstance(default, bool):
+        raise ValueError(f"config argument {key!r} needs a value ({key}=...)")
+      out[key] = True
+    elif isinstance(default, bool):
+      if value.lower() not in ("true", "false", "1", "0"):
+        raise ValueError(f"config argument {key}={value!r} must be true or false")
+      out[key] = value.lower() in ("true", "1")
+    elif isinstance(default, int):
+      out[key] = int(value)
+    elif isinstance(default, float):
+      out[key] = float(value)
+    else:
+      out[key] = value
+  return out
+
+
+def base_config(*, method: str = "mmap_mt", runlocal: bool = False) -> mlc.ConfigDict:
+  """Every field a run reads, with the MaPLe/MmAP ViT-B/16 recipe as defaults.
+
+  Recipe (MaPLe, Khattak et al. 2023, and MmAP, Xin et al. 2024): SGD with momentum 0.9,
+  lr 0.0035, cosine decay after a short linear warm-up, 224 px CLIP preprocessing, batch 4..8
+  per task, deep prompts with 2x8 MmAP tokens in the first 11 layers.
+  """
+  c = mlc.ConfigDict()
+  c.method = method
+  c.seed = 0
+  c.runlocal = runlocal
+
+  c.clip = mlc.ConfigDict()
+  c.clip.path = mlc.FieldReference(None, field_type=str)   # a converted checkpoint (launch.convert)
+  c.clip.dtype = "float32"      # compute dtype of the encoders: float32 | bfloat16
+  c.clip.remat = False          # rematerialise encoder blocks in the backward pass
+
+  c.prompt = mlc.ConfigDict()   # see mmap_jax/prompts/spec.py for the meaning of each field
+  c.groups = mlc.ConfigDict()
+  c.groups.mode = "auto"        # auto: gradient-driven grouping; explicit: use groups.explicit
+  c.groups.explicit = mlc.FieldReference(None, field_type=str)  # "Art+Product;Clipart+Real World"
+  c.groups.num_groups = 2       # 0: choose by threshold
+  c.groups.threshold = 0.0
+  c.groups.warmup_steps = 100
+  c.groups.every = 1
+
+  c.data = mlc.ConfigDict()
+  c.data.name = "demo_domains"
+  c.data.root = mlc.FieldReference(None, field_type=str)
+  c.data.data_dir = mlc.FieldReference(None, field_type=str)  # TFDS data dir
+  c.data.domains = mlc.FieldReference(None, field_type=str)   # comma separated subset
+  c.data.split_seed = 0
+  c.data.train_fraction = 0.8
+  c.data.split_files = mlc.FieldReference(None, field_type=str)
+  c.data.skip_corrupt = False
+  c.data.allow_per_task_classes = False
+
+  c.input = mlc.ConfigDict()
+  c.input.batch_size = 8        # per task, global (over all devices and hosts)
+  c.input.eval_batch_size = 64
+  c.input.random_resized_crop = True
+  c.input.crop_scale_min = 0.08
+  c.input.flip = True
+  c.input.workers = 2
+
+  c.optim = mlc.ConfigDict()
+  c.optim.name = "sgd"
+  c.optim.lr = 0.0035
+  c.optim.momentum = 0.9
+  c.optim.weight_decay = 5e-4
+  c.optim.warmup_steps = 50
+  c.optim.grad_clip = 0.0       # 0 disables global-norm clipping
+  c.optim.accum_steps = 1
+
+  c.train = mlc.ConfigDict()
+  c.train.steps = 2000
+  c.train.log_every = 20
+  c.train.eval_every = 500
+  c.train.ckpt_every = 200
+  c.train.keep_checkpoints = 3
+  return c

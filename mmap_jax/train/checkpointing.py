@@ -1,0 +1,86 @@
+"""Orbax checkpoints of what a run learns: never the frozen CLIP weights.
+
+A checkpoint holds the learned pytree, the optimizer state, the step, the input iterator's state
+(so a resumed run sees exactly the batches the uninterrupted run would have seen), the task
+groups and the config. Orbax writes each step into a temporary directory and renames it when
+complete, so a half-written checkpoint is never listed as the latest.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Optional
+
+import jax
+import orbax.checkpoint as ocp
+
+_STATE, _DATA, _META = "state", "data", "meta"
+
+
+@dataclasses.dataclass
+class Restored:
+  step: int
+  state: Any           # {"learned", "opt_state", "step"} placed like the target
+  data_state: Any      # whatever the input iterator's get_state() returned (JSON)
+  meta: dict           # {"groups", "config", ...}
+
+
+class Checkpointer:
+  """Keeps the last `keep` checkpoints of a workdir; saves asynchronously."""
+
+  def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
+    self.directory = os.path.abspath(directory)
+    self._manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True),
+        item_names=(_STATE, _DATA, _META))
+
+  def latest_step(self) -> Optional[int]:
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def save(self, step: int, state: Any, data_state: Any, meta: dict, *, force: bool = False) -> bool:
+    return self._manager.save(
+        step,
+        args=ocp.args.Composite(**{
+            _STATE: ocp.args.StandardSave(state),
+            _DATA: ocp.args.JsonSave(data_state),
+            _META: ocp.args.JsonSave(json.loads(json.dumps(meta, default=str))),
+        }),
+        force=force)
+
+  def restore(self, target_state: Any, step: Optional[int] = None) -> Restored:
+    """Restore into the structure, dtypes and shardings of `target_state` (a live or abstract tree)."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    if step not in self.all_steps():
+      raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory}; "
+                              f"available: {self.all_steps()}")
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
+    out = self._manager.restore(step, args=ocp.args.Composite(**{
+        _STATE: ocp.args.StandardRestore(abstract),
+        _DATA: ocp.args.JsonRestore(),
+        _META: ocp.args.JsonRestore(),
+    }))
+    return Restored(step=step, state=out[_STATE], data_state=out[_DATA], meta=out[_META])
+
+  def read_meta(self, step: Optional[int] = None) -> dict:
+    """The JSON metadata alone (groups, config), e.g. to rebuild the model before restoring."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    return self._manager.restore(step, args=ocp.args.Composite(
+        **{_META: ocp.args.JsonRestore()}))[_META]
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()

@@ -1,0 +1,79 @@
+"""The jitted, data-parallel training step (and its evaluation counterpart).
+
+One step = gradients of the multi-task loss w.r.t. the learned pytree only (the frozen CLIP weights
+are an argument, never a closure constant), optional gradient accumulation over micro-batches,
+an optax update, and a NaN/inf guard that keeps the previous state when anything is non-finite.
+Sharding comes from the arguments: state and frozen weights replicated on the ("data",) mesh,
+batches split along their per-task batch axis; the state buffers are donated.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+# loss_fn(learned, frozen, batch) -> (scalar loss, aux dict of arrays)
+LossFn = Callable[[Any, Any, dict], tuple[jax.Array, dict]]
+
+
+def init_state(learned: Any, optimizer: optax.GradientTransformation) -> dict:
+  return {"learned": learned, "opt_state": optimizer.init(learned),
+          "step": jnp.zeros((), jnp.int32)}
+
+
+def _all_finite(tree: Any) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+def _split_microbatches(batch: dict, accum_steps: int) -> dict:
+  """[T, B, ...] -> [A, T, B/A, ...] for arrays with a batch axis; per-task arrays ([T]) repeat."""
+  def split(x):
+    if x.ndim < 2:
+      return jnp.broadcast_to(x, (accum_steps,) + x.shape)
+    t, b = x.shape[:2]
+    x = x.reshape((t, accum_steps, b // accum_steps) + x.shape[2:])
+    return jnp.moveaxis(x, 1, 0)
+  return jax.tree.map(split, batch)
+
+
+def value_and_grad_accumulated(loss_fn: LossFn, learned, frozen, batch, accum_steps: int):
+  """Mean loss and gradient over `accum_steps` equal micro-batches (exact for a mean loss)."""
+  vg = jax.value_and_grad(loss_fn, has_aux=True)
+  if accum_steps == 1:
+    return vg(learned, frozen, batch)
+
+  def body(carry, micro):
+    (loss, aux), grads = vg(learned, frozen, micro)
+    acc = jax.tree.map(jnp.add, carry, (loss, aux, grads))
+    return acc, None
+
+  micro = _split_microbatches(batch, accum_steps)
+  (loss0, aux0), g0 = vg(learned, frozen, jax.tree.map(lambda x: x[0], micro))
+  rest = jax.tree.map(lambda x: x[1:], micro)
+  (loss, aux, grads), _ = jax.lax.scan(body, (loss0, aux0, g0), rest)
+  scale = 1.0 / accum_steps
+  return (loss * scale, jax.tree.map(lambda x: x * scale, aux)), jax.tree.map(
+      lambda x: x * scale, grads)
+
+
+def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
+                    accum_steps: int = 1, donate: bool = True):
+  """Returns jit(step)(state, frozen, batch) -> (state, metrics)."""
+
+  def step(state, frozen, batch):
+    (loss, aux), grads = value_and_grad_accumulated(loss_fn, state["learned"], frozen, batch,
+                                                    accum_steps)
+    finite = jnp.isfinite(loss) & _all_finite(grads)
+    updates, opt_state = optimizer.update(grads, state["opt_state"], state["learned"])
+    learned = optax.apply_updates(state["learned"], updates)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    new_state = {"learned": keep(learned, state["learned"]),
+                 "opt_state": keep(opt_state, state["opt_state"]),
+                 "step": state["step"] + 1}
+    metrics = {"loss": loss, "finite": finite, "grad_norm": optax.global_norm(grads), **aux}
+    return new_state, metrics
+
+  return jax.jit(step, donate_argnums=(0,) if donate else ())
