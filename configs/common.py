@@ -61,7 +61,15 @@ def base_config(*, method: str = "mmap_mt", runlocal: bool = False) -> mlc.Confi
   c.clip.dtype = "float32"      # compute dtype of the encoders: float32 | bfloat16
   c.clip.remat = False          # rematerialise encoder blocks in the backward pass
 
-  c.prompt = mlc.ConfigDict()   # see mmap_jax/prompts/spec.py for the meaning of each field
+  c.prompt = mlc.ConfigDict()   # see mmap_jax/prompts/spec.py; None = the method's default
+  c.prompt.length = mlc.FieldReference(None, field_type=int)         # L tokens per layer
+  c.prompt.depth = mlc.FieldReference(None, field_type=int)          # J prompted layers
+  c.prompt.source_length = mlc.FieldReference(None, field_type=int)  # MmAP L_s (None = L)
+  c.prompt.source_dim = 256                                          # MmAP d_s
+  c.prompt.per_layer_scaling = False
+  c.prompt.init_std = 0.02
+  c.prompt.vpt_init = "xavier_uniform"
+  c.prompt.zeroshot_template = "a photo of a {}."
   c.groups = mlc.ConfigDict()
   c.groups.mode = "auto"        # auto: gradient-driven grouping; explicit: use groups.explicit
   c.groups.explicit = mlc.FieldReference(None, field_type=str)  # "Art+Product;Clipart+Real World"
@@ -105,3 +113,36 @@ def base_config(*, method: str = "mmap_mt", runlocal: bool = False) -> mlc.Confi
   c.train.ckpt_every = 200
   c.train.keep_checkpoints = 3
   return c
+
+
+def dataset_config(dataset: str, arg: str | None, *, clip_default: str | None = None,
+                   root_default: str | None = None, **extra_args: Any) -> tuple[mlc.ConfigDict, mlc.ConfigDict]:
+  """The base config for a dataset plus the parsed argument string (shared by the dataset files).
+
+  Arguments every dataset config accepts: method=..., clip=<converted dir>, root=<manual dir>,
+  data_dir=<TFDS dir>, domains=a|b (a '|'-separated subset), runlocal.
+  """
+  a = parse_arg(arg, method="mmap_mt", clip=clip_default, root=root_default, data_dir=None,
+                domains=None, runlocal=False, **extra_args)
+  c = base_config(method=a.method, runlocal=a.runlocal)
+  c.clip.path = a.clip
+  c.data.name = dataset
+  c.data.root = a.root
+  c.data.data_dir = a.data_dir
+  c.data.domains = a.domains.replace("|", ",") if a.domains else None
+  if a.runlocal:
+    shrink_for_runlocal(c)
+  return c, a
+
+
+def shrink_for_runlocal(c: mlc.ConfigDict) -> None:
+  """A few steps with small batches: a smoke run that exercises every stage on a laptop."""
+  c.input.batch_size = 8
+  c.input.eval_batch_size = 32
+  c.input.workers = 0
+  c.train.steps = 6
+  c.train.log_every = 2
+  c.train.eval_every = 6
+  c.train.ckpt_every = 3
+  c.optim.warmup_steps = 1
+  c.groups.warmup_steps = 3

@@ -1,0 +1,31 @@
+r"""Train (and evaluate) one experiment.
+
+  python -m launch.train --config=configs/demo.py --workdir=/tmp/demo
+  python -m launch.train --config=configs/office_home.py:method=mmap_mt,clip=/ckpt/vit_b16 \
+      --config.train.steps=5000 --workdir=gs://bucket/oh_mmap
+
+Runs task grouping first when the method asks for it, resumes from the workdir's latest
+checkpoint, evaluates periodically and at the end. On a TPU pod start the same command on every
+worker (launch/tpu_pod.sh).
+"""
+from absl import app, flags
+from ml_collections import config_flags
+
+from mmap_jax import parallel
+from mmap_jax.train import loop
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:args].",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, logs and results go.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  parallel.maybe_initialize_distributed()
+  loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,84 @@
+"""Per-task accuracy on every task's test split, each example counted exactly once.
+
+Text features depend only on the learned prompts, so they are computed once per evaluation for all
+tasks' classes; each test batch then needs only its task's image features.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmap_jax import heads
+from mmap_jax.data import pipeline, sources
+from mmap_jax.models.config import ClipConfig
+from mmap_jax.prompts import multitask
+from mmap_jax.prompts.base import PromptTokens
+from mmap_jax.prompts.spec import PromptSpec
+
+
+def make_eval_fns(clip_cfg: ClipConfig, spec: PromptSpec, groups, num_tasks: int, *,
+                  dtype=jnp.float32) -> tuple[Callable, Callable]:
+  """(text_fn, batch_fn): jitted; the CLIP weights and prompts are arguments, never constants."""
+
+  def prompts_and_params(learned, clip_params):
+    prompts = multitask.task_prompts(learned, clip_cfg, spec, groups, num_tasks=num_tasks)
+    return prompts, multitask.clip_params_for(learned, clip_params, spec)
+
+  @jax.jit
+  def text_fn(learned, clip_params, class_tokens):
+    prompts, params = prompts_and_params(learned, clip_params)
+    return heads.text_features(params, clip_cfg, prompts.text, class_tokens, dtype=dtype,
+                               clip_per_task=multitask.clip_per_task(spec))
+
+  @jax.jit
+  def batch_fn(learned, clip_params, text_feats, class_mask, images, task):
+    """Predicted class per image of one task's batch: [B] int32."""
+    prompts, params = prompts_and_params(learned, clip_params)
+    take = lambda x: None if x is None else jax.lax.dynamic_index_in_dim(x, task, 0, keepdims=False)
+    per_task = multitask.clip_per_task(spec)
+    p = jax.tree.map(take, params) if per_task else params
+    vis = take(prompts.visual)
+    feats = heads.image_features(p, clip_cfg, None if vis is None else vis[None],
+                                 images[None], dtype=dtype, clip_per_task=False)
+    logits = heads.logits_from_features(p, feats, take(text_feats)[None])
+    logits = heads.masked_logits(logits, take(class_mask)[None])[0]
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+  return text_fn, batch_fn
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+  """A global array as numpy on every process (gathered when it spans several hosts)."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
+
+
+def evaluate(learned: Any, clip_params: Any, class_tokens: heads.ClassTokens,
+             tasks: Sequence[sources.TaskData], eval_fns: tuple[Callable, Callable], *,
+             batch_size: int, image_size: int, sharding=None, worker_count: int = 0
+             ) -> dict[str, float]:
+  """{task name: accuracy in [0, 1]} over each task's whole test split."""
+  text_fn, batch_fn = eval_fns
+  text_feats = text_fn(learned, clip_params, class_tokens)
+  class_mask = jnp.asarray(class_tokens.class_mask)
+  correct = np.zeros(len(tasks), np.int64)
+  count = np.zeros(len(tasks), np.int64)
+  position = {t.task_id: i for i, t in enumerate(tasks)}
+  for batch in pipeline.eval_batches(tasks, batch_size=batch_size, image_size=image_size,
+                                     sharding=sharding, worker_count=worker_count):
+    i = position[batch["task"]]
+    pred = batch_fn(learned, clip_params, text_feats, class_mask, batch["image"],
+                    jnp.asarray(i, jnp.int32))
+    mask = to_host(batch["mask"])
+    correct[i] += int(((to_host(pred) == to_host(batch["label"])) & mask).sum())
+    count[i] += int(mask.sum())
+  for t, n in zip(tasks, count):
+    if n != len(t.test):
+      raise RuntimeError(f"evaluation of task {t.info.name!r} saw {n} examples, "
+                         f"expected {len(t.test)}")
+  return {t.info.name: float(c / max(n, 1)) for t, c, n in zip(tasks, correct, count)}
