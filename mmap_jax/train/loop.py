@@ -30,6 +30,11 @@ from mmap_jax.train import checkpointing, evaluate as evaluation, grouping_run, 
 from mmap_jax.train import setup, step as train_step
 
 
+# Tests set this to SIGKILL the process right after a step (and after dispatching that step's
+# asynchronous checkpoint, if any, so it may be half-written), as a dying host would.
+_KILL_AT_STEP = os.environ.get("MMAP_JAX_KILL_AT_STEP")
+
+
 class NonFiniteError(FloatingPointError):
   """The loss or a gradient became NaN/inf; the last good checkpoint is kept."""
 
@@ -84,12 +89,10 @@ def _checkpointer(config, workdir) -> checkpointing.Checkpointer:
 
 def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict:
   """Runs (or resumes) one experiment; returns the final results dict (also results.json)."""
-  setup.validate(config)
+  mesh = parallel.data_mesh()
+  setup.validate(config, mesh.devices.size)
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
-  mesh = parallel.data_mesh()
-  parallel.check_batch_divisible(config.input.batch_size // config.optim.accum_steps, mesh,
-                                 "input.batch_size / optim.accum_steps")
   clip = setup.load_clip(config)
   setup.prompt_spec(config, clip.cfg)  # Fails on a bad prompt config before the data is built.
   tasks = setup.build_tasks(config)
@@ -215,15 +218,17 @@ def _train(config, holder, frozen, it, ckpt, meta, writer, schedule, optimizer, 
       return
     if done % config.train.eval_every == 0 and done != total:
       run_eval(done)
+    if _KILL_AT_STEP and done == int(_KILL_AT_STEP):
+      os.kill(os.getpid(), signal.SIGKILL)  # Fault injection for the resume test.
   check(*pending)
 
 
 def evaluate_workdir(config: mlc.ConfigDict, workdir: str, *, step: Optional[int] = None,
                      out: Optional[str] = None) -> dict:
   """Accuracy of a workdir's checkpoint (latest or `step`), or zero-shot CLIP with none."""
-  setup.validate(config)
-  workdir = os.path.abspath(workdir)
   mesh = parallel.data_mesh()
+  setup.validate(config, mesh.devices.size)
+  workdir = os.path.abspath(workdir)
   clip = setup.load_clip(config)
   tasks = setup.build_tasks(config)
   names = [t.info.name for t in tasks]

@@ -31,8 +31,11 @@ class ConfigError(ValueError):
   """A config field has a value the run cannot use; the message names the field."""
 
 
-def validate(config: mlc.ConfigDict) -> None:
-  """Reject bad values before anything is loaded or compiled; name every bad field."""
+def validate(config: mlc.ConfigDict, num_devices: Optional[int] = None) -> None:
+  """Reject bad values before anything is loaded or compiled; name every bad field.
+
+  With `num_devices`, also check that each micro-batch splits evenly over the devices.
+  """
   errors = []
 
   def need(cond: bool, msg: str):
@@ -59,6 +62,12 @@ def validate(config: mlc.ConfigDict) -> None:
   need(config.input.batch_size % max(config.optim.accum_steps, 1) == 0,
        f"input.batch_size={config.input.batch_size} must be a multiple of "
        f"optim.accum_steps={config.optim.accum_steps}")
+  if num_devices and config.optim.accum_steps >= 1:
+    micro = config.input.batch_size // config.optim.accum_steps
+    need(micro % num_devices == 0,
+         f"input.batch_size={config.input.batch_size} (/ optim.accum_steps="
+         f"{config.optim.accum_steps}) must be a multiple of the {num_devices} devices, so every "
+         "device gets the same share of each task's batch")
   need(config.train.steps >= 0, f"train.steps={config.train.steps} must be >= 0")
   for f in ("log_every", "eval_every", "ckpt_every", "keep_checkpoints"):
     need(config.train[f] >= 1, f"train.{f}={config.train[f]} must be >= 1")

@@ -73,7 +73,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
     new_state = {"learned": keep(learned, state["learned"]),
                  "opt_state": keep(opt_state, state["opt_state"]),
                  "step": state["step"] + 1}
-    metrics = {"loss": loss, "finite": finite, "grad_norm": optax.global_norm(grads), **aux}
+    metrics = {"loss": loss, "finite": finite, "grad_norm": optax.tree.norm(grads), **aux}
     return new_state, metrics
 
   return jax.jit(step, donate_argnums=(0,) if donate else ())

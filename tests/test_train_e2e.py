@@ -1,0 +1,142 @@
+"""End to end on 8 fake CPU devices: grouping + MmAP-MT training, checkpoints, resume, evaluate."""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from mmap_jax.train import checkpointing, loop, setup
+from tests import train_fixtures as fx
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, bpe_path):
+  root = tmp_path_factory.mktemp("e2e")
+  clip_dir = fx.make_tiny_clip(root / "clip", bpe_path)
+  return {"root": root, "clip": clip_dir, "data": str(root / "tfds")}
+
+
+@pytest.fixture(scope="module")
+def finished(env):
+  """One uninterrupted MmAP-MT run with automatic grouping (in process)."""
+  workdir = env["root"] / "uninterrupted"
+  result = loop.train_and_evaluate(fx.tiny_config(env["clip"], env["data"]), str(workdir))
+  return workdir, result
+
+
+def _final_learned(workdir: pathlib.Path, config) -> dict:
+  ckpt = checkpointing.Checkpointer(str(workdir / "checkpoints"))
+  step = ckpt.latest_step()
+  import orbax.checkpoint as ocp
+  restored = ocp.StandardCheckpointer().restore(workdir / "checkpoints" / str(step) / "state")
+  ckpt.close()
+  return step, jax.device_get(restored["learned"])
+
+
+def test_run_writes_everything(finished):
+  workdir, result = finished
+  names = ["photo", "clipart", "sketch", "painting"]
+  for f in ("affinity.npy", "affinity.png", "groups.json", "results.json", "results.md"):
+    assert (workdir / f).is_file(), f
+  groups = json.loads((workdir / "groups.json").read_text())
+  assert sorted(sum(groups["groups"], [])) == sorted(names)
+  assert len(groups["groups"]) == 2
+  saved = json.loads((workdir / "results.json").read_text())
+  assert saved == json.loads(json.dumps(result))
+  assert set(saved["tasks"]) == set(names)
+  for t in names:
+    assert 0.0 <= saved["tasks"][t]["accuracy"] <= 1.0
+    assert saved["tasks"][t]["num_classes"] == 10
+  assert saved["average"] == pytest.approx(np.mean([saved["tasks"][t]["accuracy"] for t in names]))
+  assert saved["trainable_params"] > 0 and 0 < saved["trainable_percent"] < 100
+  md = (workdir / "results.md").read_text()
+  assert "| **average** |" in md and "trainable parameters" in md
+  steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  assert steps[-1] == 6 and len(steps) <= 3
+  events = list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+  assert events and events[0].stat().st_size > 0
+  # A prompt checkpoint holds no CLIP weights: kilobytes, not the encoder.
+  size = sum(p.stat().st_size for p in (workdir / "checkpoints" / "6").rglob("*") if p.is_file())
+  assert size < 2_000_000
+
+
+def test_kill_and_resume_is_bit_exact(env, finished):
+  workdir_ref, _ = finished
+  workdir = env["root"] / "killed"
+  cmd = [sys.executable, "-m", "launch.train",
+         f"--config=configs/demo.py:method=mmap_mt,clip={env['clip']},runlocal",
+         f"--workdir={workdir}", *fx.override_flags(env["data"])]
+  killed = subprocess.run(cmd, cwd=REPO, env=fx.subprocess_env() | {"MMAP_JAX_KILL_AT_STEP": "4"},
+                          capture_output=True, text=True, timeout=600)
+  assert killed.returncode == -9, killed.stderr[-3000:]
+  assert not (workdir / "results.json").exists()
+  resumed = subprocess.run(cmd, cwd=REPO, env=fx.subprocess_env(), capture_output=True,
+                           text=True, timeout=600)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "resumed from" in resumed.stderr
+  step_a, a = _final_learned(workdir_ref, None)
+  step_b, b = _final_learned(workdir, None)
+  assert step_a == step_b == 6
+  flat_a, flat_b = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert len(flat_a) == len(flat_b) > 0
+  for x, y in zip(flat_a, flat_b):
+    np.testing.assert_array_equal(x, y)
+  ref = json.loads((workdir_ref / "results.json").read_text())
+  got = json.loads((workdir / "results.json").read_text())
+  assert got["tasks"] == ref["tasks"]
+
+
+def test_evaluate_reproduces_final_accuracy(env, finished):
+  workdir, result = finished
+  out = env["root"] / "reeval"
+  proc = subprocess.run(
+      [sys.executable, "-m", "launch.evaluate",
+       f"--config=configs/demo.py:method=mmap_mt,clip={env['clip']},runlocal",
+       f"--workdir={workdir}", f"--out={out}", *fx.override_flags(env["data"])],
+      cwd=REPO, env=fx.subprocess_env(), capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  again = json.loads((out / "results.json").read_text())
+  assert again["tasks"] == json.loads(json.dumps(result))["tasks"]
+  assert "| **average** |" in proc.stdout
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("method", "mmap_xx", "method="),
+    ("prompt.source_dim", 7, "prompt.source_dim"),
+    ("input.batch_size", 12, "input.batch_size"),
+    ("groups.mode", "magic", "groups.mode"),
+])
+def test_invalid_config_is_rejected_naming_the_field(env, tmp_path, field, value, needle):
+  c = fx.tiny_config(env["clip"], env["data"])
+  node = c
+  *parents, leaf = field.split(".")
+  for p in parents:
+    node = node[p]
+  with node.ignore_type():
+    node[leaf] = value
+  with pytest.raises(setup.ConfigError, match=needle.replace(".", r"\.")):
+    loop.train_and_evaluate(c, str(tmp_path / "bad"))
+  assert not (tmp_path / "bad" / "checkpoints").exists()
+
+
+def test_half_written_checkpoint_is_never_latest(tmp_path):
+  ckpt = checkpointing.Checkpointer(str(tmp_path / "ck"), async_save=False)
+  state = {"learned": {"w": np.ones(3, np.float32)}, "step": np.asarray(2)}
+  ckpt.save(2, state, {"pos": 1}, {"groups": None})
+  ckpt.close()
+  # What an interrupted orbax save leaves behind: a temporary directory for a later step.
+  tmp = tmp_path / "ck" / "4.orbax-checkpoint-tmp-1234567"
+  (tmp / "state").mkdir(parents=True)
+  (tmp / "state" / "partial").write_bytes(b"\0" * 10)
+  ckpt = checkpointing.Checkpointer(str(tmp_path / "ck"))
+  assert ckpt.latest_step() == 2
+  assert ckpt.restore(state).data_state == {"pos": 1}
+  ckpt.close()

@@ -1,0 +1,68 @@
+"""Shared fixtures of the trainer tests: a tiny converted CLIP and a tiny demo config."""
+from __future__ import annotations
+
+import os
+import pathlib
+
+import jax
+import ml_collections as mlc
+
+from configs import demo
+from mmap_jax.checkpoints import store
+from mmap_jax.models import clip, config as clip_config
+from mmap_jax.tokenizer import ClipTokenizer
+
+
+def make_tiny_clip(directory: pathlib.Path, bpe_path: pathlib.Path, seed: int = 0) -> str:
+  """A random-init 'tiny' CLIP in the project's own format (what launch.convert writes)."""
+  if not store.is_store(directory):
+    cfg = clip_config.get_variant("tiny")
+    params = jax.device_get(clip.init_params(jax.random.key(seed), cfg))
+    store.save(directory, cfg, params, ClipTokenizer.from_bpe_file(bpe_path))
+  return str(directory)
+
+
+def tiny_overrides(c: mlc.ConfigDict, data_dir: str) -> mlc.ConfigDict:
+  """Shrink the demo config to the tiny CLIP (3 layers, widths 64/48) and 32 px images."""
+  c.data.data_dir = data_dir
+  c.data.demo_images_per_class = 6
+  c.data.demo_image_size = 32
+  c.prompt.source_dim = 16
+  c.prompt.length = 2
+  c.input.batch_size = 8
+  c.input.eval_batch_size = 16
+  c.train.steps = 6
+  c.train.log_every = 2
+  c.train.eval_every = 6
+  c.train.ckpt_every = 2
+  c.optim.warmup_steps = 1
+  c.groups.warmup_steps = 2
+  return c
+
+
+def tiny_config(clip_dir: str, data_dir: str, method: str = "mmap_mt") -> mlc.ConfigDict:
+  return tiny_overrides(demo.get_config(f"method={method},clip={clip_dir},runlocal"), data_dir)
+
+
+def override_flags(data_dir: str) -> list[str]:
+  """The same overrides as `tiny_overrides`, as --config.* flags for a subprocess."""
+  c = tiny_overrides(demo.get_config("runlocal"), data_dir)
+  keys = ["data.data_dir", "data.demo_images_per_class", "data.demo_image_size",
+          "prompt.source_dim", "prompt.length", "input.batch_size", "input.eval_batch_size",
+          "train.steps", "train.log_every", "train.eval_every", "train.ckpt_every",
+          "optim.warmup_steps", "groups.warmup_steps"]
+  out = []
+  for k in keys:
+    v = c
+    for part in k.split("."):
+      v = v[part]
+    out.append(f"--config.{k}={v}")
+  return out
+
+
+def subprocess_env() -> dict:
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+  env["JAX_PLATFORMS"] = "cpu"
+  env["PYTHONPATH"] = str(pathlib.Path(__file__).resolve().parents[1])
+  return env
