@@ -119,20 +119,29 @@ def dataset_config(dataset: str, arg: str | None, *, clip_default: str | None = 
                    root_default: str | None = None, **extra_args: Any) -> tuple[mlc.ConfigDict, mlc.ConfigDict]:
   """The base config for a dataset plus the parsed argument string (shared by the dataset files).
 
+  Dataset files adjust the config and end with `return finish(c, a)`.
+
   Arguments every dataset config accepts: method=..., clip=<converted dir>, root=<manual dir>,
-  data_dir=<TFDS dir>, domains=a|b (a '|'-separated subset), runlocal.
+  data_dir=<TFDS dir>, domains=a|b (a '|'-separated subset), split_files=<dir of split lists>,
+  runlocal.
   """
   a = parse_arg(arg, method="mmap_mt", clip=clip_default, root=root_default, data_dir=None,
-                domains=None, runlocal=False, **extra_args)
+                domains=None, split_files=None, runlocal=False, **extra_args)
   c = base_config(method=a.method, runlocal=a.runlocal)
   c.clip.path = a.clip
   c.data.name = dataset
   c.data.root = a.root
   c.data.data_dir = a.data_dir
   c.data.domains = a.domains.replace("|", ",") if a.domains else None
+  c.data.split_files = a.split_files
+  return c, a
+
+
+def finish(c: mlc.ConfigDict, a: mlc.ConfigDict) -> mlc.ConfigDict:
+  """Last step of every get_config: `runlocal` shrinks whatever the dataset file set."""
   if a.runlocal:
     shrink_for_runlocal(c)
-  return c, a
+  return c
 
 
 def shrink_for_runlocal(c: mlc.ConfigDict) -> None:

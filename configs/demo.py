@@ -37,6 +37,4 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.train.log_every = 10
   c.train.eval_every = 75
   c.train.ckpt_every = 50
-  if a.runlocal:
-    common.shrink_for_runlocal(c)
-  return c
+  return common.finish(c, a)

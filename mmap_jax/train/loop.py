@@ -270,3 +270,16 @@ def evaluate_workdir(config: mlc.ConfigDict, workdir: str, *, step: Optional[int
                                 summary["percent_of_clip"],
                                 title=f"{spec.method} @ step {step or 0}"), flush=True)
   return result
+
+
+def group_tasks(config: mlc.ConfigDict, workdir: str) -> list[list[str]]:
+  """Runs only the grouping warm-up (whatever config.method says) and returns groups by name."""
+  mesh = parallel.data_mesh()
+  setup.validate(config, mesh.devices.size)
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  clip = setup.load_clip(config)
+  tasks = setup.build_tasks(config)
+  names = [t.info.name for t in tasks]
+  groups = grouping_run.run_grouping(config, workdir, clip, tasks, mesh)
+  return [[names[i] for i in g] for g in groups]
