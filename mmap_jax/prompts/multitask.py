@@ -1,0 +1,168 @@
+"""The learned pytree of every method, and its expansion to per-task prompt tokens.
+
+Learned pytree layout (stacked leading axes, so expansion is one vmap, never a loop over tasks):
+  zeroshot                         {}
+  <fam>_st                         {"task":   family params with leading [T]}
+  <fam>_mt, mmap_shared            {"shared": family params}
+  mmap_mt                          {"group":  MmAP params [G, ...], "task": MmAP params [T, ...]}
+  fullft_mt / fullft_st            {"clip":   a copy of the CLIP params (leading [T] for _st)}
+
+Per-task prompts (`task_prompts`) are PromptTokens with a leading task axis [T, J, L_tot, d];
+for mmap_mt, L_tot = 2L: task t at layer j sees concat(group[g(t)]_j, task[t]_j) on the token
+axis. Groups are static: a tuple of tuples of task indices partitioning range(T).
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmap_jax.models import clip
+from mmap_jax.models.config import ClipConfig
+from mmap_jax.prompts import coop, ivlp, maple, mmap, vpt
+from mmap_jax.prompts.base import PromptTokens
+from mmap_jax.prompts.spec import PromptSpec
+
+Groups = tuple[tuple[int, ...], ...]
+Learned = dict[str, Any]
+
+FAMILY_MODULES = {"coop": coop, "vpt": vpt, "maple": maple, "ivlp": ivlp, "mmap": mmap}
+
+
+# ----------------------------------------------------------------------------- groups
+
+def resolve_groups(groups: Optional[Sequence[Sequence[int]]], num_tasks: int) -> Groups:
+  """Validate a partition of range(num_tasks); None = one group holding every task."""
+  if groups is None:
+    return (tuple(range(num_tasks)),)
+  out = tuple(tuple(int(t) for t in g) for g in groups)
+  flat = sorted(t for g in out for t in g)
+  if any(len(g) == 0 for g in out) or flat != list(range(num_tasks)):
+    raise ValueError(f"groups={out} must partition the task indices 0..{num_tasks - 1} into "
+                     "non-empty groups (each task in exactly one group)")
+  return out
+
+
+def task_to_group(groups: Optional[Sequence[Sequence[int]]], num_tasks: int) -> np.ndarray:
+  """Static int32 [T]: the group index of each task."""
+  idx = np.zeros((num_tasks,), np.int32)
+  for g, members in enumerate(resolve_groups(groups, num_tasks)):
+    idx[list(members)] = g
+  return idx
+
+
+# ----------------------------------------------------------------------------- init / expand
+
+def _stacked_init(module, key: jax.Array, n: int, clip_cfg: ClipConfig, spec: PromptSpec):
+  return jax.vmap(lambda k: module.init(k, clip_cfg, spec))(jax.random.split(key, n))
+
+
+def init_learned(key: jax.Array, clip_cfg: ClipConfig, spec: PromptSpec, num_tasks: int,
+                 groups: Optional[Groups] = None, *, clip_params: Any = None) -> Learned:
+  """The pytree the optimizer updates (layout in the module docstring).
+
+  `clip_params` (the frozen CLIP) is required for fullft_*, whose learned pytree is a copy of it.
+  """
+  spec.validate(clip_cfg)
+  if num_tasks < 1:
+    raise ValueError(f"num_tasks={num_tasks} must be >= 1")
+  fam, sharing = spec.family, spec.sharing
+  if fam == "zeroshot":
+    return {}
+  if fam == "fullft":
+    if clip_params is None:
+      raise ValueError(f"method {spec.method!r} fine-tunes CLIP: pass clip_params to init_learned")
+    if sharing == "st":
+      return {"clip": jax.tree.map(
+          lambda x: jnp.array(jnp.broadcast_to(x, (num_tasks,) + jnp.shape(x))), clip_params)}
+    return {"clip": jax.tree.map(jnp.array, clip_params)}
+  module = FAMILY_MODULES[fam]
+  if sharing == "st":
+    return {"task": _stacked_init(module, key, num_tasks, clip_cfg, spec)}
+  if spec.method == "mmap_mt":
+    groups = resolve_groups(groups, num_tasks)
+    kg, kt = jax.random.split(key)
+    return {"group": _stacked_init(module, kg, len(groups), clip_cfg, spec),
+            "task": _stacked_init(module, kt, num_tasks, clip_cfg, spec)}
+  return {"shared": module.init(key, clip_cfg, spec)}
+
+
+def _broadcast(tokens: PromptTokens, n: int) -> PromptTokens:
+  return PromptTokens(*(None if x is None else jnp.broadcast_to(x, (n,) + x.shape)
+                        for x in tokens))
+
+
+def task_prompts(learned: Learned, clip_cfg: ClipConfig, spec: PromptSpec,
+                 groups: Optional[Groups] = None, *,
+                 num_tasks: Optional[int] = None) -> PromptTokens:
+  """Per-task deep prompts, [T, J, L_tot, d] per tower (None for an unprompted tower).
+
+  `num_tasks` is needed only for methods whose prompts are shared by all tasks (`_mt`,
+  mmap_shared), where the single expansion is broadcast over T.
+  """
+  if not spec.has_prompts:
+    return PromptTokens(None, None)
+  module = FAMILY_MODULES[spec.family]
+  expand = lambda p: module.expand(p, clip_cfg, spec)
+  if spec.sharing == "st":
+    return jax.vmap(expand)(learned["task"])
+  if spec.method == "mmap_mt":
+    per_task = jax.vmap(expand)(learned["task"])
+    per_group = jax.vmap(expand)(learned["group"])
+    t = per_task.text.shape[0]
+    idx = task_to_group(groups, t)
+    g = per_group.text.shape[0]
+    if g != int(idx.max()) + 1:
+      raise ValueError(f"groups={resolve_groups(groups, t)} has {int(idx.max()) + 1} groups "
+                       f"but the learned pytree has {g} group MmAPs")
+    cat = lambda gp, tp: jnp.concatenate([gp[idx], tp], axis=2)
+    return PromptTokens(text=cat(per_group.text, per_task.text),
+                        visual=cat(per_group.visual, per_task.visual))
+  if num_tasks is None:
+    raise ValueError(f"method {spec.method!r} shares one prompt set: task_prompts needs num_tasks")
+  return _broadcast(expand(learned["shared"]), num_tasks)
+
+
+def clip_params_for(learned: Learned, frozen_clip: Any, spec: PromptSpec) -> Any:
+  """The CLIP params the encoders run with: the learned copy for fullft_*, else the frozen one.
+
+  For fullft_st the result has a leading task axis on every leaf (see `clip_per_task`).
+  """
+  return learned["clip"] if spec.family == "fullft" else frozen_clip
+
+
+def clip_per_task(spec: PromptSpec) -> bool:
+  """Whether `clip_params_for` returns per-task CLIP params (leading [T])."""
+  return spec.method == "fullft_st"
+
+
+# ----------------------------------------------------------------------------- accounting
+
+def trainable_param_count(clip_cfg: ClipConfig, spec: PromptSpec, num_tasks: int,
+                          groups: Optional[Groups] = None) -> int:
+  """Number of trained parameters, from shapes only (nothing allocated, even for fullft)."""
+  def build():
+    key = jax.random.key(0)
+    cp = clip.init_params(key, clip_cfg) if spec.family == "fullft" else None
+    return init_learned(key, clip_cfg, spec, num_tasks, groups, clip_params=cp)
+  return clip.count_params(jax.eval_shape(build))
+
+
+def param_summary(clip_cfg: ClipConfig, spec: PromptSpec, num_tasks: int,
+                  groups: Optional[Groups] = None) -> dict[str, Any]:
+  """{"method", "trainable", "clip", "percent_of_clip", "line"} for logs and tables."""
+  trainable = trainable_param_count(clip_cfg, spec, num_tasks, groups)
+  total = clip.count_params(clip.param_shapes(clip_cfg))
+  pct = 100.0 * trainable / total
+  ngroups = len(resolve_groups(groups, num_tasks)) if spec.method == "mmap_mt" else None
+  where = f"{num_tasks} tasks" + (f", {ngroups} groups" if ngroups else "")
+  return {"method": spec.method, "trainable": trainable, "clip": total, "percent_of_clip": pct,
+          "line": f"{spec.method} ({where}): {trainable:,} trainable parameters = "
+                  f"{pct:.4f}% of CLIP's {total:,}"}
+
+
+__all__ = ["Groups", "FAMILY_MODULES", "resolve_groups", "task_to_group", "init_learned",
+           "task_prompts", "clip_params_for", "clip_per_task", "trainable_param_count",
+           "param_summary"]
