@@ -1,0 +1,35 @@
+"""Domain datasets as TFDS builders, one builder config per domain (= task).
+
+`DATASETS` maps the names accepted by `mmap_jax.data.sources.build_tasks` to
+modules that each provide:
+
+  Builder                                   the TFDS builder class (unregistered)
+  domains(root, requested, options)         -> domain folder names to build
+  config_name(domain, root, options)        -> TFDS config name of one domain
+  resolve_root(root, data_dir, options)     -> manual dir (demo: generates it)
+  plan(root, domains, options, names)       -> [DomainPlan] (checks the layout)
+"""
+
+from __future__ import annotations
+
+import types
+
+from mmap_jax.data.builders import common
+from mmap_jax.data.builders import demo_domains
+from mmap_jax.data.builders import domainnet
+from mmap_jax.data.builders import image_folder
+from mmap_jax.data.builders import mini_domainnet
+from mmap_jax.data.builders import office_home
+
+__all__ = ["DATASETS", "common", "get"]
+
+DATASETS: dict[str, types.ModuleType] = {
+    m.NAME: m for m in (office_home, mini_domainnet, domainnet, image_folder, demo_domains)
+}
+
+
+def get(name: str) -> types.ModuleType:
+  try:
+    return DATASETS[name]
+  except KeyError:
+    raise ValueError(f"unknown dataset {name!r}; expected one of {sorted(DATASETS)}") from None

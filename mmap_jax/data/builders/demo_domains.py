@@ -1,0 +1,57 @@
+"""The embedded default dataset: a procedurally drawn multi-domain world.
+
+Nothing is downloaded: on first use `demo_world.generate_tree` draws
+`<data_dir>/downloads/manual/demo_domains/seed<S>-n<N>-px<P>/<domain>/<class>/
+<i>.png` (deterministic in the seed; written atomically), which is then built
+like any image folder (seeded 80/20 split per class). With the defaults (4
+domains x 10 classes x 40 images of 64 px) it builds in seconds. Config names
+carry the generator parameters ('demo_domains/photo-seed0-n40-px64').
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+from mmap_jax.data import demo_world
+from mmap_jax.data.builders import common
+
+NAME = "demo_domains"
+
+
+class Builder(common.DomainBuilder, skip_registration=True):
+  """The generated demo world, one config per domain."""
+
+  name = NAME
+  MANUAL_DOWNLOAD_INSTRUCTIONS = "Generated on first use by mmap_jax.data.demo_world."
+
+
+def _tag(options: common.BuildOptions) -> str:
+  return (f"-seed{options.demo_seed}-n{options.demo_images_per_class}"
+          f"-px{options.demo_image_size}")
+
+
+def domains(root: str | None, requested: Sequence[str] | None,
+            options: common.BuildOptions) -> list[str]:
+  del root, options
+  return common.resolve_domains(requested, demo_world.DOMAINS, NAME)
+
+
+def config_name(domain: str, root: str | None, options: common.BuildOptions) -> str:
+  del root
+  return common.folder_config_name(domain, options, tag=_tag(options))
+
+
+def plan(root: str, domains: Sequence[str], options: common.BuildOptions,
+         config_names: dict[str, str]) -> list[common.DomainPlan]:
+  return common.plan_folder_domains(NAME, root, domains, options, config_names)
+
+
+def resolve_root(root: str | None, data_dir: str, options: common.BuildOptions) -> str:
+  """Generates the tree (all domains, so any subset can be built later)."""
+  if root is None:
+    root = os.path.join(data_dir, "downloads", "manual", NAME, _tag(options).lstrip("-"))
+  demo_world.generate_tree(root, seed=options.demo_seed,
+                           images_per_class=options.demo_images_per_class,
+                           size=options.demo_image_size)
+  return root
