@@ -1,6 +1,10 @@
-r"""Zero-shot CLIP class probabilities for image files.
+r"""Class probabilities for image files: zero-shot CLIP, or a trained workdir's prompts.
 
   python -m launch.predict --clip=<converted dir> --classes=cat,dog,bird IMAGE... [--json]
+  python -m launch.predict --workdir=<training workdir> --task=photo IMAGE...   # trained prompts
+
+With --workdir the task's learned prompts (and, for full fine-tuning, its CLIP) are used, and the
+class names default to the task's own; --clip defaults to the CLIP the run trained on.
 
 Each image gets softmax(exp(logit_scale) * cos(image, "a photo of a {class}.")). `--json` prints
 a list of {"image", "probabilities": {class: p}, "top"}. Learned prompts plug in through the
@@ -36,6 +40,9 @@ _CLASSES = flags.DEFINE_list("classes", None, "Comma-separated class names.")
 _TEMPLATE = flags.DEFINE_string("template", DEFAULT_TEMPLATE, "Zero-shot prompt; {} is the class.")
 _BATCH = flags.DEFINE_integer("batch_size", 32, "Images per forward pass (one compiled shape).")
 _JSON = flags.DEFINE_bool("json", False, "Print machine-readable JSON instead of a table.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir: use its learned prompts.")
+_TASK = flags.DEFINE_string("task", None, "With --workdir: which task's prompts (a domain name).")
+_STEP = flags.DEFINE_integer("step", None, "With --workdir: checkpoint step (default latest).")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,13 +122,37 @@ def load_image(path: str | pathlib.Path, image_size: int) -> np.ndarray:
   return preprocess.eval_image(rgb, image_size)
 
 
-def predict_files(clip_dir: str | pathlib.Path, class_names: Sequence[str],
+def predict_files(clip_dir: str | pathlib.Path, class_names: Optional[Sequence[str]],
                   image_paths: Sequence[str | pathlib.Path], prompts: Any = None,
-                  template: str = DEFAULT_TEMPLATE, batch_size: int = 32) -> list[dict[str, Any]]:
-  """[{"image", "probabilities": {class: p}, "top"}] for each image, in order."""
+                  template: str = DEFAULT_TEMPLATE, batch_size: int = 32,
+                  workdir: Optional[str] = None, task: Optional[str] = None,
+                  step: Optional[int] = None) -> list[dict[str, Any]]:
+  """[{"image", "probabilities": {class: p}, "top"}] for each image, in order.
+
+  With `workdir` + `task`, the trained prompts of that task replace `prompts` and the class
+  names default to the task's.
+  """
   if not image_paths:
     raise ValueError("no image files given")
+  trained = None
+  if workdir is not None:
+    from mmap_jax.train import trained as trained_lib
+    if not task:
+      raise ValueError("--task is required with --workdir")
+    trained = trained_lib.load_trained(workdir, step)
+    if clip_dir is None:
+      clip_dir = trained.clip_path
+      if clip_dir == "demo":
+        from mmap_jax import pretrain
+        clip_dir = pretrain.ensure_demo_clip(None)
+  if clip_dir is None:
+    raise ValueError("--clip is required (or --workdir of a run that names its CLIP)")
   cfg, params, tokenizer = store.load(clip_dir)
+  if trained is not None:
+    params, prompts, task_classes = trained_lib.task_model(trained, cfg, params, task)
+    class_names = class_names or list(task_classes)
+  if not class_names:
+    raise ValueError("--classes is required without --workdir")
   classifier = build_classifier(params, cfg, tokenizer, class_names, prompts, template)
   images = np.stack([load_image(p, cfg.vision.image_size) for p in image_paths])
   probs = classify(classifier, images, batch_size)
@@ -143,13 +174,14 @@ def format_table(results: Sequence[dict[str, Any]]) -> str:
 
 def main(argv: Sequence[str]) -> None:
   images = list(argv[1:])
-  if not _CLIP.value or not _CLASSES.value:
-    raise app.UsageError("--clip and --classes are required")
+  if not _WORKDIR.value and (not _CLIP.value or not _CLASSES.value):
+    raise app.UsageError("--clip and --classes are required (or --workdir and --task)")
   if not images:
     raise app.UsageError("give at least one image file")
   try:
     results = predict_files(_CLIP.value, _CLASSES.value, images, template=_TEMPLATE.value,
-                            batch_size=_BATCH.value)
+                            batch_size=_BATCH.value, workdir=_WORKDIR.value, task=_TASK.value,
+                            step=_STEP.value)
   except (CheckpointError, UnreadableImageError, OSError, ValueError) as e:
     raise SystemExit(f"error: {e}") from None
   print(json.dumps(results, indent=2) if _JSON.value else format_table(results))

@@ -140,3 +140,36 @@ def test_half_written_checkpoint_is_never_latest(tmp_path):
   assert ckpt.latest_step() == 2
   assert ckpt.restore(state).data_state == {"pos": 1}
   ckpt.close()
+
+
+def test_predict_with_trained_prompts_matches_evaluation(env, finished, tmp_path):
+  from launch import predict
+  from mmap_jax.checkpoints import store
+  from mmap_jax.data import pipeline
+  from mmap_jax.train import trained as trained_lib
+  workdir, result = finished
+  trained = trained_lib.load_trained(str(workdir))
+  assert trained.spec.method == "mmap_mt" and trained.step == 6
+  cfg, params, tok = store.load(env["clip"])
+  params, prompts, classes = trained_lib.task_model(trained, cfg, params, "sketch")
+  assert prompts.text.shape[1] == 2 * trained.spec.length  # group-shared ++ task-specific
+  classifier = predict.build_classifier(params, cfg, tok, classes, prompts)
+  task = next(t for t in setup.build_tasks(fx.tiny_config(env["clip"], env["data"]))
+              if t.info.name == "sketch")
+  images, labels = [], []
+  for b in pipeline.eval_batches(task, batch_size=16, image_size=cfg.vision.image_size):
+    m = np.asarray(b["mask"])
+    images.append(np.asarray(b["image"])[m])
+    labels.append(np.asarray(b["label"])[m])
+  probs = predict.classify(classifier, np.concatenate(images))
+  np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
+  accuracy = float((probs.argmax(-1) == np.concatenate(labels)).mean())
+  assert accuracy == pytest.approx(result["tasks"]["sketch"]["accuracy"])
+  # The CLI path: files in, the task's own class names out.
+  from PIL import Image
+  path = tmp_path / "x.png"
+  Image.fromarray(np.full((40, 40, 3), 200, np.uint8)).save(path)
+  out = predict.predict_files(None, None, [path], workdir=str(workdir), task="sketch")
+  assert set(out[0]["probabilities"]) == set(classes)
+  with pytest.raises(ValueError, match="not in this checkpoint"):
+    predict.predict_files(None, None, [path], workdir=str(workdir), task="nope")

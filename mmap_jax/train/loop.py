@@ -73,6 +73,11 @@ def _model(config: mlc.ConfigDict, workdir: str, clip: setup.Clip, tasks, mesh,
   return spec, groups
 
 
+def spec_dict(spec) -> dict:
+  import dataclasses
+  return dataclasses.asdict(spec)
+
+
 def _loss_fn(clip_cfg, spec, groups, dtype, remat):
   def loss_fn(learned, frozen, batch):
     loss, aux = heads.multitask_loss(
@@ -118,7 +123,8 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict:
                                    groups, clip_params=clip.params)
   state = parallel.replicate(train_step.init_state(learned, optimizer), mesh)
   meta = {"groups": [list(g) for g in groups] if groups else None, "task_names": names,
-          "method": spec.method, "config": json.loads(config.to_json_best_effort())}
+          "class_names": [list(t.info.class_names) for t in tasks], "method": spec.method,
+          "prompt": spec_dict(spec), "config": json.loads(config.to_json_best_effort())}
 
   it = None
   if total > 0:

@@ -1,0 +1,70 @@
+"""A trained workdir as a classifier's inputs: one task's prompts (and CLIP, for full FT).
+
+Reads only what a checkpoint holds (the learned pytree and its metadata: method, prompt spec,
+groups, task and class names), so prediction needs neither the dataset nor the training config.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Optional
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from mmap_jax.models.config import ClipConfig
+from mmap_jax.prompts import multitask
+from mmap_jax.prompts.base import PromptTokens
+from mmap_jax.prompts.spec import PromptSpec
+from mmap_jax.train import checkpointing
+
+
+@dataclasses.dataclass(frozen=True)
+class Trained:
+  step: int
+  spec: PromptSpec
+  task_names: tuple[str, ...]
+  class_names: tuple[tuple[str, ...], ...]
+  groups: Optional[tuple[tuple[int, ...], ...]]
+  learned: Any
+  clip_path: Optional[str]
+
+
+def load_trained(workdir: str, step: Optional[int] = None) -> Trained:
+  """The learned pytree + metadata of `workdir/checkpoints` (latest step unless given)."""
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
+  try:
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {ckpt.directory}")
+    meta = ckpt.read_meta(step)
+  finally:
+    ckpt.close()
+  for key in ("method", "prompt", "task_names", "class_names"):
+    if key not in meta:
+      raise ValueError(f"{ckpt.directory}/{step}: checkpoint metadata lacks {key!r}")
+  state = ocp.StandardCheckpointer().restore(os.path.join(ckpt.directory, str(step), "state"))
+  groups = meta.get("groups")
+  return Trained(
+      step=step, spec=PromptSpec(**meta["prompt"]), task_names=tuple(meta["task_names"]),
+      class_names=tuple(tuple(c) for c in meta["class_names"]),
+      groups=tuple(tuple(g) for g in groups) if groups else None,
+      learned=jax.device_get(state["learned"]),
+      clip_path=(meta.get("config") or {}).get("clip", {}).get("path"))
+
+
+def task_model(trained: Trained, clip_cfg: ClipConfig, clip_params: Any,
+               task: str) -> tuple[Any, PromptTokens, tuple[str, ...]]:
+  """(CLIP params, PromptTokens [J, L, d] of `task`, its class names)."""
+  if task not in trained.task_names:
+    raise ValueError(f"task {task!r} is not in this checkpoint; tasks: {list(trained.task_names)}")
+  i = trained.task_names.index(task)
+  spec = trained.spec.validate(clip_cfg)
+  prompts = multitask.task_prompts(trained.learned, clip_cfg, spec, trained.groups,
+                                   num_tasks=len(trained.task_names))
+  pick = lambda x: None if x is None else np.asarray(x)[i]
+  params = multitask.clip_params_for(trained.learned, clip_params, spec)
+  if multitask.clip_per_task(spec):
+    params = jax.tree.map(lambda x: np.asarray(x)[i], params)
+  return params, PromptTokens(pick(prompts.text), pick(prompts.visual)), trained.class_names[i]
