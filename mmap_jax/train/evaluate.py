@@ -15,7 +15,6 @@ from mmap_jax import heads
 from mmap_jax.data import pipeline, sources
 from mmap_jax.models.config import ClipConfig
 from mmap_jax.prompts import multitask
-from mmap_jax.prompts.base import PromptTokens
 from mmap_jax.prompts.spec import PromptSpec
 
 

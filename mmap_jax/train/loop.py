@@ -11,6 +11,7 @@ final prompts as an uninterrupted one. SIGTERM (preemption) saves a checkpoint b
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -18,7 +19,6 @@ import threading
 from typing import Any, Optional
 
 import jax
-import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
 from absl import logging
@@ -73,11 +73,6 @@ def _model(config: mlc.ConfigDict, workdir: str, clip: setup.Clip, tasks, mesh,
   return spec, groups
 
 
-def spec_dict(spec) -> dict:
-  import dataclasses
-  return dataclasses.asdict(spec)
-
-
 def _loss_fn(clip_cfg, spec, groups, dtype, remat):
   def loss_fn(learned, frozen, batch):
     loss, aux = heads.multitask_loss(
@@ -92,61 +87,121 @@ def _checkpointer(config, workdir) -> checkpointing.Checkpointer:
                                     keep=config.train.keep_checkpoints)
 
 
-def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict:
-  """Runs (or resumes) one experiment; returns the final results dict (also results.json)."""
+@dataclasses.dataclass
+class _Run:
+  """Everything a run has prepared before its first compiled step."""
+  mesh: Any
+  clip: setup.Clip
+  tasks: list
+  names: list
+  ckpt: checkpointing.Checkpointer
+  step: Optional[int]        # the checkpoint to restore (None: fresh)
+  spec: Any
+  groups: Any
+  summary: dict
+  dtype: Any
+  frozen: dict               # replicated {"clip", "class_tokens"}
+  optimizer: Any
+  state: dict                # replicated, freshly initialised (restore() replaces it)
+  total: int                 # training steps (0 for zero-shot)
+
+  def restore(self) -> Optional[checkpointing.Restored]:
+    if self.step is None:
+      return None
+    restored = self.ckpt.restore(self.state, self.step)
+    self.state = restored.state
+    return restored
+
+  def evaluate(self, config: mlc.ConfigDict, eval_fns) -> dict[str, float]:
+    return evaluation.evaluate(
+        self.state["learned"], self.frozen["clip"], self.frozen["class_tokens"], self.tasks,
+        eval_fns, batch_size=config.input.eval_batch_size,
+        image_size=self.clip.cfg.vision.image_size, sharding=self.mesh,
+        worker_count=config.input.workers)
+
+  def write_results(self, config, out: str, accuracy: dict, step: int) -> dict:
+    names, groups = self.names, self.groups
+    result = report.write_results(
+        out, task_names=names, accuracy=accuracy,
+        num_classes={t.info.name: t.info.num_classes for t in self.tasks},
+        trainable_params=self.summary["trainable"],
+        trainable_percent=self.summary["percent_of_clip"], method=self.spec.method, step=step,
+        extra={"groups": [[names[i] for i in g] for g in groups] if groups else None,
+               "clip": self.clip.path, "dataset": config.data.name})
+    if jax.process_index() == 0:
+      print(report.accuracy_table(names, accuracy, self.summary["trainable"],
+                                  self.summary["percent_of_clip"],
+                                  title=f"{self.spec.method} @ step {step}"), flush=True)
+    return result
+
+
+def _prepare(config: mlc.ConfigDict, workdir: str, *, step: Optional[int] = None,
+             require_checkpoint: bool = False) -> _Run:
   mesh = parallel.data_mesh()
   setup.validate(config, mesh.devices.size)
-  workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   clip = setup.load_clip(config)
   setup.prompt_spec(config, clip.cfg)  # Fails on a bad prompt config before the data is built.
   tasks = setup.build_tasks(config)
-  names = [t.info.name for t in tasks]
   logging.info("tasks: %s", ", ".join(f"{t.info.name} ({t.info.num_classes} classes, "
                                       f"{t.info.num_train} train / {t.info.num_test} test)"
                                       for t in tasks))
   ckpt = _checkpointer(config, workdir)
-  latest = ckpt.latest_step()
-  meta = ckpt.read_meta(latest) if latest is not None else {}
+  step = ckpt.latest_step() if step is None else step
+  if step is None and require_checkpoint:
+    raise FileNotFoundError(f"no checkpoint in {ckpt.directory}; train first or evaluate "
+                            "with method=zeroshot")
+  meta = ckpt.read_meta(step) if step is not None else {}
   spec, groups = _model(config, workdir, clip, tasks, mesh, meta.get("groups"))
+  if meta.get("method") not in (None, spec.method):
+    raise setup.ConfigError(f"method={spec.method!r} but the checkpoint in {ckpt.directory} "
+                            f"was trained with {meta['method']!r}")
   summary = multitask.param_summary(clip.cfg, spec, len(tasks), groups)
   logging.info("%s", summary["line"])
-
-  dtype = setup.compute_dtype(config)
-  image_size = clip.cfg.vision.image_size
   class_tokens = setup.class_tokens(clip, spec, tasks)
-  frozen = parallel.replicate({"clip": clip.params, "class_tokens": class_tokens}, mesh)
   total = int(config.train.steps) if spec.family != "zeroshot" else 0
   optimizer = optim.make_optimizer(config.optim, max(total, 1))
-  schedule = optim.learning_rate_schedule(config.optim, max(total, 1))
   learned = multitask.init_learned(jax.random.key(config.seed), clip.cfg, spec, len(tasks),
                                    groups, clip_params=clip.params)
-  state = parallel.replicate(train_step.init_state(learned, optimizer), mesh)
-  meta = {"groups": [list(g) for g in groups] if groups else None, "task_names": names,
-          "class_names": [list(t.info.class_names) for t in tasks], "method": spec.method,
-          "prompt": spec_dict(spec), "config": json.loads(config.to_json_best_effort())}
+  return _Run(mesh=mesh, clip=clip, tasks=tasks, names=[t.info.name for t in tasks], ckpt=ckpt,
+              step=step, spec=spec, groups=groups, summary=summary,
+              dtype=setup.compute_dtype(config),
+              frozen=parallel.replicate({"clip": clip.params, "class_tokens": class_tokens},
+                                        mesh),
+              optimizer=optimizer,
+              state=parallel.replicate(train_step.init_state(learned, optimizer), mesh),
+              total=total)
 
+
+def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict:
+  """Runs (or resumes) one experiment; returns the final results dict (also results.json)."""
+  workdir = os.path.abspath(workdir)
+  run = _prepare(config, workdir)
+  meta = {"groups": [list(g) for g in run.groups] if run.groups else None,
+          "task_names": run.names,
+          "class_names": [list(t.info.class_names) for t in run.tasks],
+          "method": run.spec.method, "prompt": dataclasses.asdict(run.spec),
+          "config": json.loads(config.to_json_best_effort())}
   it = None
-  if total > 0:
+  if run.total > 0:
     it = pipeline.train_iterator(
-        tasks, batch_size=config.input.batch_size, image_size=image_size, seed=config.seed,
-        augment=setup.augment_config(config), sharding=mesh, worker_count=config.input.workers)
+        run.tasks, batch_size=config.input.batch_size, image_size=run.clip.cfg.vision.image_size,
+        seed=config.seed, augment=setup.augment_config(config), sharding=run.mesh,
+        worker_count=config.input.workers)
+  restored = run.restore()
   start = 0
-  if latest is not None:
-    restored = ckpt.restore(state, latest)
-    state, start = restored.state, restored.step
+  if restored is not None:
+    start = restored.step
     if it is not None:
       it.set_state(restored.data_state)
-    logging.info("resumed from %s at step %d", ckpt.directory, start)
+    logging.info("resumed from %s at step %d", run.ckpt.directory, start)
 
   writer = report.ScalarWriter(setup.workdir_paths(workdir)["tensorboard"])
-  eval_fns = evaluation.make_eval_fns(clip.cfg, spec, groups, len(tasks), dtype=dtype)
+  eval_fns = evaluation.make_eval_fns(run.clip.cfg, run.spec, run.groups, len(run.tasks),
+                                      dtype=run.dtype)
 
   def run_eval(step: int) -> dict[str, float]:
-    acc = evaluation.evaluate(state["learned"], frozen["clip"], frozen["class_tokens"], tasks,
-                              eval_fns, batch_size=config.input.eval_batch_size,
-                              image_size=image_size, sharding=mesh,
-                              worker_count=config.input.workers)
+    acc = run.evaluate(config, eval_fns)
     writer.scalars(step, {f"eval/accuracy/{k}": v for k, v in acc.items()}
                    | {"eval/accuracy/average": float(np.mean(list(acc.values())))})
     logging.info("step %d eval: %s", step, "  ".join(f"{k} {100 * v:.2f}" for k, v in acc.items()))
@@ -154,55 +209,40 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict:
 
   preempt = _Preemption()
   try:
-    if start < total:
-      holder = {"state": state}
-      _train(config, holder, frozen, it, ckpt, meta, writer, schedule,
-             optimizer, spec, clip.cfg, groups, dtype, start, total, preempt, run_eval,
-             images_per_step=config.input.batch_size * len(tasks))
-      state = holder["state"]
+    if start < run.total:
+      _train(config, run, it, meta, writer, start, preempt, run_eval)
       if preempt.requested:
-        return {"preempted": True, "step": int(state["step"])}
-    accuracy = run_eval(total)
+        return {"preempted": True, "step": int(run.state["step"])}
+    accuracy = run_eval(run.total)
   finally:
     preempt.restore()
-    ckpt.close()
+    run.ckpt.close()
     writer.close()
-    if it is not None and hasattr(it, "close"):
+    if it is not None:
       it.close()
-
-  result = report.write_results(
-      workdir, task_names=names, accuracy=accuracy,
-      num_classes={t.info.name: t.info.num_classes for t in tasks},
-      trainable_params=summary["trainable"], trainable_percent=summary["percent_of_clip"],
-      method=spec.method, step=total,
-      extra={"groups": [[names[i] for i in g] for g in groups] if groups else None,
-             "clip": clip.path, "dataset": config.data.name})
-  table = report.accuracy_table(names, accuracy, summary["trainable"], summary["percent_of_clip"],
-                                title=f"{spec.method} @ step {total}")
-  if jax.process_index() == 0:
-    print(table, flush=True)
-  return result
+  return run.write_results(config, workdir, accuracy, run.total)
 
 
-def _train(config, holder, frozen, it, ckpt, meta, writer, schedule, optimizer, spec, clip_cfg,
-           groups, dtype, start, total, preempt, run_eval, images_per_step):
-  """The step loop; `holder["state"]` always holds the newest good state."""
-  step_fn = train_step.make_train_step(_loss_fn(clip_cfg, spec, groups, dtype, config.clip.remat),
-                                       optimizer, accum_steps=config.optim.accum_steps)
-  progress = report.Progress(total, images_per_step, first_step=start)
+def _train(config, run: _Run, it, meta, writer, start, preempt, run_eval):
+  """The step loop; `run.state` always holds the newest good state."""
+  total, ckpt = run.total, run.ckpt
+  step_fn = train_step.make_train_step(
+      _loss_fn(run.clip.cfg, run.spec, run.groups, run.dtype, config.clip.remat),
+      run.optimizer, accum_steps=config.optim.accum_steps)
+  schedule = optim.learning_rate_schedule(config.optim, max(total, 1))
+  progress = report.Progress(total, config.input.batch_size * len(run.tasks), first_step=start)
   pending = None  # The previous step's metrics: checked one step late so the device never idles.
 
   def check(metrics, step):
     if not bool(metrics["finite"]):
-      last = ckpt.latest_step()
       raise NonFiniteError(
           f"non-finite loss or gradient at step {step} (loss={float(metrics['loss'])}); the "
-          f"update was not applied; last good checkpoint: step {last} in {ckpt.directory}. "
-          "Lower optim.lr, enable optim.grad_clip, or use clip.dtype=float32.")
+          f"update was not applied; last good checkpoint: step {ckpt.latest_step()} in "
+          f"{ckpt.directory}. Lower optim.lr, enable optim.grad_clip, or use clip.dtype=float32.")
 
   for step in range(start, total):
     batch = next(it)
-    holder["state"], metrics = step_fn(holder["state"], frozen, batch)
+    run.state, metrics = step_fn(run.state, run.frozen, batch)
     if pending is not None:
       check(*pending)
     pending = (metrics, step + 1)
@@ -214,11 +254,11 @@ def _train(config, holder, frozen, it, ckpt, meta, writer, schedule, optimizer, 
       progress.line(done, loss, lr)
       writer.scalars(done, {"train/loss": loss, "train/lr": lr,
                             "train/grad_norm": float(metrics["grad_norm"])}
-                     | {f"train/task_loss/{i}": float(v)
-                        for i, v in enumerate(np.asarray(metrics["per_task_loss"]))})
+                     | {f"train/task_loss/{name}": float(v) for name, v in
+                        zip(run.names, np.asarray(metrics["per_task_loss"]))})
     if done % config.train.ckpt_every == 0 or done == total or preempt.requested:
       check(*pending)
-      ckpt.save(done, holder["state"], it.get_state(), meta, force=True)
+      ckpt.save(done, run.state, it.get_state(), meta, force=True)
     if preempt.requested:
       ckpt.wait()
       return
@@ -232,50 +272,15 @@ def _train(config, holder, frozen, it, ckpt, meta, writer, schedule, optimizer, 
 def evaluate_workdir(config: mlc.ConfigDict, workdir: str, *, step: Optional[int] = None,
                      out: Optional[str] = None) -> dict:
   """Accuracy of a workdir's checkpoint (latest or `step`), or zero-shot CLIP with none."""
-  mesh = parallel.data_mesh()
-  setup.validate(config, mesh.devices.size)
   workdir = os.path.abspath(workdir)
-  clip = setup.load_clip(config)
-  tasks = setup.build_tasks(config)
-  names = [t.info.name for t in tasks]
-  ckpt = _checkpointer(config, workdir)
-  step = ckpt.latest_step() if step is None else step
-  meta = ckpt.read_meta(step) if step is not None else {}
-  if step is None and config.method != "zeroshot":
-    raise FileNotFoundError(f"no checkpoint in {ckpt.directory}; train first or evaluate "
-                            "with method=zeroshot")
-  spec, groups = _model(config, workdir, clip, tasks, mesh, meta.get("groups"))
-  if meta and meta.get("method") not in (None, spec.method):
-    raise setup.ConfigError(f"method={spec.method!r} but the checkpoint in {ckpt.directory} "
-                            f"was trained with {meta['method']!r}")
-  dtype = setup.compute_dtype(config)
-  class_tokens = setup.class_tokens(clip, spec, tasks)
-  frozen = parallel.replicate({"clip": clip.params, "class_tokens": class_tokens}, mesh)
-  optimizer = optim.make_optimizer(config.optim, max(int(config.train.steps), 1))
-  learned = multitask.init_learned(jax.random.key(config.seed), clip.cfg, spec, len(tasks),
-                                   groups, clip_params=clip.params)
-  state = parallel.replicate(train_step.init_state(learned, optimizer), mesh)
-  if step is not None:
-    state = ckpt.restore(state, step).state
-  ckpt.close()
-  accuracy = evaluation.evaluate(
-      state["learned"], frozen["clip"], frozen["class_tokens"], tasks,
-      evaluation.make_eval_fns(clip.cfg, spec, groups, len(tasks), dtype=dtype),
-      batch_size=config.input.eval_batch_size, image_size=clip.cfg.vision.image_size,
-      sharding=mesh, worker_count=config.input.workers)
-  summary = multitask.param_summary(clip.cfg, spec, len(tasks), groups)
-  result = report.write_results(
-      out or workdir, task_names=names, accuracy=accuracy,
-      num_classes={t.info.name: t.info.num_classes for t in tasks},
-      trainable_params=summary["trainable"], trainable_percent=summary["percent_of_clip"],
-      method=spec.method, step=step or 0,
-      extra={"groups": [[names[i] for i in g] for g in groups] if groups else None,
-             "clip": clip.path, "dataset": config.data.name})
-  if jax.process_index() == 0:
-    print(report.accuracy_table(names, accuracy, summary["trainable"],
-                                summary["percent_of_clip"],
-                                title=f"{spec.method} @ step {step or 0}"), flush=True)
-  return result
+  run = _prepare(config, workdir, step=step, require_checkpoint=config.method != "zeroshot")
+  try:
+    run.restore()
+  finally:
+    run.ckpt.close()
+  eval_fns = evaluation.make_eval_fns(run.clip.cfg, run.spec, run.groups, len(run.tasks),
+                                      dtype=run.dtype)
+  return run.write_results(config, out or workdir, run.evaluate(config, eval_fns), run.step or 0)
 
 
 def group_tasks(config: mlc.ConfigDict, workdir: str) -> list[list[str]]:
