@@ -14,8 +14,8 @@ from safetensors.numpy import load_file, save_file
 
 torch = pytest.importorskip("torch")
 
-from launch import convert as convert_cli  # noqa: E402
-from launch import predict as predict_cli  # noqa: E402
+from mmap_jax.checkpoints import convert as convert_cli  # noqa: E402
+from mmap_jax import predict as predict_cli  # noqa: E402
 from mmap_jax import checkpoints  # noqa: E402
 from mmap_jax.checkpoints import (CheckpointError, from_huggingface, from_openai,  # noqa: E402
                                   naming, store)

@@ -143,7 +143,7 @@ def test_half_written_checkpoint_is_never_latest(tmp_path):
 
 
 def test_predict_with_trained_prompts_matches_evaluation(env, finished, tmp_path):
-  from launch import predict
+  from mmap_jax import predict
   from mmap_jax.checkpoints import store
   from mmap_jax.data import pipeline
   from mmap_jax.train import trained as trained_lib
