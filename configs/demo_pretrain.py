@@ -3,7 +3,14 @@ r"""Pretraining of the demo's own small CLIP (mmap_jax/pretrain.py) on the demo 
   python -m launch.pretrain --config=configs/demo_pretrain.py --workdir=/tmp/demo_pretrain \
       --out=assets/demo_clip --vocab=../shared/clip_bpe/bpe_simple_vocab_16e6.txt.gz
 
-regenerates the committed assets/demo_clip (TIME_PLACEHOLDER). Arguments after the colon:
+regenerates the committed assets/demo_clip (run from the repository root, next to ../shared).
+Measured twice on 2 CPU cores shared with other jobs: 8 min 06 s and 10 min 34 s wall (1200
+steps at 0.24 s/step while the machine was otherwise idle, 0.40 and 0.52 s/step on average with
+the other jobs), bit-identical weights both times. Final loss 1.60 (1.49 averaged over the last
+50 steps); zero-shot "a photo of a {object}." on 300 demo images per domain: photo 0.473,
+clipart 0.257, sketch 0.207, painting 0.490 (average 0.357, chance 0.100).
+assets/demo_clip/pretrain_report.json has the rest.
+Arguments after the colon:
   runlocal     a seconds-long smoke run (tiny model, few steps, small batch)
   steps=N      override train.steps
   seed=N       override the seed
@@ -22,8 +29,8 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.seed = a.seed
   if a.runlocal:
     c.clip.variant = "tiny"
+    c.clip.layers = 1           # one block per tower: compiles in seconds
     c.data.batch_size = 16      # a multiple of the 8 fake test devices
-    c.data.text_length = 32
     c.train.steps = 4
     c.train.log_every = 1
     c.train.ckpt_every = 2

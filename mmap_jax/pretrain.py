@@ -1,0 +1,625 @@
+"""Contrastive pretraining of the demo's own small CLIP on procedurally drawn image-caption pairs.
+
+Prompt tuning only means something on a *pretrained* frozen CLIP, and no real CLIP weights can be
+downloaded here, so the embedded demo brings its own: a tiny CLIP (the "demo" variant) trained
+with CLIP's symmetric InfoNCE loss and learnable temperature on `demo_world`'s pretraining stream.
+That stream deliberately differs from the downstream demo domains (other rendering styles, held-out
+object/style combinations), so zero-shot transfer is above chance but imperfect, as with real CLIP
+on Office-Home. Everything is the project's machinery: the same encoders (`models.clip`), the
+sharded jitted step (`train.step`), the Orbax checkpointer (resumable), and `checkpoints.store` for
+the result.
+
+  pretrain(config, workdir, out=...)      -> the output CLIP directory (+ pretrain_report.json)
+  launch(config, workdir=, vocab=, out=)  -> the same, as `python -m launch.pretrain` runs it
+  zero_shot_accuracy(cfg, params, ...)    -> accuracy per downstream demo domain
+  ensure_demo_clip(path, vocab_path=...)  -> the committed assets/demo_clip, or builds it
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import functools
+import json
+import math
+import multiprocessing
+import os
+import pathlib
+import shutil
+import tempfile
+import time
+from typing import Any, Iterator, Mapping, NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections as mlc
+import numpy as np
+import optax
+from absl import logging
+from jax.sharding import NamedSharding, PartitionSpec as P
+from PIL import Image
+
+from mmap_jax import parallel
+from mmap_jax.checkpoints import store
+from mmap_jax.checkpoints.errors import CheckpointError
+from mmap_jax.data import demo_world
+from mmap_jax.data.preprocess import CLIP_MEAN, CLIP_STD, eval_pixels, random_resized_crop_box
+from mmap_jax.models import clip
+from mmap_jax.models.config import ClipConfig, get_variant
+from mmap_jax.tokenizer import ClipTokenizer
+from mmap_jax.train import optim as optim_lib
+from mmap_jax.train.checkpointing import Checkpointer
+from mmap_jax.train.step import init_state, make_train_step
+
+Params = dict[str, Any]
+
+# CLIP clamps its learned temperature at 1/100.
+MAX_LOGIT_SCALE = math.log(100.0)
+ZERO_SHOT_TEMPLATE = "a photo of a {}."
+REPORT_FILE = "pretrain_report.json"
+DRAW_SIZE = 64  # demo_world draws at the demo tree's size; the model's input size may differ
+DEFAULT_DEMO_CLIP = pathlib.Path(__file__).resolve().parents[1] / "assets" / "demo_clip"
+
+_STREAM_TAG = 0x50C1   # seed-stream tags of this module's drawn pairs and their augmentation
+_AUGMENT_TAG = 0x50C2
+# Semantically neutral caption additions: they vary caption length (so positional embeddings
+# beyond the shortest captions get trained, which prompt learning relies on) without changing
+# what a caption says.
+_CAPTION_PREFIXES = ("here is", "look at", "this image shows", "in the picture:", "we see")
+_CAPTION_SUFFIXES = ("centered", "close-up", "high quality", "in the middle of the frame",
+                     "low resolution", "small image", "seen in full")
+
+
+# ----------------------------------------------------------------------------- config
+
+def default_config() -> mlc.ConfigDict:
+  """The recipe that produced assets/demo_clip (configs/demo_pretrain.py wraps it)."""
+  c = mlc.ConfigDict()
+  c.seed = 0
+  c.vocab = mlc.FieldReference(None, field_type=str)  # CLIP BPE gz; always given by the caller
+  c.clip = mlc.ConfigDict()
+  c.clip.variant = "demo"
+  c.clip.layers = mlc.FieldReference(None, field_type=int)  # override both towers' depth
+
+  c.data = mlc.ConfigDict()
+  c.data.batch_size = 128         # global; the in-batch negatives of the contrastive loss
+  c.data.text_length = 24         # tokens per caption (longer ones are cut, EOT kept)
+  c.data.reuse = 1                # >1: each drawn pair serves that many steps (hurts: data-hungry)
+  c.data.crop_scale_min = 0.6     # RandomResizedCrop area range [min, 1]; 1 disables it
+  c.data.caption_extra_prob = 0.3  # chance of a neutral prefix / suffix on a caption
+  c.data.workers = 0              # 0: one drawing thread; N: N drawing processes
+  c.data.prefetch = 4             # units drawn ahead
+
+  c.optim = mlc.ConfigDict()
+  c.optim.lr = 2e-3
+  c.optim.warmup_steps = 60
+  c.optim.weight_decay = 0.1      # on matrices only (CLIP: no decay on gains, biases, scale)
+  c.optim.b2 = 0.98
+  c.optim.grad_clip = 1.0
+
+  c.train = mlc.ConfigDict()
+  c.train.steps = 1200
+  c.train.log_every = 25
+  c.train.eval_every = 400        # zero-shot evaluation (always at the end; 0: only then)
+  c.train.ckpt_every = 200
+  c.train.keep_checkpoints = 2
+
+  c.eval = mlc.ConfigDict()
+  c.eval.seed = 90210             # its own seed: never the demo tree's images
+  c.eval.per_class = 30           # images per class and domain
+  c.eval.batch_size = 256
+  c.eval.template = ZERO_SHOT_TEMPLATE
+
+  c.zero_unused_tokens = True     # store never-trained token rows as 0 (see _finalize_params)
+  return c
+
+
+def clip_config(config: mlc.ConfigDict) -> ClipConfig:
+  """The architecture a config pretrains: a named variant, optionally with other depths."""
+  cfg = get_variant(config.clip.variant)
+  layers = config.clip.get("layers")
+  if layers:
+    cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, layers=int(layers)),
+                              text=dataclasses.replace(cfg.text, layers=int(layers)))
+  return cfg
+
+
+# ----------------------------------------------------------------------------- loss
+
+def contrastive_loss(image_features: jax.Array, text_features: jax.Array,
+                     logit_scale: jax.Array) -> tuple[jax.Array, dict]:
+  """CLIP's symmetric InfoNCE over a batch of matching pairs: row i of each is a positive pair.
+
+  The learned temperature is clamped at 1/100 as in CLIP (no gradient beyond it).
+  """
+  img, txt = clip.normalize(image_features), clip.normalize(text_features)
+  scale = jnp.exp(jnp.minimum(logit_scale, MAX_LOGIT_SCALE))
+  logits = scale * img @ txt.T
+  labels = jnp.arange(logits.shape[0])
+  ce = optax.softmax_cross_entropy_with_integer_labels
+  loss = 0.5 * (ce(logits, labels).mean() + ce(logits.T, labels).mean())
+  aux = {"i2t_acc": jnp.mean(jnp.argmax(logits, 1) == labels),
+         "t2i_acc": jnp.mean(jnp.argmax(logits, 0) == labels),
+         "logit_scale": scale}
+  return loss, aux
+
+
+def images_to_input(images: jax.Array) -> jax.Array:
+  """uint8 NHWC -> CLIP-normalised float32 (on device: 4x less to transfer than floats)."""
+  mean = jnp.asarray(CLIP_MEAN, jnp.float32) * 255.0
+  std = jnp.asarray(CLIP_STD, jnp.float32) * 255.0
+  return (images.astype(jnp.float32) - mean) / std
+
+
+def make_loss_fn(cfg: ClipConfig):
+  """loss_fn(learned, frozen, batch) for `train.step`: the whole CLIP is learned, nothing frozen."""
+
+  def loss_fn(params, frozen, batch):
+    del frozen
+    image_features = clip.encode_image(params, cfg, images_to_input(batch["images"]))
+    text_features = clip.encode_text(params, cfg, clip.embed_tokens(params, batch["tokens"]),
+                                     batch["eot"])
+    return contrastive_loss(image_features, text_features, params["logit_scale"])
+
+  return loss_fn
+
+
+def make_optimizer(optim: mlc.ConfigDict, total_steps: int) -> optax.GradientTransformation:
+  """AdamW as CLIP: clipped, warm-up + cosine, weight decay on >= 2-D params only."""
+  schedule = optim_lib.learning_rate_schedule(optim, total_steps)
+  decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)
+  parts = []
+  if optim.grad_clip and optim.grad_clip > 0:
+    parts.append(optax.clip_by_global_norm(float(optim.grad_clip)))
+  parts.append(optax.adamw(schedule, b2=float(optim.b2), weight_decay=float(optim.weight_decay),
+                           mask=decay_mask))
+  return optax.chain(*parts)
+
+
+# `clip.init_params` as one jitted program (eagerly it is hundreds of separate compiles).
+_init_params = jax.jit(clip.init_params, static_argnums=1)
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled_step(cfg: ClipConfig, optim_items: tuple, total_steps: int):
+  optimizer = make_optimizer(mlc.ConfigDict(dict(optim_items)), total_steps)
+  return optimizer, make_train_step(make_loss_fn(cfg), optimizer)
+
+
+def train_step_for(config: mlc.ConfigDict):
+  """(architecture, optimizer, jitted `train.step` step) of a config; cached per recipe, so
+  repeated runs in one process (tests, resumes) compile once."""
+  cfg = clip_config(config)
+  optimizer, step = _compiled_step(cfg, tuple(sorted(config.optim.to_dict().items())),
+                                   int(config.train.steps))
+  return cfg, optimizer, step
+
+
+def initial_state(config: mlc.ConfigDict, cfg: ClipConfig,
+                  optimizer: optax.GradientTransformation, mesh) -> dict:
+  """Fresh CLIP parameters (seeded) and optimizer state, replicated over the mesh."""
+  params = _init_params(jax.random.key(int(config.seed)), cfg)
+  return parallel.replicate(init_state(params, optimizer), mesh)
+
+
+# ----------------------------------------------------------------------------- data
+
+def _vary_caption(caption: str, rng: np.random.Generator, prob: float) -> str:
+  if rng.random() < prob:
+    caption = f"{_CAPTION_PREFIXES[int(rng.integers(len(_CAPTION_PREFIXES)))]} {caption}"
+  if rng.random() < prob:
+    caption = f"{caption}, {_CAPTION_SUFFIXES[int(rng.integers(len(_CAPTION_SUFFIXES)))]}"
+  return caption
+
+
+def _train_pixels(image: np.ndarray, rng: np.random.Generator, size: int,
+                  scale_min: float) -> np.ndarray:
+  """RandomResizedCrop(size, (scale_min, 1)) of a drawn image; the eval transform if disabled."""
+  if scale_min >= 1.0:
+    return _eval_pixels(image, size)
+  h, w = image.shape[:2]
+  box = random_resized_crop_box(w, h, rng, (scale_min, 1.0), (3 / 4, 4 / 3))
+  return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC, box=box))
+
+
+def _eval_pixels(image: np.ndarray, size: int) -> np.ndarray:
+  """CLIP's eval resize (what the demo's input pipeline does to its 64 px images)."""
+  return image if image.shape[:2] == (size, size) else eval_pixels(Image.fromarray(image), size)
+
+
+def draw_unit(seed: int, unit: int, n: int,
+              draw_size: int = DRAW_SIZE) -> tuple[np.ndarray, list[str]]:
+  """The `n` pairs of rendering unit `unit`: uint8 [n, draw_size, draw_size, 3] and captions.
+
+  A pure function of (seed, unit), one generator per pair. Pairs are `demo_world`'s (its styles,
+  captions and held-out combinations), drawn at the demo tree's size.
+  """
+  images = np.empty((n, draw_size, draw_size, 3), np.uint8)
+  captions = []
+  for j in range(n):
+    spec_rng = np.random.default_rng([_STREAM_TAG, seed, unit, j])
+    spec = demo_world.pretraining_spec(spec_rng)
+    images[j] = demo_world.render(spec.obj, spec.color, spec.style, spec_rng, draw_size)
+    captions.append(spec.caption)
+  return images, captions
+
+
+def batch_units(step: int, reuse: int) -> range:
+  """Batch `step` is made of units step .. step+reuse-1, so every unit (drawn once) serves
+  `reuse` consecutive steps, each time with a fresh crop and caption variation."""
+  return range(step, step + reuse)
+
+
+def assemble_batch(seed: int, step: int, units: Sequence[tuple[np.ndarray, list[str]]],
+                   size: int, *, crop_scale_min: float = 1.0,
+                   caption_extra_prob: float = 0.0) -> tuple[np.ndarray, list[str]]:
+  """Batch `step` from its drawn units: a random resized crop to the model's `size` and neutral
+  caption additions per example, from a generator of (seed, step, position)."""
+  drawn = np.concatenate([u[0] for u in units])
+  base = [c for u in units for c in u[1]]
+  images = np.empty((len(drawn), size, size, 3), np.uint8)
+  captions = []
+  for i, (image, caption) in enumerate(zip(drawn, base)):
+    rng = np.random.default_rng([_AUGMENT_TAG, seed, step, i])
+    images[i] = _train_pixels(image, rng, size, crop_scale_min)
+    captions.append(_vary_caption(caption, rng, caption_extra_prob))
+  return images, captions
+
+
+def render_batch(seed: int, step: int, batch_size: int, size: int, *, reuse: int = 1,
+                 crop_scale_min: float = 1.0,
+                 caption_extra_prob: float = 0.0) -> tuple[np.ndarray, list[str]]:
+  """Pretraining batch `step` for `seed` (what `PairStream` yields), computed in one go."""
+  units = [draw_unit(seed, u, _unit_size(batch_size, reuse)) for u in batch_units(step, reuse)]
+  return assemble_batch(seed, step, units, size, crop_scale_min=crop_scale_min,
+                        caption_extra_prob=caption_extra_prob)
+
+
+def _unit_size(batch_size: int, reuse: int) -> int:
+  if reuse < 1 or batch_size % reuse:
+    raise ValueError(f"data.reuse={reuse} must be >= 1 and divide data.batch_size={batch_size}")
+  return batch_size // reuse
+
+
+class CaptionTokenizer:
+  """Caption -> token row; the pretraining captions come from a small set, so this is a dict hit."""
+
+  def __init__(self, tokenizer: ClipTokenizer, length: int):
+    self._tokenizer, self._length = tokenizer, length
+    self._rows: dict[str, np.ndarray] = {}
+
+  def __call__(self, captions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    rows = []
+    for c in captions:
+      row = self._rows.get(c)
+      if row is None:
+        row = self._rows[c] = self._tokenizer.tokenize(c, context_length=self._length)[0]
+      rows.append(row)
+    tokens = np.stack(rows)
+    return tokens, clip.eot_positions(tokens, self._tokenizer.eot_token)
+
+
+class PairStream:
+  """Batches `start, start+1, ...` of the stream; units are drawn ahead in the background.
+
+  Drawing is numpy/PIL work holding the GIL, and XLA's CPU step runs without it on about one
+  core, so one background thread (`workers=0`) overlaps them. `workers > 0` draws in that many
+  spawned processes instead, for machines with cores to spare (the main module must then be
+  import-safe, as for any spawn-based loader). The cheap crops and tokenization happen here.
+  Each batch depends on (seed, step) alone, so neither the workers nor the resume point change
+  what a step sees.
+  """
+
+  def __init__(self, config: mlc.ConfigDict, tokenizer: ClipTokenizer, image_size: int,
+               start: int):
+    d = config.data
+    self._seed, self._size = int(config.seed), image_size
+    self._reuse = int(d.reuse)
+    self._unit_size = _unit_size(int(d.batch_size), self._reuse)
+    self._crop, self._extra = float(d.crop_scale_min), float(d.caption_extra_prob)
+    self._tokens = CaptionTokenizer(tokenizer, int(d.text_length))
+    workers = int(d.workers)
+    # spawn, not fork: forking a process that already runs XLA's threads is unsafe.
+    self._pool = (concurrent.futures.ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context("spawn")) if workers > 0 else
+                  concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pretrain-draw"))
+    self._prefetch = max(1, int(d.prefetch))
+    self._step = start
+    self._units: dict[int, Any] = {}   # unit -> Future, then its drawn result
+    self.render_seconds = 0.0   # time spent drawing, summed over workers
+    self.wait_seconds = 0.0     # time the training loop waited for drawn units
+
+  def _request(self, unit: int) -> None:
+    if unit not in self._units:
+      self._units[unit] = self._pool.submit(_timed, draw_unit, self._seed, unit, self._unit_size)
+
+  def _drawn(self, unit: int) -> tuple[np.ndarray, list[str]]:
+    job = self._units[unit]
+    if isinstance(job, concurrent.futures.Future):   # first use: count its drawing time once
+      timed = job.result()
+      self.render_seconds += timed.seconds
+      job = self._units[unit] = timed.value
+    return job
+
+  def __iter__(self) -> Iterator[dict]:
+    return self
+
+  def __next__(self) -> dict:
+    step = self._step
+    needed = batch_units(step, self._reuse)
+    for unit in range(needed.start, needed.stop + self._prefetch):
+      self._request(unit)
+    t = time.perf_counter()
+    units = [self._drawn(u) for u in needed]
+    self.wait_seconds += time.perf_counter() - t
+    for unit in [u for u in self._units if u <= step]:
+      del self._units[unit]   # later batches start at step + 1
+    images, captions = assemble_batch(self._seed, step, units, self._size,
+                                      crop_scale_min=self._crop, caption_extra_prob=self._extra)
+    tokens, eot = self._tokens(captions)
+    self._step += 1
+    return {"images": images, "tokens": tokens, "eot": eot}
+
+  def close(self) -> None:
+    self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _Timed(NamedTuple):
+  value: Any
+  seconds: float
+
+
+def _timed(fn, *args) -> _Timed:
+  t = time.perf_counter()
+  return _Timed(fn(*args), time.perf_counter() - t)
+
+
+# ----------------------------------------------------------------------------- zero-shot
+
+def zero_shot_eval_set(seed: int, per_class: int, size: int,
+                       domains: Sequence[str] = demo_world.DOMAINS, *,
+                       draw_size: int = DRAW_SIZE) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """domain -> (uint8 images [N, size, size, 3], labels [N]): demo-tree images (drawn at
+  `draw_size`, CLIP-resized to `size`) of a seed the demo itself does not use."""
+  out = {}
+  for domain in domains:
+    images, labels = [], []
+    for label, obj in enumerate(demo_world.OBJECTS):
+      for i in range(per_class):
+        images.append(_eval_pixels(demo_world.tree_image(seed, domain, obj, i, draw_size), size))
+        labels.append(label)
+    out[domain] = (np.stack(images), np.asarray(labels, np.int32))
+  return out
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _image_embeddings(params: Params, cfg: ClipConfig, images: jax.Array) -> jax.Array:
+  return clip.normalize(clip.encode_image(params, cfg, images_to_input(images)))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _text_embeddings(params: Params, cfg: ClipConfig, tokens: jax.Array,
+                     eot: jax.Array) -> jax.Array:
+  return clip.normalize(clip.encode_text(params, cfg, clip.embed_tokens(params, tokens), eot))
+
+
+def class_text_embeddings(cfg: ClipConfig, params: Params, tokenizer: ClipTokenizer,
+                          classes: Sequence[str] = demo_world.OBJECTS,
+                          template: str = ZERO_SHOT_TEMPLATE) -> jax.Array:
+  tokens = clip.truncate_to_longest(
+      tokenizer.tokenize([template.format(c) for c in classes]), tokenizer.eot_token)
+  return _text_embeddings(params, cfg, tokens, clip.eot_positions(tokens, tokenizer.eot_token))
+
+
+def zero_shot_accuracy(cfg: ClipConfig, params: Params, tokenizer: ClipTokenizer,
+                       eval_set: Mapping[str, tuple[np.ndarray, np.ndarray]], *,
+                       template: str = ZERO_SHOT_TEMPLATE, batch_size: int = 256,
+                       ) -> dict[str, float]:
+  """Top-1 accuracy per domain of classifying by cosine to '<template>' of each object name."""
+  text = class_text_embeddings(cfg, params, tokenizer, template=template)
+  result = {}
+  for domain, (images, labels) in eval_set.items():
+    preds = []
+    for start in range(0, len(images), batch_size):
+      chunk = images[start:start + batch_size]
+      n = len(chunk)
+      if n < batch_size:   # one compiled shape: pad the last chunk
+        chunk = np.concatenate([chunk, np.zeros((batch_size - n,) + chunk.shape[1:], chunk.dtype)])
+      sims = _image_embeddings(params, cfg, chunk) @ text.T
+      preds.append(np.asarray(jnp.argmax(sims, -1))[:n])
+    result[domain] = float(np.mean(np.concatenate(preds) == labels))
+  return result
+
+
+# ----------------------------------------------------------------------------- pretraining
+
+def _finalize_params(params: Params, opt_state: Any, zero_unused_tokens: bool) -> Params:
+  """Host float32 params as CLIP would ship them.
+
+  The temperature is clamped as during training. Token rows no caption ever used received no
+  gradient (their Adam second moment is exactly 0) and are still random noise; with
+  `zero_unused_tokens` they are stored as 0, which says the same thing and keeps the committed
+  safetensors file highly compressible (the 49408-row table is most of its size).
+  """
+  params = jax.tree.map(lambda x: np.array(x, np.float32), jax.device_get(params))
+  params["logit_scale"] = np.minimum(params["logit_scale"], np.float32(MAX_LOGIT_SCALE))
+  if zero_unused_tokens:
+    nu = jax.device_get(optax.tree_utils.tree_get(opt_state, "nu"))
+    used = np.any(np.asarray(nu["text"]["token_embedding"]["embedding"]) != 0, axis=1)
+    params["text"]["token_embedding"]["embedding"][~used] = 0.0
+  return params
+
+
+def _write_output(out: pathlib.Path, cfg: ClipConfig, params: Params, tokenizer: ClipTokenizer,
+                  report: dict) -> None:
+  """store.save + the report into a staging directory, then one rename into place."""
+  out.parent.mkdir(parents=True, exist_ok=True)
+  stage = pathlib.Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.stage-"))
+  try:
+    staged = store.save(stage / "clip", cfg, params, tokenizer,
+                        source={"kind": "mmap_jax.pretrain", "variant": report["variant"],
+                                "seed": report["seed"], "steps": report["steps"]})
+    (staged / REPORT_FILE).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    if out.exists():
+      os.replace(out, stage / "old")
+    os.replace(staged, out)
+  finally:
+    shutil.rmtree(stage, ignore_errors=True)
+
+
+def pretrain(config: mlc.ConfigDict, workdir: str | os.PathLike, *,
+             out: str | os.PathLike | None = None, progress: bool = False) -> str:
+  """Pretrains (or resumes) a CLIP per `config` in `workdir`; writes it to `out` and returns it.
+
+  `out` (default <workdir>/clip) gets the project's CLIP format (store.save) plus
+  pretrain_report.json. Deterministic in `config.seed`; interrupted runs resume from the latest
+  Orbax checkpoint in <workdir>/checkpoints with the same batches they would have seen.
+  """
+  t_start = time.time()
+  if not config.vocab:
+    raise ValueError("config.vocab must name CLIP's BPE vocabulary "
+                     "(bpe_simple_vocab_16e6.txt.gz); pass --vocab=PATH")
+  workdir = pathlib.Path(workdir)
+  out = pathlib.Path(out) if out is not None else workdir / "clip"
+  cfg, optimizer, train_step = train_step_for(config)
+  tokenizer = ClipTokenizer.from_bpe_file(config.vocab)
+  steps = int(config.train.steps)
+  if steps < 1:
+    raise ValueError(f"train.steps={steps} must be >= 1")
+
+  mesh = parallel.data_mesh()
+  parallel.check_batch_divisible(int(config.data.batch_size), mesh, "data.batch_size")
+  batch_sharding = NamedSharding(mesh, P(parallel.DATA_AXIS))
+  state = initial_state(config, cfg, optimizer, mesh)
+
+  ckpt = Checkpointer(str(workdir / "checkpoints"), keep=int(config.train.keep_checkpoints))
+  start = 0
+  if ckpt.latest_step() is not None:
+    restored = ckpt.restore(state)
+    state, start = restored.state, int(restored.data_state["next_step"])
+    logging.info("pretrain: resumed from step %d of %d", start, steps)
+  meta = {"config": config.to_dict(), "variant": config.clip.variant}
+
+  eval_set = zero_shot_eval_set(int(config.eval.seed), int(config.eval.per_class),
+                                cfg.vision.image_size)
+  evaluate = lambda params: zero_shot_accuracy(
+      cfg, params, tokenizer, eval_set, template=config.eval.template,
+      batch_size=int(config.eval.batch_size))
+  chance = 1.0 / len(demo_world.OBJECTS)
+  history, losses = [], []
+  recent = collections.deque(maxlen=50)   # device scalars: no host sync per step
+  stream = PairStream(config, tokenizer, cfg.vision.image_size, start)
+  bar = _progress_bar(progress, steps, start)
+  t_loop = time.time()
+  try:
+    for step in range(start, steps):
+      batch = jax.device_put(next(stream), batch_sharding)
+      state, metrics = train_step(state, {}, batch)
+      recent.append(metrics["loss"])
+      done = step + 1
+      if done % int(config.train.log_every) == 0 or done == steps:
+        m = jax.device_get(metrics)
+        losses.append((done, float(m["loss"])))
+        logging.info("pretrain step %d/%d: loss %.4f i2t %.3f t2i %.3f scale %.1f finite %s",
+                     done, steps, m["loss"], m["i2t_acc"], m["t2i_acc"], m["logit_scale"],
+                     bool(m["finite"]))
+        bar.set_postfix(loss=f"{float(m['loss']):.3f}")
+      every = int(config.train.eval_every)
+      if every and done % every == 0 and done != steps:
+        acc = evaluate(state["learned"])
+        history.append({"step": done, **acc})
+        logging.info("pretrain step %d zero-shot: %s", done, _fmt_acc(acc))
+      if done % int(config.train.ckpt_every) == 0 or done == steps:
+        ckpt.save(done, state, {"next_step": done}, meta)
+      bar.update(1)
+  finally:
+    bar.close()
+    stream.close()
+    ckpt.close()
+  loop_seconds = time.time() - t_loop
+  trained = steps - start
+
+  final = jax.device_get(metrics) if trained else None
+  acc = evaluate(state["learned"])
+  average = float(np.mean(list(acc.values())))
+  params = _finalize_params(state["learned"], state["opt_state"], bool(config.zero_unused_tokens))
+  report = {
+      "variant": config.clip.variant, "seed": int(config.seed), "steps": steps,
+      "resumed_from_step": start, "batch_size": int(config.data.batch_size),
+      "param_count": clip.count_params(params),
+      "time_seconds": round(time.time() - t_start, 1),
+      "train_loop_seconds": round(loop_seconds, 1),
+      "seconds_per_step": round(loop_seconds / max(trained, 1), 4),
+      "draw_seconds_per_step": round(stream.render_seconds / max(trained, 1), 4),
+      "input_wait_seconds_per_step": round(stream.wait_seconds / max(trained, 1), 4),
+      "devices": mesh.devices.size,
+      "final_loss": None if final is None else float(final["loss"]),
+      "final_loss_mean_last_50": float(np.mean(jax.device_get(list(recent)))) if trained else None,
+      "final_i2t_acc": None if final is None else float(final["i2t_acc"]),
+      "logit_scale": float(np.exp(params["logit_scale"])),
+      "loss_curve": losses,
+      "zero_shot": {"template": config.eval.template, "images_per_domain":
+                    int(config.eval.per_class) * len(demo_world.OBJECTS),
+                    "eval_seed": int(config.eval.seed), "accuracy": acc, "average": average,
+                    "chance": chance, "history": history},
+      "config": config.to_dict(),
+  }
+  logging.info("pretrain done in %.0f s: final loss %s, zero-shot %s (average %.3f, chance %.3f)",
+               report["time_seconds"], report["final_loss"], _fmt_acc(acc), average, chance)
+  _write_output(out, cfg, params, tokenizer, report)
+  return str(out)
+
+
+def launch(config: mlc.ConfigDict, *, workdir: str | os.PathLike, vocab: str | os.PathLike,
+           out: str | os.PathLike | None = None, progress: bool = False) -> str:
+  """What `python -m launch.pretrain` does (the absl main only parses flags): `config` with the
+  vocabulary path set, pretrained into `out`."""
+  config = mlc.ConfigDict(config.to_dict())
+  config.vocab = str(vocab)
+  return pretrain(config, workdir, out=out, progress=progress)
+
+
+def _fmt_acc(acc: Mapping[str, float]) -> str:
+  return ", ".join(f"{k} {v:.3f}" for k, v in acc.items())
+
+
+class _NoBar:
+  def update(self, n): pass
+  def set_postfix(self, **kw): pass
+  def close(self): pass
+
+
+def _progress_bar(enabled: bool, total: int, initial: int):
+  if not enabled:
+    return _NoBar()
+  from tqdm.auto import tqdm
+  return tqdm(total=total, initial=initial, desc="pretraining the demo CLIP", unit="step")
+
+
+# ----------------------------------------------------------------------------- the demo's CLIP
+
+def read_report(directory: str | os.PathLike) -> Optional[dict]:
+  path = pathlib.Path(directory) / REPORT_FILE
+  return json.loads(path.read_text()) if path.is_file() else None
+
+
+def ensure_demo_clip(path: str | os.PathLike | None = None, *,
+                     vocab_path: str | os.PathLike | None = None) -> str:
+  """The demo's pretrained CLIP: `path` (default: the committed assets/demo_clip) if it loads,
+  else pretrains it there with `default_config()` (about 10 minutes on 2 CPU cores, with a
+  progress bar) and returns it. `vocab_path` is only read when building."""
+  target = pathlib.Path(path) if path is not None else DEFAULT_DEMO_CLIP
+  if store.is_store(target):
+    store.load(target)   # verify: a broken checkpoint is an error, never silently rebuilt
+    return str(target)
+  if target.exists() and any(target.iterdir()):
+    raise CheckpointError(f"{target} exists but holds no CLIP checkpoint; remove it to rebuild")
+  if vocab_path is None:
+    raise ValueError(f"no demo CLIP at {target}; building it needs vocab_path (CLIP's BPE file)")
+  config = default_config()
+  config.vocab = str(vocab_path)
+  workdir = target.parent / f".{target.name}.pretrain"
+  logging.info("building the demo CLIP at %s (workdir %s)", target, workdir)
+  pretrain(config, workdir, out=target, progress=True)
+  shutil.rmtree(workdir, ignore_errors=True)
+  return str(target)

@@ -1,0 +1,165 @@
+"""The demo CLIP's contrastive pretraining: loss, determinism, resume, output format, cached result.
+
+The short runs use `configs/demo_pretrain.py:runlocal` (tiny CLIP, 4 steps, batch 16 over the 8
+fake devices); they share one compiled step. The full pretraining is checked through its cached
+result, the committed assets/demo_clip.
+"""
+import json
+import pathlib
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from configs.demo_pretrain import get_config
+from mmap_jax import parallel, pretrain
+from mmap_jax.checkpoints import store
+from mmap_jax.data import demo_world
+from mmap_jax.models.config import get_variant
+from mmap_jax.tokenizer import ClipTokenizer
+
+
+def _weights(directory) -> dict:
+  return load_file(str(pathlib.Path(directory) / store.WEIGHTS_FILE))
+
+
+def _assert_same_weights(a, b):
+  wa, wb = _weights(a), _weights(b)
+  assert wa.keys() == wb.keys()
+  for k in wa:
+    np.testing.assert_array_equal(wa[k], wb[k], err_msg=k)
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory, bpe_path):
+  """One short regeneration through what `python -m launch.pretrain` calls."""
+  root = tmp_path_factory.mktemp("pretrain")
+  out = pretrain.launch(get_config("runlocal"), workdir=root / "work", vocab=bpe_path,
+                        out=root / "clip")
+  return root, pathlib.Path(out)
+
+
+def test_infonce_matches_numpy():
+  rng = np.random.default_rng(0)
+  img, txt = rng.normal(size=(5, 8)), rng.normal(size=(5, 8))
+
+  def reference(scale):
+    n = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+    logits = scale * n(img) @ n(txt).T
+    def ce(z):  # mean over rows of -log softmax at the diagonal
+      z = z - z.max(1, keepdims=True)
+      return np.mean(np.log(np.exp(z).sum(1)) - np.diag(z))
+    return 0.5 * (ce(logits) + ce(logits.T))
+
+  loss, aux = pretrain.contrastive_loss(img.astype(np.float32), txt.astype(np.float32),
+                                        np.float32(np.log(7.0)))
+  np.testing.assert_allclose(loss, reference(7.0), rtol=1e-5)
+  # The learned temperature is clamped at 1/100 as in CLIP.
+  loss, aux = pretrain.contrastive_loss(img.astype(np.float32), txt.astype(np.float32),
+                                        np.float32(np.log(1000.0)))
+  np.testing.assert_allclose(loss, reference(100.0), rtol=1e-5)
+  np.testing.assert_allclose(aux["logit_scale"], 100.0, rtol=1e-5)
+
+
+def test_steps_lower_the_loss(bpe_path):
+  config = get_config("runlocal")
+  cfg, optimizer, step = pretrain.train_step_for(config)
+  tokenizer = ClipTokenizer.from_bpe_file(bpe_path)
+  mesh = parallel.data_mesh()
+  assert mesh.devices.size == 8   # the loss sees the gathered global batch
+  images, captions = pretrain.render_batch(0, 0, config.data.batch_size, cfg.vision.image_size)
+  tokens, eot = pretrain.CaptionTokenizer(tokenizer, config.data.text_length)(captions)
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  batch = jax.device_put({"images": images, "tokens": tokens, "eot": eot}, sharding)
+  state = pretrain.initial_state(config, cfg, optimizer, mesh)
+  losses = []
+  for _ in range(config.train.steps + 1):   # the last call only measures
+    state, metrics = step(state, {}, batch)
+    losses.append(float(metrics["loss"]))
+  assert all(np.isfinite(losses))
+  assert losses[-1] < losses[0] - 0.1, losses
+
+
+def test_stream_is_a_function_of_seed_and_step(bpe_path):
+  """Neither drawing processes nor the resume point change the batches; units are shared."""
+  tokenizer = ClipTokenizer.from_bpe_file(bpe_path)
+  config = get_config("runlocal")
+  config.data.reuse = 2     # cover drawn units shared by consecutive batches
+  d = config.data
+  expected = [pretrain.render_batch(0, s, d.batch_size, 32, reuse=d.reuse,
+                                    crop_scale_min=d.crop_scale_min,
+                                    caption_extra_prob=d.caption_extra_prob) for s in range(3)]
+  config.data.workers = 1   # a spawned process (the default, 0, is a thread)
+  stream = pretrain.PairStream(config, tokenizer, 32, start=1)
+  try:
+    got = [next(stream) for _ in range(2)]
+  finally:
+    stream.close()
+  for (images, captions), batch in zip(expected[1:], got):
+    np.testing.assert_array_equal(images, batch["images"])
+    np.testing.assert_array_equal(tokenizer.tokenize(captions, context_length=d.text_length),
+                                  batch["tokens"])
+  # With reuse=2 consecutive batches share a drawn unit, but crop it afresh.
+  assert list(pretrain.batch_units(1, d.reuse)) == [1, 2]
+  half = d.batch_size // d.reuse
+  assert not np.array_equal(expected[0][0][half:], expected[1][0][:half])
+
+
+def test_regeneration_writes_a_loadable_clip(local_run, bpe_path):
+  _, out = local_run
+  cfg, params, tokenizer = store.load(out)
+  assert cfg == pretrain.clip_config(get_config("runlocal"))
+  assert tokenizer.encode("a photo of a cup.") == ClipTokenizer.from_bpe_file(bpe_path).encode(
+      "a photo of a cup.")
+  assert params["logit_scale"] <= np.log(100.0) + 1e-6
+  report = pretrain.read_report(out)
+  assert report["steps"] == 4 and np.isfinite(report["final_loss"])
+  assert set(report["zero_shot"]["accuracy"]) == set(demo_world.DOMAINS)
+  assert report["zero_shot"]["chance"] == pytest.approx(0.1)
+  # Token rows no caption used are stored as zeros; those of the captions' words are not.
+  table = params["text"]["token_embedding"]["embedding"]
+  cup = tokenizer.encode("cup")[0]
+  assert np.any(table[cup] != 0) and not np.any(table[tokenizer.encode("zebra")[0]])
+
+
+def test_same_seed_same_params_and_resume(local_run, tmp_path, bpe_path):
+  root, first = local_run
+  config = get_config("runlocal")
+  config.vocab = str(bpe_path)
+  again = pretrain.pretrain(config, tmp_path / "work", out=tmp_path / "clip")
+  _assert_same_weights(first, again)
+  # Drop the final checkpoint: the rerun resumes at step 2 and ends where the straight run did.
+  ckpts = tmp_path / "work" / "checkpoints"
+  shutil.rmtree(ckpts / "4")
+  resumed = pretrain.pretrain(config, tmp_path / "work", out=tmp_path / "resumed")
+  assert pretrain.read_report(resumed)["resumed_from_step"] == 2
+  _assert_same_weights(first, resumed)
+
+
+def test_ensure_demo_clip_builds_once(tmp_path, bpe_path, monkeypatch):
+  local = get_config("runlocal")
+  monkeypatch.setattr(pretrain, "default_config", lambda: local)
+  target = tmp_path / "demo_clip"
+  assert pretrain.ensure_demo_clip(target, vocab_path=bpe_path) == str(target)
+  stamp = (target / store.WEIGHTS_FILE).stat().st_mtime_ns
+  assert pretrain.ensure_demo_clip(target, vocab_path=None) == str(target)   # reused
+  assert (target / store.WEIGHTS_FILE).stat().st_mtime_ns == stamp
+  assert not (tmp_path / ".demo_clip.pretrain").exists()
+
+
+def test_committed_demo_clip_zero_shot():
+  """The cached full pretraining: assets/demo_clip loads and transfers zero-shot, imperfectly."""
+  path = pretrain.ensure_demo_clip(None)
+  assert pathlib.Path(path) == pretrain.DEFAULT_DEMO_CLIP
+  cfg, params, tokenizer = store.load(path)
+  assert cfg == get_variant("demo")
+  # A fresh test set (not the report's eval seed): 8 images per class and domain.
+  eval_set = pretrain.zero_shot_eval_set(seed=4242, per_class=8, size=cfg.vision.image_size)
+  acc = pretrain.zero_shot_accuracy(cfg, params, tokenizer, eval_set, batch_size=80)
+  chance = 1.0 / len(demo_world.OBJECTS)
+  assert np.mean(list(acc.values())) >= 2 * chance, acc
+  report = json.loads((pathlib.Path(path) / pretrain.REPORT_FILE).read_text())
+  assert report["zero_shot"]["average"] >= 2 * chance
+  assert min(report["zero_shot"]["accuracy"].values()) < 0.9   # room for adaptation
