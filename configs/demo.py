@@ -11,7 +11,7 @@ import ml_collections as mlc
 from configs import common
 
 # The demo CLIP's towers are 3 (text) and 4 (vision) layers deep, 64 and 128 wide: prompts span
-# every text layer and MmAP's source prompts are 32 wide (32 divides both widths).
+# every text layer and MmAP's source prompts are 64 wide (64 divides both widths).
 DEEP_FAMILIES = ("vpt", "maple", "ivlp", "mmap")
 
 
@@ -19,22 +19,26 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c, a = common.dataset_config("demo_domains", arg, clip_default="demo")
   c.clip.vocab = mlc.FieldReference(None, field_type=str)  # only read to rebuild the demo CLIP
   c.data.demo_seed = 0
-  c.data.demo_images_per_class = 40
+  c.data.demo_images_per_class = 100
   c.data.demo_image_size = 64
   family = a.method.split("_")[0]
   if family in DEEP_FAMILIES:
     c.prompt.depth = 3
-  c.prompt.length = 4 if family in ("mmap", "vpt", "coop") else 2
-  c.prompt.source_dim = 32
+  c.prompt.length = 8 if family in ("mmap", "vpt", "coop") else 2  # MaPLe / IVLP: their 2
+  c.prompt.source_dim = 64
   c.groups.num_groups = 2
   c.groups.warmup_steps = 30
-  c.input.batch_size = 16
+  c.input.batch_size = 32
   c.input.eval_batch_size = 64
+  # 64 px objects: crops down to 8% of the image (CoOp's ImageNet setting) often lose the object.
+  c.input.crop_scale_min = 0.5
   c.input.workers = 0
-  c.optim.lr = 0.02
-  c.optim.warmup_steps = 10
-  c.train.steps = 150
-  c.train.log_every = 10
-  c.train.eval_every = 75
-  c.train.ckpt_every = 50
+  # Tuned on the demo (lr 0.02 / 150 steps barely moved the loss; 0.05 / 400 steps: +12.6 points
+  # over zero-shot for mmap_mt, /tmp runs of launch.train with these overrides).
+  c.optim.lr = 0.05
+  c.optim.warmup_steps = 20
+  c.train.steps = 400
+  c.train.log_every = 20
+  c.train.eval_every = 200
+  c.train.ckpt_every = 100
   return common.finish(c, a)
