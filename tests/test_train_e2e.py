@@ -74,7 +74,7 @@ def test_kill_and_resume_is_bit_exact(env, finished):
   cmd = [sys.executable, "-m", "launch.train",
          f"--config=configs/demo.py:method=mmap_mt,clip={env['clip']},runlocal",
          f"--workdir={workdir}", *fx.override_flags(env["data"])]
-  killed = subprocess.run(cmd, cwd=REPO, env=fx.subprocess_env() | {"MMAP_JAX_KILL_AT_STEP": "4"},
+  killed = subprocess.run(cmd, cwd=REPO, env=fx.subprocess_env() | {"MMAP_JAX_SIGNAL_AT_STEP": "4:SIGKILL"},
                           capture_output=True, text=True, timeout=600)
   assert killed.returncode == -9, killed.stderr[-3000:]
   assert not (workdir / "results.json").exists()
@@ -173,3 +173,38 @@ def test_predict_with_trained_prompts_matches_evaluation(env, finished, tmp_path
   assert set(out[0]["probabilities"]) == set(classes)
   with pytest.raises(ValueError, match="not in this checkpoint"):
     predict.predict_files(None, None, [path], workdir=str(workdir), task="nope")
+
+
+def test_sigterm_saves_a_checkpoint_and_exits(env):
+  workdir = env["root"] / "preempted"
+  cmd = [sys.executable, "-m", "launch.train",
+         f"--config=configs/demo.py:method=coop_mt,clip={env['clip']},runlocal",
+         f"--workdir={workdir}", *fx.override_flags(env["data"])]
+  proc = subprocess.run(cmd, cwd=REPO, env=fx.subprocess_env() | {"MMAP_JAX_SIGNAL_AT_STEP": "3:SIGTERM"},
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "SIGTERM received" in proc.stderr
+  ckpt = checkpointing.Checkpointer(str(workdir / "checkpoints"))
+  assert ckpt.latest_step() == 3  # ckpt_every=2: step 3 exists only because of the SIGTERM
+  ckpt.close()
+  assert not (workdir / "results.json").exists()
+
+
+def test_non_finite_step_keeps_the_previous_state():
+  import jax.numpy as jnp
+  import optax
+  from mmap_jax.train import step as train_step
+
+  def loss_fn(learned, frozen, batch):
+    loss = jnp.sum((learned["w"] * batch["x"]) ** 2) * frozen["scale"]
+    return loss, {"per_task_loss": loss[None]}
+
+  opt = optax.sgd(0.1, momentum=0.9)
+  state = train_step.init_state({"w": jnp.ones(3)}, opt)
+  fn = train_step.make_train_step(loss_fn, opt, donate=False)
+  good, m = fn(state, {"scale": 1.0}, {"x": jnp.ones(3)})
+  assert bool(m["finite"]) and not np.allclose(good["learned"]["w"], 1.0)
+  bad, m = fn(good, {"scale": jnp.inf}, {"x": jnp.ones(3)})
+  assert not bool(m["finite"])
+  jax.tree.map(np.testing.assert_array_equal, bad["learned"], good["learned"])
+  jax.tree.map(np.testing.assert_array_equal, bad["opt_state"], good["opt_state"])

@@ -30,9 +30,10 @@ from mmap_jax.train import checkpointing, evaluate as evaluation, grouping_run, 
 from mmap_jax.train import setup, step as train_step
 
 
-# Tests set this to SIGKILL the process right after a step (and after dispatching that step's
-# asynchronous checkpoint, if any, so it may be half-written), as a dying host would.
-_KILL_AT_STEP = os.environ.get("MMAP_JAX_KILL_AT_STEP")
+# Fault injection for the resume tests: "STEP:SIGNAL" (e.g. "4:SIGKILL", "3:SIGTERM") sends the
+# signal to this process right after that step (and after dispatching the step's asynchronous
+# checkpoint, if any, so it may be half-written), as a dying or preempted host would see it.
+_SIGNAL_AT_STEP = os.environ.get("MMAP_JAX_SIGNAL_AT_STEP")
 
 
 class NonFiniteError(FloatingPointError):
@@ -256,16 +257,21 @@ def _train(config, run: _Run, it, meta, writer, start, preempt, run_eval):
                             "train/grad_norm": float(metrics["grad_norm"])}
                      | {f"train/task_loss/{name}": float(v) for name, v in
                         zip(run.names, np.asarray(metrics["per_task_loss"]))})
-    if done % config.train.ckpt_every == 0 or done == total or preempt.requested:
+    saved = done % config.train.ckpt_every == 0 or done == total
+    if saved:
       check(*pending)
       ckpt.save(done, run.state, it.get_state(), meta, force=True)
+    if _SIGNAL_AT_STEP and done == int(_SIGNAL_AT_STEP.split(":")[0]):
+      os.kill(os.getpid(), getattr(signal, _SIGNAL_AT_STEP.split(":")[1]))
     if preempt.requested:
+      if not saved:
+        check(*pending)
+        ckpt.save(done, run.state, it.get_state(), meta, force=True)
       ckpt.wait()
+      logging.warning("preempted: checkpoint of step %d saved in %s", done, ckpt.directory)
       return
     if done % config.train.eval_every == 0 and done != total:
       run_eval(done)
-    if _KILL_AT_STEP and done == int(_KILL_AT_STEP):
-      os.kill(os.getpid(), signal.SIGKILL)  # Fault injection for the resume test.
   check(*pending)
 
 
