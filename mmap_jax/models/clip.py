@@ -147,8 +147,14 @@ def _activation(x: jax.Array, kind: str) -> jax.Array:
   return jax.nn.gelu(x, approximate=False)
 
 
+# The activation is recomputed from the hidden pre-activation in the backward pass instead of
+# saving its intermediates (sigmoid and product, [tokens, 4W] each): elementwise, cheap, and it
+# removes two of the three largest saved tensors of a block.
+_checkpointed_activation = jax.checkpoint(_activation, static_argnums=(1,))
+
+
 def _mlp(x: jax.Array, p: Params, activation: str) -> jax.Array:
-  return _dense(_activation(_dense(x, p["c_fc"]), activation), p["c_proj"])
+  return _dense(_checkpointed_activation(_dense(x, p["c_fc"]), activation), p["c_proj"])
 
 
 def _qkv(x: jax.Array, p: Params, heads: int):
@@ -161,12 +167,65 @@ def _qkv(x: jax.Array, p: Params, heads: int):
 
 
 def _softmax_attend(q, k, v, mask: Optional[jax.Array]) -> jax.Array:
-  """Plain attention: q [..., Sq, H, D], k/v [..., Sk, H, D], boolean mask [Sq, Sk] (True=keep)."""
-  logits = jnp.einsum("...qhd,...khd->...hqk", q, k, preferred_element_type=jnp.float32)
-  if mask is not None:
-    logits = jnp.where(mask, logits, -jnp.inf)
-  w = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  return jnp.einsum("...hqk,...khd->...qhd", w, v)
+  """Plain attention: q [..., Sq, H, D], k/v [..., Sk, H, D], boolean mask [Sq, Sk] (True=keep).
+
+  Heads-major inside ([..., H, S, D], one transpose each way) with a hand-written backward
+  (`_attention`), which XLA:CPU runs ~10% faster on a ViT-B/16 block than autodiff's: its dots
+  keep every operand in row-major [S, D] / [Sq, Sk] panels. Same math, float32 softmax.
+  """
+  heads_major = lambda a: jnp.swapaxes(a, -2, -3)
+  mask = jnp.ones((q.shape[-3], k.shape[-3]), bool) if mask is None else mask
+  return heads_major(_attention(heads_major(q), heads_major(k), heads_major(v), mask))
+
+
+def _masked_logits(q, k, mask):
+  logits = jnp.einsum("...qd,...kd->...qk", q, k, preferred_element_type=jnp.float32)
+  return jnp.where(mask, logits, -jnp.inf)
+
+
+def _attention_probs(q, k, mask):
+  """(softmax probabilities, row max, row sum of exp) in float32."""
+  logits = _masked_logits(q, k, mask)
+  row_max = jnp.max(logits, axis=-1, keepdims=True)
+  e = jnp.exp(logits - row_max)
+  row_sum = jnp.sum(e, axis=-1, keepdims=True)
+  return e / row_sum, row_max, row_sum
+
+
+@jax.custom_vjp
+def _attention(q, k, v, mask):
+  """softmax(q k^T, masked) v for [..., H, S, D] operands; the softmax in float32.
+
+  The backward pass recomputes the probabilities from q, k and the saved row statistics rather
+  than keeping them ([..., H, Sq, Sk] per layer, the largest saved tensor of a ViT block).
+  """
+  return jnp.einsum("...qk,...kd->...qd", _attention_probs(q, k, mask)[0].astype(v.dtype), v)
+
+
+def _attention_fwd(q, k, v, mask):
+  w, row_max, row_sum = _attention_probs(q, k, mask)
+  return jnp.einsum("...qk,...kd->...qd", w.astype(v.dtype), v), (q, k, v, mask, row_max, row_sum)
+
+
+def _attention_bwd(res, do):
+  """The backward pass in key-major ("transposed") form: the probabilities are recomputed as
+  P^T [.., Sk, Sq] (a different product than the forward's, so XLA cannot CSE the two and keep
+  the forward's alive), and every product is a plain row-major panel product."""
+  q, k, v, mask, row_max, row_sum = res
+  swap = lambda a: jnp.swapaxes(a, -1, -2)
+  logits_t = jnp.einsum("...kd,...qd->...kq", k, q, preferred_element_type=jnp.float32)
+  logits_t = jnp.where(swap(mask), logits_t, -jnp.inf)
+  wt = jnp.exp(logits_t - swap(row_max)) / swap(row_sum)                 # P^T, float32
+  dv = jnp.einsum("...kq,...qd->...kd", wt.astype(do.dtype), do)
+  dwt = jnp.einsum("...kd,...qd->...kq", v, do, preferred_element_type=jnp.float32)
+  dst = wt * (dwt - jnp.sum(dwt * wt, axis=-2, keepdims=True))            # dS^T, 0 where masked
+  dst = dst.astype(q.dtype)
+  dk = jnp.einsum("...kq,...qd->...kd", dst, q)
+  dq = swap(jnp.einsum("...dk,...kq->...dq", swap(k), dst))
+  return dq, dk, dv, None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def _merge_heads(o: jax.Array) -> jax.Array:
@@ -174,8 +233,26 @@ def _merge_heads(o: jax.Array) -> jax.Array:
 
 
 def residual_block(x: jax.Array, p: Params, heads: int, mask: Optional[jax.Array],
-                   activation: str) -> jax.Array:
-  """OpenAI's ResidualAttentionBlock: pre-LN attention and MLP, both residual."""
+                   activation: str, shared_tail: int = 0) -> jax.Array:
+  """OpenAI's ResidualAttentionBlock: pre-LN attention and MLP, both residual.
+
+  `shared_tail` = M > 0 (no mask): the last M tokens are the same in every row (deep prompts
+  right after replacement) and their outputs are discarded by the caller (replaced before the
+  next block). Only their keys/values are computed, once, from row 0; queries, attention output
+  and MLP run for the other tokens only, and the tail positions are returned unchanged. The
+  outputs at the other positions equal the full block's.
+  """
+  if shared_tail:
+    n = x.shape[-2] - shared_tail
+    body, tail = x[..., :n, :], x[..., 0, n:, :]
+    q, k, v = _qkv(layer_norm(body, p["ln_1"]), p["attn"], heads)        # [B, N, H, D]
+    _, kt, vt = _qkv(layer_norm(tail, p["ln_1"]), p["attn"], heads)      # [M, H, D]
+    rows = lambda a: jnp.broadcast_to(a, k.shape[:-3] + a.shape)
+    k = jnp.concatenate([k, rows(kt)], axis=-3)
+    v = jnp.concatenate([v, rows(vt)], axis=-3)
+    body = body + _dense(_merge_heads(_softmax_attend(q, k, v, None)), p["attn"]["out_proj"])
+    body = body + _mlp(layer_norm(body, p["ln_2"]), p["mlp"], activation)
+    return jnp.concatenate([body, x[..., n:, :]], axis=-2)
   q, k, v = _qkv(layer_norm(x, p["ln_1"]), p["attn"], heads)
   x = x + _dense(_merge_heads(_softmax_attend(q, k, v, mask)), p["attn"]["out_proj"])
   return x + _mlp(layer_norm(x, p["ln_2"]), p["mlp"], activation)
@@ -212,7 +289,7 @@ def _pooled_block(x: jax.Array, pooled_index: jax.Array, p: Params, heads: int,
 
 
 def _maybe_remat(fn, remat: bool):
-  return jax.checkpoint(fn, static_argnums=(2, 4)) if remat else fn
+  return jax.checkpoint(fn, static_argnums=(2, 4, 5)) if remat else fn
 
 
 def _replace_tokens(x: jax.Array, prompt: jax.Array, start: int) -> jax.Array:
@@ -235,7 +312,9 @@ def encode_image(params: Params, cfg: ClipConfig, images: jax.Array,
   """Images [B, H, W, 3] (CLIP-normalised, NHWC) -> unnormalised embeddings [B, E].
 
   `visual_prompts` [J, L, W_v] are deep prompts (module docstring). `pooled_only_last` evaluates
-  the last block only at the class token; the result is identical.
+  the last block only at the class token; the result is identical. Blocks whose prompt outputs
+  the next block's prompts replace (0..J-2) compute only the prompts' keys/values, once per call
+  (they are the same for every image): `residual_block(..., shared_tail=L)`; exact.
   """
   vc, p = cfg.vision, params["visual"]
   b, hgt, wid, _ = images.shape
@@ -260,10 +339,13 @@ def encode_image(params: Params, cfg: ClipConfig, images: jax.Array,
   block = _maybe_remat(residual_block, remat)
   start = x.shape[1] - num_prompts
   last = vc.layers - 1 if pooled_only_last else vc.layers
+  depth = visual_prompts.shape[0] if visual_prompts is not None else 0
   for i in range(last):
-    if visual_prompts is not None and 1 <= i < visual_prompts.shape[0]:
+    if 1 <= i < depth:
       x = _replace_tokens(x, visual_prompts[i], start)
-    x = block(x, blocks[str(i)], vc.heads, None, cfg.activation)
+    # Outputs at the prompt positions of blocks 0..J-2 are replaced before the next block.
+    x = block(x, blocks[str(i)], vc.heads, None, cfg.activation,
+              num_prompts if i + 1 < depth else 0)
   if pooled_only_last:
     i = vc.layers - 1
     if visual_prompts is not None and 1 <= i < visual_prompts.shape[0]:

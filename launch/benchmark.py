@@ -1,0 +1,35 @@
+r"""Time the MmAP-MT training step (and its parts) on the fixed benchmark workload; write JSON.
+
+  python -m launch.benchmark --config=configs/benchmark.py --out=benchmarks/results/cpu_DATE.json
+  python -m launch.benchmark --config=configs/benchmark.py --vs_torch     # + PyTorch, same run
+  python -m launch.benchmark --config=configs/benchmark.py:tiny           # smoke run, seconds
+
+Prints one line per measurement and the JSON (top-level keys: mmap_jax.benchmark.RESULT_KEYS,
+plus TORCH_KEYS with --vs_torch). See configs/benchmark.py for the workload and its arguments.
+"""
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/benchmark.py",
+                                          "Benchmark config file[:args].", lock_config=False)
+_OUT = flags.DEFINE_string("out", None, "Write the JSON result here (also printed).")
+_VS_TORCH = flags.DEFINE_bool("vs_torch", None, "Also run the PyTorch reference step in the same "
+                              "invocation and report the speedup (overrides config.vs_torch).")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from mmap_jax import benchmark  # pylint: disable=g-import-not-at-top
+  benchmark.apply_default_xla_flags()   # before anything initialises the XLA backend
+  config = _CONFIG.value
+  if _VS_TORCH.value is not None:
+    config.vs_torch = _VS_TORCH.value
+  result = benchmark.run(config, log=lambda s: print(s, file=sys.stderr, flush=True))
+  print(benchmark.write_json(result, _OUT.value), flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,229 @@
+"""The benchmark: FLOP counting, exactness of the text savings, the PyTorch reference's math, and a
+smoke run of `launch.benchmark` on the tiny workload writing the JSON the results files use."""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import benchmark as benchmark_config
+from mmap_jax import benchmark, heads
+from mmap_jax.models import clip
+from mmap_jax.prompts import multitask
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+jit0 = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
+
+
+def rel(a, b) -> float:
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def tiny_workload(bpe_path, **overrides):
+  config = benchmark_config.get_config("tiny")
+  config.vocab = str(bpe_path)
+  for k, v in overrides.items():
+    config[k] = v
+  return config, benchmark.build_workload(config)
+
+
+def numpy_params(cfg, seed=0):
+  """Random CLIP params with non-trivial layer norms and biases (numpy: no compile)."""
+  rng = np.random.default_rng(seed)
+
+  def leaf(path, s):
+    name = "/".join(getattr(k, "key", "") for k in path)
+    if name == "logit_scale":
+      return np.asarray(np.log(1 / 0.07), np.float32)
+    if name.endswith("/scale"):
+      return (1 + 0.1 * rng.standard_normal(s.shape)).astype(np.float32)
+    if name.endswith(("/bias", "class_embedding", "positional_embedding")):
+      return (0.1 * rng.standard_normal(s.shape)).astype(np.float32)
+    if name.endswith("embedding"):
+      return (0.02 * rng.standard_normal(s.shape)).astype(np.float32)
+    fan_in = int(np.prod(s.shape[:-1]))
+    return (rng.standard_normal(s.shape) / np.sqrt(fan_in)).astype(np.float32)
+  return jax.tree_util.tree_map_with_path(leaf, clip.param_shapes(cfg))
+
+
+def learned_params(w, seed=1):
+  """An mmap_mt learned pytree with non-trivial scaling matrices (not all ones)."""
+  rng = np.random.default_rng(seed)
+  shapes = jax.eval_shape(lambda: multitask.init_learned(
+      jax.random.key(0, impl="rbg"), w.clip_cfg, w.spec, w.num_tasks, w.groups))
+  return jax.tree.map(lambda s: (0.5 * rng.standard_normal(s.shape) + (0.0 if len(s.shape) == 4
+                                                                       else 1.0)).astype(np.float32),
+                      shapes)
+
+
+def batch_of(w, seed=2):
+  rng = np.random.default_rng(seed)
+  size = w.clip_cfg.vision.image_size
+  images = rng.standard_normal((w.num_tasks, w.batch_size, size, size, 3)).astype(np.float32)
+  n = np.asarray(w.class_tokens.class_mask).sum(-1)
+  labels = np.stack([rng.integers(0, k, w.batch_size) for k in n]).astype(np.int32)
+  return images, labels
+
+
+# ----------------------------------------------------------------------------- measurement
+
+def test_flop_count_of_one_matmul():
+  m, k, n = 96, 80, 112
+  a, b = jnp.ones((m, k), jnp.float32), jnp.ones((k, n), jnp.float32)
+  compiled = jax.jit(jnp.dot).lower(a, b).compile()
+  assert benchmark.cost_flops(compiled) == 2 * m * n * k
+
+
+def test_matmul_peak_and_memory_helpers():
+  peak = benchmark.measure_matmul_peak(n=128, runs=2)
+  assert peak["flops"] == 2 * 128 ** 3 and peak["flops_per_s_best"] >= peak["flops_per_s_median"] > 0
+  with benchmark.PeakMemory() as mem:
+    x = np.ones((64, 1024, 1024), np.uint8)      # 64 MiB touched inside the window
+    inside = benchmark.rss_bytes()
+    del x
+  # (the kernel's RSS counters are per-thread caches, exact to a few MiB)
+  assert mem.kind == "host_rss" and mem.bytes >= inside - 8 * 2 ** 20 and inside > 64 * 2 ** 20
+  assert benchmark.rss_bytes() < mem.bytes - 32 * 2 ** 20   # the peak outlives the freed array
+
+
+# ----------------------------------------------------------------------------- exactness
+
+@jit0
+def _logits(params, prompts, ct_short, ct_full, images):
+  fast = heads.task_logits(params, CFG_TINY, prompts, ct_short, images, share_prefix=True)
+  plain = heads.task_logits(params, CFG_TINY, prompts, ct_full, images, share_prefix=False)
+  return fast, plain
+
+
+CFG_TINY = benchmark.get_variant("tiny")
+
+
+def test_truncation_and_prefix_sharing_are_exact(bpe_path):
+  """Truncated + shared-prefix logits == all-77-tokens, unshared logits (<= 1e-6 relative)."""
+  _, w = tiny_workload(bpe_path)
+  assert w.class_tokens.ids.shape[-1] < 77 and w.class_tokens_full.ids.shape[-1] == 77
+  params = jax.tree.map(jnp.asarray, numpy_params(w.clip_cfg))
+  learned = learned_params(w)
+  prompts = multitask.task_prompts(learned, w.clip_cfg, w.spec, w.groups)
+  images, _ = batch_of(w)
+  fast, plain = _logits(params, prompts, w.class_tokens, w.class_tokens_full, images)
+  assert rel(fast, plain) <= 1e-6
+
+
+def test_image_prompt_blocks_compute_only_prompt_keys_values_exactly(monkeypatch):
+  """Blocks whose prompt outputs are replaced compute only the prompts' keys/values, once per
+  call (`residual_block(..., shared_tail=L)`): same features and prompt gradients as the full
+  blocks."""
+  cfg = CFG_TINY
+  params = jax.tree.map(jnp.asarray, numpy_params(cfg))
+  rng = np.random.default_rng(3)
+  images = jnp.asarray(rng.standard_normal((3, 32, 32, 3)), jnp.float32)
+  prompts = jnp.asarray(0.5 * rng.standard_normal((3, 4, cfg.vision.width)), jnp.float32)
+
+  def features_and_grad(pooled_only_last):
+    f = lambda vp: clip.encode_image(params, cfg, images, vp, pooled_only_last=pooled_only_last)
+    return f(prompts), jax.grad(lambda vp: jnp.sum(jnp.sin(f(vp))))(prompts)
+
+  fast = {pol: features_and_grad(pol) for pol in (True, False)}
+  original = clip.residual_block
+  monkeypatch.setattr(clip, "residual_block",
+                      lambda x, p, h, m, a, shared_tail=0: original(x, p, h, m, a, 0))
+  for pol in (True, False):
+    (f0, g0), (f1, g1) = fast[pol], features_and_grad(pol)
+    assert rel(f0, f1) <= 1e-6 and rel(g0, g1) <= 1e-5
+
+
+def test_attention_backward_matches_autodiff():
+  """The hand-written attention backward (recomputed, key-major) equals autodiff of softmax."""
+  rng = np.random.default_rng(4)
+  q, k, v, ct = (jnp.asarray(rng.standard_normal((2, 3, 7, 8)), jnp.float32) for _ in range(4))
+  mask = jnp.tril(jnp.ones((7, 7), bool))
+
+  def plain(q, k, v):
+    logits = jnp.where(mask, jnp.einsum("...qd,...kd->...qk", q, k), -jnp.inf)
+    return jnp.einsum("...qk,...kd->...qd", jax.nn.softmax(logits, axis=-1), v)
+  ours = lambda q, k, v: clip._attention(q, k, v, mask)  # pylint: disable=protected-access
+  assert rel(ours(q, k, v), plain(q, k, v)) <= 1e-6
+  g_ours = jax.vjp(ours, q, k, v)[1](ct)
+  g_plain = jax.vjp(plain, q, k, v)[1](ct)
+  for a, b in zip(g_ours, g_plain):
+    assert rel(a, b) <= 1e-5
+
+
+# ----------------------------------------------------------------------------- torch reference
+
+def test_torch_reference_matches_jax_loss_and_gradients(bpe_path):
+  torch = pytest.importorskip("torch")
+  sys.path.insert(0, str(REPO))
+  from benchmarks import torch_reference as ref
+  _, w = tiny_workload(bpe_path)
+  params = numpy_params(w.clip_cfg)
+  learned = learned_params(w)
+  images, labels = batch_of(w)
+
+  def loss_fn(l, p, ims, labs):
+    loss, aux = heads.multitask_loss(l, p, w.clip_cfg, w.spec, w.groups, w.class_tokens,
+                                     {"images": ims, "labels": labs})
+    return loss, aux["per_task_loss"]
+  (loss, per_task), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
+      learned, params, images, labels)       # the default XLA pipeline (YNNPACK fusions on)
+
+  arch = w.clip_cfg.to_dict()
+  torch.manual_seed(0)
+  model = ref.MmapMT(ref.hf_config(arch, "eager"), w.num_tasks, w.groups, length=w.spec.length,
+                     depth=w.spec.depth, source_length=w.spec.source_length,
+                     source_dim=w.spec.source_dim)
+  ref.load_weights(model, params, arch, learned)
+  full = w.class_tokens_full
+  t_loss, t_per_task = model(torch.from_numpy(full.ids.astype(np.int64)),
+                             torch.from_numpy(full.eot.astype(np.int64)),
+                             torch.from_numpy(full.class_mask),
+                             torch.from_numpy(images.transpose(0, 1, 4, 2, 3).copy()),
+                             torch.from_numpy(labels.astype(np.int64)))
+  t_loss.backward()
+  assert abs(float(t_loss) - float(loss)) <= 1e-5 * abs(float(loss))
+  np.testing.assert_allclose(t_per_task.detach().numpy(), np.asarray(per_task), rtol=1e-5)
+  for unit in ("group", "task"):
+    for name in ("source", "scale_text", "scale_visual"):
+      g_torch = getattr(model, unit)[name].grad.numpy()
+      g_jax = np.asarray(grads[unit][name])
+      assert rel(g_jax, g_torch) <= 1e-4, (unit, name, rel(g_jax, g_torch))
+
+
+# ----------------------------------------------------------------------------- the command
+
+def test_benchmark_command_writes_json(bpe_path, tmp_path):
+  out = tmp_path / "bench.json"
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = ""                     # one CPU device, not the suite's simulated pod
+  env["JAX_PLATFORMS"] = "cpu"
+  cmd = [sys.executable, "-m", "launch.benchmark",
+         f"--config=configs/benchmark.py:tiny,vocab={bpe_path},vs_torch",
+         "--config.xla_opt_level=0", f"--out={out}"]
+  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(out.read_text())
+  assert json.loads(proc.stdout) == result
+  for key in benchmark.RESULT_KEYS + benchmark.TORCH_KEYS:
+    assert key in result, key
+  assert result["backend"] == "cpu" and result["devices"] >= 1
+  assert 0 < result["step_s_min"] <= result["step_s_median"] <= result["step_s_max"]
+  assert result["flops_per_step"] > 0 and result["peak_flops_per_s"] > 0
+  assert result["achieved_flops_per_s"] == pytest.approx(
+      result["flops_per_step"] / result["step_s_median"])
+  assert result["peak_memory_bytes"] > 0 and result["torch_peak_memory_bytes"] > 0
+  assert result["speedup_vs_torch"] == pytest.approx(
+      result["torch_step_s_median"] / result["step_s_median"])
+  assert set(result["parts"]) == {"grouping_step", "text_encoder", "image_encoder", "eval"}
+  for part in result["parts"].values():
+    assert part["s_median"] > 0 and part["flops"] > 0
+  assert result["workload"]["class_tokens"].startswith("bpe:")
