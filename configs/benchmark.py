@@ -3,7 +3,7 @@ r"""The performance benchmark's workload (see mmap_jax/benchmark.py and launch/b
     python -m launch.benchmark --config=configs/benchmark.py --out=/tmp/bench.json
     python -m launch.benchmark --config=configs/benchmark.py --vs_torch      # + the PyTorch step
     python -m launch.benchmark --config=configs/benchmark.py:tiny            # seconds (tests)
-    python -m launch.benchmark --config=configs/benchmark.py:runs=5,parts=grouping_step
+    python -m launch.benchmark --config=configs/benchmark.py:runs=3,parts=grouping_step
 
 The default is THE fixed workload, so numbers compare across versions: CLIP ViT-B/16 with random
 weights, MmAP-MT (2 groups + 4 tasks, MmAP's L=8 per unit -> 16 prompt tokens per layer, depth 11,
@@ -27,7 +27,7 @@ ALL_PARTS = "grouping_step,text_encoder,image_encoder,eval"
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
   a = parse_arg(arg, tiny=False, model="ViT-B/16", num_tasks=4, num_groups=2, batch_size=8,
-                num_classes=65, dtype="float32", remat=False, runs=3, warmup=1, part_runs=2,
+                num_classes=65, dtype="float32", remat=False, runs=5, warmup=1, part_runs=2,
                 parts="all", vocab="auto", share_prefix=True,
                 truncate=True, vs_torch=False, torch_runs=3, torch_warmup=1)
   c = mlc.ConfigDict()

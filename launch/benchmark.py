@@ -6,11 +6,15 @@ r"""Time the MmAP-MT training step (and its parts) on the fixed benchmark worklo
 
 Prints one line per measurement and the JSON (top-level keys: mmap_jax.benchmark.RESULT_KEYS,
 plus TORCH_KEYS with --vs_torch). See configs/benchmark.py for the workload and its arguments.
+Runs under tcmalloc when installed (re-executes once; MMAP_JAX_ALLOCATOR=system to opt out) and
+with host_runtime.CPU_FAST_XLA_FLAGS; both are recorded in the JSON's `environment`.
 """
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
+
+from mmap_jax import host_runtime
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/benchmark.py",
                                           "Benchmark config file[:args].", lock_config=False)
@@ -23,7 +27,6 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from mmap_jax import benchmark  # pylint: disable=g-import-not-at-top
-  benchmark.apply_default_xla_flags()   # before anything initialises the XLA backend
   config = _CONFIG.value
   if _VS_TORCH.value is not None:
     config.vs_torch = _VS_TORCH.value
@@ -32,4 +35,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  host_runtime.reexec_with_tcmalloc()                       # before JAX or any thread starts
+  host_runtime.apply_xla_flags(host_runtime.CPU_FAST_XLA_FLAGS)
   app.run(main)

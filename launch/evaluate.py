@@ -8,6 +8,7 @@ Writes results.json / results.md (the per-task accuracy table) into --out (defau
 from absl import app, flags
 from ml_collections import config_flags
 
+from mmap_jax import host_runtime
 from mmap_jax import parallel
 from mmap_jax.train import loop
 
@@ -27,4 +28,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  host_runtime.reexec_with_tcmalloc()   # host allocator; before JAX starts
   app.run(main)

@@ -8,6 +8,7 @@ Writes affinity.npy, affinity.png (labelled heatmap) and groups.json into the wo
 from absl import app, flags
 from ml_collections import config_flags
 
+from mmap_jax import host_runtime
 from mmap_jax import parallel
 from mmap_jax.train import loop
 
@@ -26,4 +27,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  host_runtime.reexec_with_tcmalloc()   # host allocator; before JAX starts
   app.run(main)

@@ -10,6 +10,7 @@ atomically. The library call is `mmap_jax.pretrain.launch`.
 from absl import app, flags
 from ml_collections import config_flags
 
+from mmap_jax import host_runtime
 from mmap_jax import parallel, pretrain
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Pretraining config file[:args].",
@@ -29,4 +30,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  host_runtime.reexec_with_tcmalloc()   # host allocator; before JAX starts
   app.run(main)

@@ -19,6 +19,7 @@ commented out), to start each on its own TPU slice; afterwards the same sweep wi
 from absl import app, flags
 from ml_collections import config_flags
 
+from mmap_jax import host_runtime
 from mmap_jax import sweep
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -50,4 +51,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  host_runtime.reexec_with_tcmalloc()   # host allocator; before JAX starts
   app.run(main)

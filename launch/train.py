@@ -11,6 +11,7 @@ worker (launch/tpu_pod.sh).
 from absl import app, flags
 from ml_collections import config_flags
 
+from mmap_jax import host_runtime
 from mmap_jax import parallel
 from mmap_jax.train import loop
 
@@ -28,4 +29,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  host_runtime.reexec_with_tcmalloc()   # host allocator; before JAX starts
   app.run(main)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from configs import benchmark as benchmark_config
-from mmap_jax import benchmark, heads
+from mmap_jax import benchmark, heads, host_runtime
 from mmap_jax.models import clip
 from mmap_jax.prompts import multitask
 
@@ -90,9 +90,10 @@ def test_matmul_peak_and_memory_helpers():
     x = np.ones((64, 1024, 1024), np.uint8)      # 64 MiB touched inside the window
     inside = benchmark.rss_bytes()
     del x
-  # (the kernel's RSS counters are per-thread caches, exact to a few MiB)
-  assert mem.kind == "host_rss" and mem.bytes >= inside - 8 * 2 ** 20 and inside > 64 * 2 ** 20
-  assert benchmark.rss_bytes() < mem.bytes - 32 * 2 ** 20   # the peak outlives the freed array
+  # The peak covers what was resident inside the window (the kernel's RSS counters are
+  # per-thread caches, exact to a few MiB).
+  assert mem.kind == "host_rss" and mem.scope == "during the timed calls"
+  assert mem.bytes >= max(inside, mem.baseline_bytes) - 8 * 2 ** 20
 
 
 # ----------------------------------------------------------------------------- exactness
@@ -140,23 +141,6 @@ def test_image_prompt_blocks_compute_only_prompt_keys_values_exactly(monkeypatch
   for pol in (True, False):
     (f0, g0), (f1, g1) = fast[pol], features_and_grad(pol)
     assert rel(f0, f1) <= 1e-6 and rel(g0, g1) <= 1e-5
-
-
-def test_attention_backward_matches_autodiff():
-  """The hand-written attention backward (recomputed, key-major) equals autodiff of softmax."""
-  rng = np.random.default_rng(4)
-  q, k, v, ct = (jnp.asarray(rng.standard_normal((2, 3, 7, 8)), jnp.float32) for _ in range(4))
-  mask = jnp.tril(jnp.ones((7, 7), bool))
-
-  def plain(q, k, v):
-    logits = jnp.where(mask, jnp.einsum("...qd,...kd->...qk", q, k), -jnp.inf)
-    return jnp.einsum("...qk,...kd->...qd", jax.nn.softmax(logits, axis=-1), v)
-  ours = lambda q, k, v: clip._attention(q, k, v, mask)  # pylint: disable=protected-access
-  assert rel(ours(q, k, v), plain(q, k, v)) <= 1e-6
-  g_ours = jax.vjp(ours, q, k, v)[1](ct)
-  g_plain = jax.vjp(plain, q, k, v)[1](ct)
-  for a, b in zip(g_ours, g_plain):
-    assert rel(a, b) <= 1e-5
 
 
 # ----------------------------------------------------------------------------- torch reference
@@ -227,3 +211,9 @@ def test_benchmark_command_writes_json(bpe_path, tmp_path):
   for part in result["parts"].values():
     assert part["s_median"] > 0 and part["flops"] > 0
   assert result["workload"]["class_tokens"].startswith("bpe:")
+  # The launcher's host settings are applied and recorded (tcmalloc only where it is installed).
+  assert result["environment"]["xla_flags"].split() == list(host_runtime.CPU_FAST_XLA_FLAGS)
+  expected_allocator = host_runtime.find_tcmalloc() or "system"
+  assert result["environment"]["allocator"] == expected_allocator
+  train = result["train_step"]
+  assert len(train["page_faults"]) == train["runs"] and min(train["page_faults"]) >= 0

@@ -1,0 +1,90 @@
+"""Host settings applied before JAX starts: XLA flags and the tcmalloc re-exec."""
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from mmap_jax import host_runtime
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_xla_flags_are_appended_but_never_override_the_user():
+  env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  added = host_runtime.apply_xla_flags(["--a_flag=1", "--b_flag="], env)
+  assert added == ["--a_flag=1", "--b_flag="]
+  assert env["XLA_FLAGS"] == "--xla_force_host_platform_device_count=8 --a_flag=1 --b_flag="
+  env = {"XLA_FLAGS": "--b_flag=X"}
+  assert host_runtime.apply_xla_flags(["--a_flag=1", "--b_flag="], env) == ["--a_flag=1"]
+  assert env["XLA_FLAGS"] == "--b_flag=X --a_flag=1"
+  env = {}
+  assert host_runtime.apply_xla_flags([], env) == [] and "XLA_FLAGS" not in env
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="LD_PRELOAD re-exec is Linux only")
+def test_allocator_env_decisions():
+  lib = "/x/libtcmalloc_minimal.so.4"
+  env = host_runtime.allocator_env({"LD_PRELOAD": "/y/libother.so", "PATH": "/bin"}, lib)
+  assert env["LD_PRELOAD"] == f"{lib} /y/libother.so" and env["PATH"] == "/bin"
+  assert env[host_runtime.REEXEC_MARK] == "1"
+  # Nothing to do: no library, opted out, already re-executed, tcmalloc already preloaded.
+  assert host_runtime.allocator_env({}, None) is None
+  assert host_runtime.allocator_env({host_runtime.ALLOCATOR_ENV: "system"}, lib) is None
+  assert host_runtime.allocator_env({host_runtime.REEXEC_MARK: "1"}, lib) is None
+  assert host_runtime.allocator_env({"LD_PRELOAD": "/usr/lib/libtcmalloc.so.4"}, lib) is None
+  with pytest.raises(ValueError, match=host_runtime.ALLOCATOR_ENV):
+    host_runtime.allocator_env({host_runtime.ALLOCATOR_ENV: "jemalloc"}, None)
+
+
+def test_find_tcmalloc_explicit_and_candidates(tmp_path):
+  lib = tmp_path / "libtcmalloc_minimal.so.4"
+  assert host_runtime.find_tcmalloc({}, [str(tmp_path / "libtcmalloc*.so*")]) is None
+  lib.write_bytes(b"")
+  assert host_runtime.find_tcmalloc({}, [str(tmp_path / "nothing.so"),
+                                         str(tmp_path / "libtcmalloc*.so*")]) == str(lib)
+  assert host_runtime.find_tcmalloc({host_runtime.TCMALLOC_ENV: str(lib)}, []) == str(lib)
+  with pytest.raises(FileNotFoundError, match=host_runtime.TCMALLOC_ENV):
+    host_runtime.find_tcmalloc({host_runtime.TCMALLOC_ENV: str(tmp_path / "missing.so")}, [])
+  assert host_runtime.allocator_in_use({"LD_PRELOAD": f"/a/libfoo.so {lib}"}) == str(lib)
+  assert host_runtime.allocator_in_use({}) == "system"
+
+
+def _loaded_libm() -> str | None:
+  """A real shared library this process already maps (libm): safe to LD_PRELOAD in a child."""
+  try:
+    maps = pathlib.Path("/proc/self/maps").read_text()
+  except OSError:
+    return None
+  paths = [l.split()[-1] for l in maps.splitlines() if "/libm.so" in l or "/libm-" in l]
+  return paths[0] if paths else None
+
+
+@pytest.mark.skipif(_loaded_libm() is None, reason="needs Linux /proc/self/maps with libm")
+def test_reexec_replaces_the_process_once_with_the_library_preloaded(tmp_path):
+  lib = _loaded_libm()
+  script = tmp_path / "child.py"
+  script.write_text(
+      "import os, sys\n"
+      "from mmap_jax import host_runtime\n"
+      "if os.environ.get(host_runtime.REEXEC_MARK):\n"
+      "  print('REEXECED', os.environ['LD_PRELOAD'],\n"
+      "        ' '.join(sys.argv[1:]), flush=True)\n"
+      f"host_runtime.reexec_with_tcmalloc(candidates=[{lib!r}])\n"
+      "print('RAN', ' '.join(sys.argv[1:]))\n")
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("LD_PRELOAD", host_runtime.ALLOCATOR_ENV, host_runtime.REEXEC_MARK,
+                      host_runtime.TCMALLOC_ENV)}
+  env["PYTHONPATH"] = str(REPO)
+  run = lambda e: subprocess.run([sys.executable, str(script), "a", "--b=1"], env=e, text=True,
+                                 capture_output=True, timeout=60)
+  proc = run(env)
+  assert proc.returncode == 0, proc.stderr
+  # The child ran once, re-executed, with the same arguments; the parent image never printed.
+  assert proc.stdout.splitlines() == [f"REEXECED {lib} a --b=1", "RAN a --b=1"]
+  assert "re-executing with LD_PRELOAD" in proc.stderr
+  proc = run({**env, host_runtime.ALLOCATOR_ENV: "system"})          # opted out: no re-exec
+  assert proc.stdout.splitlines() == ["RAN a --b=1"] and "re-executing" not in proc.stderr
