@@ -16,6 +16,8 @@ to results.md / results.json, with accuracy_vs_params.png and affinity_<setting>
 commented out), to start each on its own TPU slice; afterwards the same sweep without
 --print_only finds them finished and only builds the table.
 """
+import sys
+
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -47,7 +49,10 @@ def main(argv):
     return
   from mmap_jax import parallel  # pylint: disable=g-import-not-at-top
   parallel.maybe_initialize_distributed()
-  sweep.run(settings, _WORKDIR.value, log=lambda s: print(s, flush=True))
+  out = sweep.run(settings, _WORKDIR.value, log=lambda s: print(s, flush=True))
+  if out.get("preempted"):
+    from mmap_jax.train import loop  # pylint: disable=g-import-not-at-top
+    sys.exit(loop.PREEMPTED_EXIT_CODE)
 
 
 if __name__ == "__main__":

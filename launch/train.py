@@ -5,9 +5,12 @@ r"""Train (and evaluate) one experiment.
       --config.train.steps=5000 --workdir=gs://bucket/oh_mmap
 
 Runs task grouping first when the method asks for it, resumes from the workdir's latest
-checkpoint, evaluates periodically and at the end. On a TPU pod start the same command on every
+checkpoint, evaluates periodically and at the end. A preempted run (SIGTERM) saves a checkpoint and
+exits with loop.PREEMPTED_EXIT_CODE (143), so a restarting scheduler reruns it. On a TPU pod start the same command on every
 worker (launch/tpu_pod.sh).
 """
+import sys
+
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -25,7 +28,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   parallel.maybe_initialize_distributed()
-  loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  out = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  if out.get("preempted"):   # checkpoint saved; the same command resumes
+    sys.exit(loop.PREEMPTED_EXIT_CODE)
 
 
 if __name__ == "__main__":

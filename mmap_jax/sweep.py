@@ -282,7 +282,8 @@ def run(settings: Sequence[Setting], workdir: str, *, run_fn: Optional[RunFn] = 
 
   A setting that fails is reported and the others still run; a SweepError listing the failures
   is raised at the end (after the table of the finished ones is written). A preempted setting
-  (SIGTERM) stops the sweep: the host is going away.
+  (SIGTERM) stops the sweep: the host is going away; the returned dict then names it under
+  "preempted" (launch.sweep exits with the trainer's preemption status).
   """
   if run_fn is None:
     from mmap_jax.train import loop  # Deferred: --print_only needs no JAX.
@@ -293,7 +294,7 @@ def run(settings: Sequence[Setting], workdir: str, *, run_fn: Optional[RunFn] = 
   todo = [s for s in settings if not is_finished(os.path.join(workdir, s.name))]
   log(f"sweep: {len(settings)} settings, {len(settings) - len(todo)} finished, "
       f"{len(todo)} to run, in {workdir}")
-  failed = []
+  failed, preempted = [], None
   for i, s in enumerate(todo, 1):
     sub = os.path.join(workdir, s.name)
     log(f"sweep: [{i}/{len(todo)}] running {s.name}")
@@ -305,12 +306,13 @@ def run(settings: Sequence[Setting], workdir: str, *, run_fn: Optional[RunFn] = 
       continue
     if isinstance(out, dict) and out.get("preempted"):
       log(f"sweep: {s.name} was preempted; stopping (re-run the sweep to resume)")
+      preempted = s.name
       break
   summary = write_outputs(settings, workdir, log=log)
   if failed:
     raise SweepError("settings failed: " + "; ".join(f"{n} ({type(e).__name__}: {e})"
                                                       for n, e in failed))
-  return summary
+  return {**summary, "preempted": preempted} if preempted else summary
 
 
 def _validate_devices(settings: Sequence[Setting]) -> None:

@@ -101,6 +101,17 @@ def test_resume_reruns_only_the_unfinished_setting(swept):
   assert rec.ran == []
 
 
+def test_a_preempted_setting_stops_the_sweep_and_is_reported(swept, tmp_path):
+  ran = []
+
+  def preempted_run(config, workdir):
+    ran.append(os.path.basename(workdir))
+    return {"preempted": True, "step": 3}
+  out = sweep.run(swept["settings"], str(tmp_path / "p"), run_fn=preempted_run, log=lambda s: None)
+  assert ran == ["method=zeroshot"] and out["preempted"] == "method=zeroshot"
+  assert "preempted" not in swept["summary"]
+
+
 def test_cli_print_only_runs_as_is_and_resume_only_tabulates(env, swept):
   """--print_only lines are runnable launch.train commands; a finished sweep only tabulates."""
   workdir = swept["workdir"]

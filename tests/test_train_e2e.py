@@ -182,7 +182,8 @@ def test_sigterm_saves_a_checkpoint_and_exits(env):
          f"--workdir={workdir}", *fx.override_flags(env["data"])]
   proc = subprocess.run(cmd, cwd=REPO, env=fx.subprocess_env() | {"MMAP_JAX_SIGNAL_AT_STEP": "3:SIGTERM"},
                         capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  # Non-zero, so a restarting scheduler reruns it (0 would read as finished).
+  assert proc.returncode == loop.PREEMPTED_EXIT_CODE == 143, proc.stderr[-3000:]
   assert "SIGTERM received" in proc.stderr
   ckpt = checkpointing.Checkpointer(str(workdir / "checkpoints"))
   assert ckpt.latest_step() == 3  # ckpt_every=2: step 3 exists only because of the SIGTERM

@@ -35,6 +35,11 @@ from mmap_jax.train import setup, step as train_step
 # checkpoint, if any, so it may be half-written), as a dying or preempted host would see it.
 _SIGNAL_AT_STEP = os.environ.get("MMAP_JAX_SIGNAL_AT_STEP")
 
+# Exit status of a launcher whose run was preempted (SIGTERM) after saving its checkpoint:
+# 128 + SIGTERM, what a shell reports for a process SIGTERM ended. Schedulers that restart
+# terminated tasks then restart it and the rerun resumes; 0 would read as "finished".
+PREEMPTED_EXIT_CODE = 128 + int(signal.SIGTERM)
+
 
 class NonFiniteError(FloatingPointError):
   """The loss or a gradient became NaN/inf; the last good checkpoint is kept."""
