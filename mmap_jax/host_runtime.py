@@ -2,20 +2,19 @@
 
 Why an allocator: XLA:CPU allocates each execution's temporary buffer afresh (3.96 GB for the
 benchmark's ViT-B/16 train step). glibc serves allocations above 32 MiB with mmap and returns
-them with munmap, so every step faults in ~1M fresh 4 KiB pages: on the 2-core dev VM that was
-~1.07M minor faults per step and ~18 s steps. tcmalloc (gperftools, default settings) reuses its
-page heap: ~1-2.5 thousand faults per step, ~13.5 s steps and a slightly lower peak RSS, with
-the same arithmetic (WORKSPACE.md, Performance, has the commands and the table). The allocator
-is chosen when the process is loaded, so `reexec_with_tcmalloc` re-executes the launcher once
-with LD_PRELOAD set. It changes no arithmetic, so it is on by default for the launchers; opt
-out with MMAP_JAX_ALLOCATOR=system. TPU VM images usually preload tcmalloc already (then
-nothing happens). Measured and rejected: TCMALLOC_RELEASE_RATE=0 (no faults, but freed spans
-fragment and peak RSS rose to 9.1 GiB), jemalloc without decay (11.0 GiB), glibc with
-mmap_max=0 (still ~1M faults).
+them with munmap, so every step faults in fresh 4 KiB pages. `bash benchmarks/allocators.sh`
+on the 2-core dev VM: glibc 1.08M faults and 18.15 s per step, tcmalloc (gperftools, default
+settings) 8.2 thousand faults and 13.44 s, same arithmetic. The allocator is chosen when the
+process is loaded, so `reexec_with_tcmalloc` re-executes the launcher once with LD_PRELOAD set.
+It changes no arithmetic, so it is on by default for the launchers; opt out with
+MMAP_JAX_ALLOCATOR=system. TPU VM images usually preload tcmalloc already (then nothing
+happens). The cost: a retaining allocator can split the freed temporary span, and peak RSS then
+holds two of them (9.2 GiB instead of 5.2-5.7 GiB on that step; WORKSPACE.md, Performance).
+Also measured there and not used: TCMALLOC_RELEASE_RATE=0, jemalloc without decay.
 
-Why XLA flags: `CPU_FAST_XLA_FLAGS` (measured in WORKSPACE.md) make XLA:CPU run the attention's
-small batched products with its own dots instead of YNNPACK's fusions, 1.3x faster on the
-benchmark step. They change float rounding (a different matmul kernel), so they are applied
+Why XLA flags: `CPU_FAST_XLA_FLAGS` make XLA:CPU run the attention's small batched products with
+its own dots instead of YNNPACK's fusions: 1.14x faster on the benchmark step, same loss
+(`python3 benchmarks/xla_cpu_dots.py`, results/xla_cpu_dots.json). They change float rounding (a different matmul kernel), so they are applied
 where the result is a timing (launch.benchmark) and are opt-in for training runs, whose
 committed accuracies must stay reproducible: export XLA_FLAGS yourself to use them.
 """
@@ -27,8 +26,8 @@ import sys
 from typing import Mapping, MutableMapping, Optional, Sequence
 
 # XLA:CPU: no YNNPACK library fusions (XLA's Eigen dots and loop fusions instead). Only the CPU
-# backend reads it. Measured on the benchmark step, same process, interleaved runs: 16.0 s vs
-# 21.1 s; YNNPACK's batched attention dots ran at 30 GFLOP/s where Eigen's ran at 55.
+# backend reads it. benchmarks/xla_cpu_dots.py (same process, interleaved runs, tcmalloc):
+# 14.21 s vs 16.17 s median per benchmark step, identical loss.
 CPU_FAST_XLA_FLAGS: tuple[str, ...] = ("--xla_cpu_experimental_ynn_fusion_type=",)
 
 ALLOCATOR_ENV = "MMAP_JAX_ALLOCATOR"          # "system": keep the process's allocator

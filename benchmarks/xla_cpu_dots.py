@@ -1,0 +1,71 @@
+r"""The benchmark's train step compiled twice in one process: XLA:CPU's default (YNNPACK library
+fusions) and with host_runtime.CPU_FAST_XLA_FLAGS (XLA's own dots); interleaved timed runs, the
+loss of each, JSON out. The evidence behind CPU_FAST_XLA_FLAGS (WORKSPACE.md, Performance).
+
+  python3 benchmarks/xla_cpu_dots.py [--runs 6 --warmup 1] [--out benchmarks/results/xla_cpu_dots.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import statistics
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from mmap_jax import host_runtime  # pylint: disable=g-import-not-at-top
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--runs", type=int, default=6)
+  parser.add_argument("--warmup", type=int, default=1, help="untimed interleaved rounds first")
+  parser.add_argument("--config", default="parts=none", help="configs/benchmark.py argument")
+  parser.add_argument("--out", default=None)
+  args = parser.parse_args()
+
+  import jax  # pylint: disable=g-import-not-at-top
+  from configs import benchmark as benchmark_config
+  from mmap_jax import benchmark
+  from mmap_jax.train import step as train_step
+  from mmap_jax.prompts import multitask
+
+  config = benchmark_config.get_config(args.config)
+  w = benchmark.build_workload(config)
+  frozen = {"clip": benchmark.random_clip_params(w.clip_cfg, 0),
+            "class_tokens": benchmark.class_tokens_for(w, w.spec)}
+  opt = benchmark._optimizer(config)  # pylint: disable=protected-access
+  learned = multitask.init_learned(jax.random.key(0, impl="rbg"), w.clip_cfg, w.spec,
+                                   w.num_tasks, w.groups)
+  state = train_step.init_state(learned, opt)
+  step = train_step.make_train_step(benchmark.train_loss_fn(w), opt, donate=False)
+  batches = [jax.device_put(b) for b in benchmark.host_batches(w, 2, 0)]
+  fast = {f.lstrip("-").split("=")[0]: f.split("=", 1)[1] for f in host_runtime.CPU_FAST_XLA_FLAGS}
+  compiled = {"xla_default": step.lower(state, frozen, batches[0]).compile(),
+              "cpu_fast_xla_flags": step.lower(state, frozen, batches[0]).compile(
+                  compiler_options=fast)}
+  losses = {k: float(c(state, frozen, batches[0])[1]["loss"]) for k, c in compiled.items()}
+  times = {k: [] for k in compiled}
+  for r in range(args.warmup + args.runs):         # interleaved: drift hits both alike
+    for k, c in compiled.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(c(state, frozen, batches[r % 2]))
+      if r >= args.warmup:
+        times[k].append(time.perf_counter() - t0)
+  result = {"workload": args.config, "flops_per_step": benchmark.cost_flops(compiled["xla_default"]),
+            "allocator": host_runtime.allocator_in_use(), "compiler_options": fast,
+            "loss": losses,
+            "step_s_median": {k: statistics.median(t) for k, t in times.items()},
+            "all_s": {k: [round(x, 3) for x in t] for k, t in times.items()}}
+  result["speedup"] = (result["step_s_median"]["xla_default"]
+                       / result["step_s_median"]["cpu_fast_xla_flags"])
+  text = json.dumps(result, indent=2)
+  print(text)
+  if args.out:
+    pathlib.Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+  host_runtime.reexec_with_tcmalloc()
+  main()
