@@ -431,6 +431,8 @@ def bench_train_step(w: Workload, config, clip_params, device_ct, pl: Placement)
   batches = host_batches(w, 2, config.seed)
   compiled, compile_s = _compile(step, state, frozen, pl.put(batches[0], "batch"))
   flops = cost_flops(compiled)
+  analysis = compiled.memory_analysis()           # XLA's per-execution scratch (None if unknown)
+  temp_bytes = int(analysis.temp_size_in_bytes) if analysis is not None else None
   faults: list[int] = []
   with PeakMemory() as mem:
     state, metrics, times = timed_loop(lambda st, bt: compiled(st, frozen, bt), state, batches,
@@ -438,7 +440,8 @@ def bench_train_step(w: Workload, config, clip_params, device_ct, pl: Placement)
   loss = float(metrics["loss"])                       # the only host read, after the loop
   s = summarize(times)
   return {**s, "compile_s": compile_s, "flops": flops, "memory": mem.as_dict(),
-          "page_faults": faults, "final_loss": loss, "finite": bool(metrics["finite"])}
+          "page_faults": faults, "temp_bytes": temp_bytes, "final_loss": loss,
+          "finite": bool(metrics["finite"])}
 
 
 def bench_grouping_step(w: Workload, config, clip_params, pl: Placement) -> dict[str, Any]:

@@ -1,8 +1,8 @@
 """Process-level host settings that must be in place before JAX starts: allocator and XLA flags.
 
 Why an allocator: XLA:CPU allocates each execution's temporary buffer afresh (3.96 GB for the
-benchmark's ViT-B/16 train step). glibc serves allocations above 32 MiB with mmap and returns
-them with munmap, so every step faults in fresh 4 KiB pages. `bash benchmarks/allocators.sh`
+benchmark's ViT-B/16 train step: the JSON's `train_step.temp_bytes`). glibc serves allocations
+above 32 MiB with mmap and returns them with munmap, so every step faults in fresh 4 KiB pages. `bash benchmarks/allocators.sh`
 on the 2-core dev VM: glibc 1.08M faults and 18.15 s per step, tcmalloc (gperftools, default
 settings) 8.2 thousand faults and 13.44 s, same arithmetic. The allocator is chosen when the
 process is loaded, so `reexec_with_tcmalloc` re-executes the launcher once with LD_PRELOAD set.

@@ -217,3 +217,4 @@ def test_benchmark_command_writes_json(bpe_path, tmp_path):
   assert result["environment"]["allocator"] == expected_allocator
   train = result["train_step"]
   assert len(train["page_faults"]) == train["runs"] and min(train["page_faults"]) >= 0
+  assert train["temp_bytes"] > 0

@@ -68,18 +68,24 @@ def test_run_writes_everything(finished):
   assert size < 2_000_000
 
 
+def _launch_train(env, method: str, workdir, signal_at: str | None = None
+                  ) -> subprocess.CompletedProcess:
+  """launch.train on the tiny demo; `signal_at` ("STEP:SIGNAL") injects a signal after a step."""
+  cmd = [sys.executable, "-m", "launch.train",
+         f"--config=configs/demo.py:method={method},clip={env['clip']},runlocal",
+         f"--workdir={workdir}", *fx.override_flags(env["data"])]
+  extra = {"MMAP_JAX_SIGNAL_AT_STEP": signal_at} if signal_at else {}
+  return subprocess.run(cmd, cwd=REPO, env=fx.subprocess_env() | extra, capture_output=True,
+                        text=True, timeout=600)
+
+
 def test_kill_and_resume_is_bit_exact(env, finished):
   workdir_ref, _ = finished
   workdir = env["root"] / "killed"
-  cmd = [sys.executable, "-m", "launch.train",
-         f"--config=configs/demo.py:method=mmap_mt,clip={env['clip']},runlocal",
-         f"--workdir={workdir}", *fx.override_flags(env["data"])]
-  killed = subprocess.run(cmd, cwd=REPO, env=fx.subprocess_env() | {"MMAP_JAX_SIGNAL_AT_STEP": "4:SIGKILL"},
-                          capture_output=True, text=True, timeout=600)
+  killed = _launch_train(env, "mmap_mt", workdir, "4:SIGKILL")
   assert killed.returncode == -9, killed.stderr[-3000:]
   assert not (workdir / "results.json").exists()
-  resumed = subprocess.run(cmd, cwd=REPO, env=fx.subprocess_env(), capture_output=True,
-                           text=True, timeout=600)
+  resumed = _launch_train(env, "mmap_mt", workdir)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert "resumed from" in resumed.stderr
   step_a, a = _final_learned(workdir_ref, None)
@@ -177,11 +183,7 @@ def test_predict_with_trained_prompts_matches_evaluation(env, finished, tmp_path
 
 def test_sigterm_saves_a_checkpoint_and_exits(env):
   workdir = env["root"] / "preempted"
-  cmd = [sys.executable, "-m", "launch.train",
-         f"--config=configs/demo.py:method=coop_mt,clip={env['clip']},runlocal",
-         f"--workdir={workdir}", *fx.override_flags(env["data"])]
-  proc = subprocess.run(cmd, cwd=REPO, env=fx.subprocess_env() | {"MMAP_JAX_SIGNAL_AT_STEP": "3:SIGTERM"},
-                        capture_output=True, text=True, timeout=600)
+  proc = _launch_train(env, "coop_mt", workdir, "3:SIGTERM")
   # Non-zero, so a restarting scheduler reruns it (0 would read as finished).
   assert proc.returncode == loop.PREEMPTED_EXIT_CODE == 143, proc.stderr[-3000:]
   assert "SIGTERM received" in proc.stderr
