@@ -4,17 +4,21 @@ r"""Run a method comparison or hyper-parameter grid and tabulate it like the pap
       --sweep='method=zeroshot,coop_mt,vpt_mt,maple_mt,ivlp_mt,mmap_st,mmap_mt' --workdir=/tmp/cmp
   python -m launch.sweep --config=configs/office_home.py:clip=/ckpt/vit_b16 \
       --sweep='method=coop_mt,mmap_mt;optim.lr=0.0035,0.01' --config.train.steps=5000 \
-      --workdir=/tmp/grid
+      --seeds=0,1,2 --workdir=/tmp/grid
 
 --sweep is `field=v1,v2,...`, several fields separated by ';' (their cartesian product); fields
-are config paths, values take the field's type. Each setting runs into `<workdir>/<setting>`
-(`method=mmap_mt__optim.lr=0.01`); finished settings are skipped, so re-running a killed sweep
-resumes it. The table (rows = settings; tasks, average, trainable params) is printed and written
-to results.md / results.json, with accuracy_vs_params.png and affinity_<setting>.png, in --workdir.
+are config paths, values take the field's type. --seeds=0,1,2 runs every setting once per seed
+(default: the config's own `seed`, one run; `seed` itself cannot be a --sweep field). The seed
+draws the prompt init and the training batches; the data split stays that of data.split_seed.
+Each (setting, seed) runs into `<workdir>/<setting>/seed=<s>` (`method=mmap_mt/seed=1`);
+finished runs are skipped, so re-running a killed sweep resumes it. The table (rows =
+settings; seeds, tasks, average, trainable params; mean ± sample std over seeds) is printed and
+written to results.md / results.json (per-seed numbers), with accuracy_vs_params.png (± std error
+bars) and affinity_<setting>__seed=<s>.png, in --workdir.
 
---print_only prints one `python -m launch.train ...` command per setting instead (finished ones
-commented out), to start each on its own TPU slice; afterwards the same sweep without
---print_only finds them finished and only builds the table.
+--print_only prints one `python -m launch.train ... --config.seed=<s>` command per run instead
+(finished ones commented out), to start each on its own TPU slice; afterwards the same sweep
+without --print_only finds them finished and only builds the table.
 """
 import sys
 
@@ -28,10 +32,13 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Base experiment config file[:args]; --config.* overrides apply to every "
     "setting.", lock_config=True)
 _SWEEP = flags.DEFINE_string("sweep", None, "field=v1,v2,...[;field2=...]: the grid to run.")
+_SEEDS = flags.DEFINE_string("seeds", None, "Comma-separated int seeds, e.g. 0,1,2: every "
+                             "setting runs once per seed; the table shows mean ± std. Default: "
+                             "the config's own seed.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "The sweep's directory: one sub-workdir per "
-                               "setting, the table and the plots.")
+                               "(setting, seed), the table and the plots.")
 _PRINT_ONLY = flags.DEFINE_bool("print_only", False, "Print the launch.train command of every "
-                                "setting instead of running them.")
+                                "(setting, seed) instead of running them.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -41,7 +48,8 @@ def main(argv):
   config_flag = flags.FLAGS["config"]
   try:
     settings = sweep.make_settings(config_flags.get_config_filename(config_flag), _SWEEP.value,
-                                   config_flags.get_override_values(config_flag))
+                                   config_flags.get_override_values(config_flag),
+                                   seeds=sweep.parse_seeds(_SEEDS.value))
   except sweep.SweepError as e:
     raise app.UsageError(str(e)) from None
   if _PRINT_ONLY.value:

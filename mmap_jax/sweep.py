@@ -1,31 +1,47 @@
-"""Method comparisons and hyper-parameter grids: one sub-workdir per setting, one table for all.
+"""Method comparisons and hyper-parameter grids over seeds: one sub-workdir per run, one table.
 
-A sweep is a base config (`configs/demo.py:clip=/x,runlocal` plus `--config.*` overrides) and a
+A sweep is a base config (`configs/demo.py:clip=/x,runlocal` plus `--config.*` overrides), a
 grid `method=coop_mt,mmap_mt;optim.lr=0.01,0.02` (fields separated by ';', values by ','; the
-settings are the cartesian product, first field outermost). Every setting runs into
-`<workdir>/<name>` (e.g. `method=mmap_mt__optim.lr=0.02`) and counts as finished once that
-directory holds `results.json`, which `train_and_evaluate` writes last; an unfinished setting is
-simply run again and resumes from its own checkpoints, so a killed sweep resumes too.
+settings are the cartesian product, first field outermost) and a list of seeds (`--seeds=0,1,2`;
+default: the config's own `seed`, one run). Every (setting, seed) is a run into
+`<workdir>/<setting>/seed=<s>` (e.g. `method=mmap_mt__optim.lr=0.02/seed=1`) and counts as
+finished once that directory holds `results.json`, which `train_and_evaluate` writes last; an
+unfinished run is simply run again and resumes from its own checkpoints, so a killed sweep
+resumes too. Runs go seed-major (every setting at the first seed, then at the next), so a sweep
+stopped half-way already compares all settings. `seed` cannot be a --sweep field: the seeds of a
+setting are one table row (mean +- std), not separate rows.
+
+The seed (`config.seed`) draws the prompt init and the training batches (shuffle order and
+augmentation; the grouping warm-up uses seed+7 / seed+1). It does not touch the data: the
+train/test split is drawn from `data.split_seed` (and the demo world from `data.demo_seed`), so
+all seeds of a sweep train and test on the same examples.
 
 `method` is special: config files compute prompt defaults from it in `get_config(arg)` (the demo
 sets prompt.depth per method family), so when the config file takes a `method=` argument a swept
 method rebuilds the config from `file.py:method=X,<the other args>`; every other swept field, and
 `method` for files without that argument, is set like a `--config.field=value` override, after the
 user's own overrides. Values are parsed with the type of the existing config field and every
-setting is validated before anything runs, so a typo fails in seconds, naming the field.
+run is validated before anything runs, so a typo fails in seconds, naming the field.
 
-Settings run one after another in this process (`run`): `train_and_evaluate` builds its own jitted
+Runs go one after another in this process (`run`): `train_and_evaluate` builds its own jitted
 functions, checkpointer, TensorBoard writer and SIGTERM handler per call and releases them in a
-`finally`, so nothing leaks from one setting into the next, and the frozen CLIP is loaded again per
-setting (cheap next to training). On a pod every host runs the same sweep, as with launch.train.
-To spread the settings over several slices instead, `commands` gives one `launch.train` command
-per setting; a later plain sweep over the same workdir finds them finished and only tabulates.
+`finally`, so nothing leaks from one run into the next, and the frozen CLIP is loaded again per
+run (cheap next to training). On a pod every host runs the same sweep, as with launch.train.
+To spread the runs over several slices instead, `commands` gives one `launch.train` command
+per run (with `--config.seed=<s>`); a later plain sweep over the same workdir finds them
+finished and only tabulates.
 
 Outputs in the sweep workdir (process 0): `results.json` ({"tasks": {task: {"num_classes"}},
-"rows": [{"setting", "accuracy", "average", "trainable_params", "trainable_percent",
-"workdir"}]}, accuracies as fractions), `results.md` (the paper-style table: rows = settings,
-columns = swept fields, tasks, average, trainable params), `accuracy_vs_params.png` (the paper's
-Figure 1 shape) and `affinity_<setting>.png` for each setting whose grouping drew a heatmap.
+"seeds", "std", "missing": [runs], "rows": [row]}, accuracies as fractions; a row is one setting:
+"setting", "seeds" and "n_seeds" (its finished runs), "workdirs", "accuracy": {task: stat},
+"average": stat, with stat = {"per_seed": [...], "mean", "std"}, "val_accuracy" / "val_average"
+(the same, only when every run of the row reports `val_accuracy`), "selection" and "groups" per
+seed, "trainable_params" / "trainable_percent" (mean over seeds; they differ only when grouping
+picks a different number of groups per seed) and their "_per_seed" lists), `results.md` (the
+paper-style table: rows = settings, columns = swept fields, seeds, tasks, average, val average,
+trainable params; cells mean +- sample std, ddof=1), `accuracy_vs_params.png` (the paper's
+Figure 1 shape, with +-std error bars) and `affinity_<setting>__seed=<s>.png` for each run whose
+grouping drew a heatmap.
 """
 from __future__ import annotations
 
@@ -41,6 +57,7 @@ import shutil
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import ml_collections as mlc
+import numpy as np
 from ml_collections.config_flags import config_path
 
 RESULTS_FILE = "results.json"
@@ -58,12 +75,35 @@ class SweepError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
+class Run:
+  """One (setting, seed): its own sub-workdir `<setting>/seed=<s>` and its own config."""
+  setting: str                            # the setting's name
+  seed: int
+  config_ref: str
+  overrides: tuple[tuple[str, Any], ...]  # the setting's, without `seed`, then ("seed", s)
+  config: mlc.ConfigDict = dataclasses.field(compare=False, repr=False)
+
+  @property
+  def name(self) -> str:
+    """The sub-workdir, relative to the sweep's: 'method=mmap_mt/seed=1'."""
+    return run_name(self.setting, self.seed)
+
+  def command(self, workdir: str) -> str:
+    """The `launch.train` command that runs this seed of the setting, runnable in the repo root."""
+    args = ["python", "-m", "launch.train", f"--config={self.config_ref}"]
+    args += [f"--config.{k}={format_value(v)}" for k, v in self.overrides]
+    args.append(f"--workdir={os.path.join(workdir, self.setting, seed_dir(self.seed))}")
+    return " ".join(shlex.quote(a) for a in args)
+
+
+@dataclasses.dataclass(frozen=True)
 class Setting:
-  """One point of the grid and how to build its config."""
+  """One point of the grid, how to build its config, and its runs (one per seed)."""
   fields: tuple[tuple[str, Any], ...]     # the swept (field, value) pairs, in --sweep order
   config_ref: str                         # "file.py[:args]" that get_config builds from
   overrides: tuple[tuple[str, Any], ...]  # set on top, in order: the user's, then swept fields
   config: mlc.ConfigDict = dataclasses.field(compare=False, repr=False)
+  runs: tuple[Run, ...] = dataclasses.field(default=(), compare=False, repr=False)
 
   @property
   def name(self) -> str:
@@ -74,16 +114,47 @@ class Setting:
     return dict(self.fields)
 
   @property
+  def seeds(self) -> tuple[int, ...]:
+    return tuple(r.seed for r in self.runs)
+
+  @property
   def label(self) -> str:
     """Short row / point label: just the values ("mmap_mt", "mmap_mt, 0.02")."""
     return ", ".join(format_value(v) for _, v in self.fields) or "default"
 
-  def command(self, workdir: str) -> str:
-    """The `launch.train` command that runs this setting, runnable as is in the repo root."""
-    args = ["python", "-m", "launch.train", f"--config={self.config_ref}"]
-    args += [f"--config.{k}={format_value(v)}" for k, v in self.overrides]
-    args.append(f"--workdir={os.path.join(workdir, self.name)}")
-    return " ".join(shlex.quote(a) for a in args)
+
+def seed_dir(seed: int) -> str:
+  return f"seed={seed}"
+
+
+def run_name(setting: str, seed: int) -> str:
+  return f"{setting}/{seed_dir(seed)}"
+
+
+def parse_seeds(raw: Optional[str]) -> Optional[list[int]]:
+  """'0,1,2' -> [0, 1, 2]; None or '' -> None (the config's own seed). Errors name --seeds."""
+  if raw is None or not raw.strip():
+    return None
+  parts = [p.strip() for p in raw.split(",")]
+  seeds = []
+  for p in parts:
+    try:
+      seeds.append(int(p))
+    except ValueError:
+      raise SweepError(f"--seeds={raw!r}: {p!r} is not an int (expected e.g. --seeds=0,1,2)"
+                       ) from None
+  bad = [s for s in seeds if s < 0]
+  if bad:
+    raise SweepError(f"--seeds={raw!r}: seeds must be >= 0, got {bad}")
+  if len(set(seeds)) != len(seeds):
+    raise SweepError(f"--seeds={raw!r}: repeats a seed")
+  return seeds
+
+
+def ordered_runs(settings: Sequence[Setting]) -> list[Run]:
+  """Seed-major: every setting at its first seed, then at the next, ... (see the module doc)."""
+  depth = max((len(s.runs) for s in settings), default=0)
+  return [s.runs[i] for i in range(depth) for s in settings if i < len(s.runs)]
 
 
 def parse_sweep(spec: Optional[str]) -> list[tuple[str, list[str]]]:
@@ -111,12 +182,14 @@ def parse_sweep(spec: Optional[str]) -> list[tuple[str, list[str]]]:
 
 
 def make_settings(config_ref: str, sweep: Optional[str],
-                  overrides: Optional[Mapping[str, Any]] = None) -> list[Setting]:
-  """Every setting of the grid, each with its config built, typed and validated.
+                  overrides: Optional[Mapping[str, Any]] = None,
+                  seeds: Optional[Sequence[int]] = None) -> list[Setting]:
+  """Every setting of the grid with one run per seed, each config built, typed and validated.
 
   `config_ref` is what --config got ("configs/demo.py:clip=/x,runlocal"); `overrides` are the
-  --config.* values (typed, or strings parsed with the field's type), applied to every setting.
-  Raises SweepError naming the field before anything has run.
+  --config.* values (typed, or strings parsed with the field's type), applied to every setting;
+  `seeds` default to the config's own `seed` (after the overrides). Raises SweepError naming the
+  field before anything has run.
   """
   path, arg = split_config_ref(config_ref)
   module = _load_module(path)
@@ -124,6 +197,16 @@ def make_settings(config_ref: str, sweep: Optional[str],
   overrides = {k: _typed(k, v, base, "--config.") for k, v in (overrides or {}).items()}
   axes = [(f, [_typed(f, raw, base, "--sweep ") for raw in values])
           for f, values in parse_sweep(sweep)]
+  if any(f == "seed" for f, _ in axes):
+    raise SweepError("--sweep: seed cannot be swept; use --seeds=0,1,2 (each setting then runs "
+                     "once per seed and its row shows mean +- std)")
+  if seeds is not None and "seed" in overrides:
+    raise SweepError("--config.seed and --seeds are both given; use --seeds alone")
+  if seeds is not None and not list(seeds):
+    raise SweepError("--seeds: no seed given")
+  if seeds is None:
+    seeds = [int(overrides.get("seed", base.seed))]
+  seeds = [int(_typed("seed", s, base, "--seeds ")) for s in seeds]
   method_by_arg = any(f == "method" for f, _ in axes) and _accepts_method(module, path, arg, base)
   settings, errors = [], []
   for combo in itertools.product(*(values for _, values in axes)):
@@ -135,20 +218,33 @@ def make_settings(config_ref: str, sweep: Optional[str],
       ref = f"{path}:{arg_i}"
     ov = {k: v for k, v in overrides.items() if k not in swept and
           not (method_by_arg and k == "method")} | swept
-    config = _get_config(module, path, arg_i)
-    _apply(config, ov)
-    try:
-      _validate(config)
-    except ValueError as e:
-      errors.append(f"setting {setting_name(fields)}: {e}")
+    name = setting_name(fields)
+    config = _built(module, path, arg_i, ov, name, errors)
+    runs = []
+    for seed in seeds:
+      run_ov = {k: v for k, v in ov.items() if k != "seed"} | {"seed": seed}
+      runs.append(Run(setting=name, seed=seed, config_ref=ref, overrides=tuple(run_ov.items()),
+                      config=_built(module, path, arg_i, run_ov, name, errors)))
     settings.append(Setting(fields=fields, config_ref=ref, overrides=tuple(ov.items()),
-                            config=config))
+                            config=config, runs=tuple(runs)))
   if errors:
-    raise SweepError("\n".join(errors))
+    raise SweepError("\n".join(dict.fromkeys(errors)))
   names = [s.name for s in settings]
   if len(set(names)) != len(names):  # e.g. values differing only in characters a path cannot hold
     raise SweepError(f"--sweep: settings map to the same sub-workdir name: {names}")
   return settings
+
+
+def _built(module, path: str, arg: Optional[str], overrides: Mapping[str, Any], name: str,
+           errors: list[str]) -> mlc.ConfigDict:
+  """get_config(arg) with the overrides set; a validation error is appended to `errors`."""
+  config = _get_config(module, path, arg)
+  _apply(config, overrides)
+  try:
+    _validate(config)
+  except ValueError as e:
+    errors.append(f"setting {name}: {e}")  # once per setting: the caller drops repeats
+  return config
 
 
 def split_config_ref(config_ref: str) -> tuple[str, Optional[str]]:
@@ -268,9 +364,9 @@ def is_finished(workdir: str) -> bool:
 
 
 def commands(settings: Sequence[Setting], workdir: str) -> list[str]:
-  """One launch.train line per setting; finished ones commented out, so `| bash` resumes."""
-  done = lambda s: is_finished(os.path.join(workdir, s.name))
-  return [("# finished: " if done(s) else "") + s.command(workdir) for s in settings]
+  """One launch.train line per run (seed-major); finished ones commented out: `| bash` resumes."""
+  done = lambda r: is_finished(os.path.join(workdir, r.name))
+  return [("# finished: " if done(r) else "") + r.command(workdir) for r in ordered_runs(settings)]
 
 
 RunFn = Callable[[mlc.ConfigDict, str], Any]
@@ -278,12 +374,13 @@ RunFn = Callable[[mlc.ConfigDict, str], Any]
 
 def run(settings: Sequence[Setting], workdir: str, *, run_fn: Optional[RunFn] = None,
         log: Callable[[str], None] = print) -> dict:
-  """Runs every unfinished setting in turn, then writes and prints the table; returns its JSON.
+  """Runs every unfinished (setting, seed) in turn, then writes and prints the table; returns its
+  JSON.
 
-  A setting that fails is reported and the others still run; a SweepError listing the failures
-  is raised at the end (after the table of the finished ones is written). A preempted setting
-  (SIGTERM) stops the sweep: the host is going away; the returned dict then names it under
-  "preempted" (launch.sweep exits with the trainer's preemption status).
+  A run that fails is reported and the others still run; a SweepError listing the failures is
+  raised at the end (after the table of the finished ones is written). A preempted run (SIGTERM)
+  stops the sweep: the host is going away; the returned dict then names it ('<setting>/seed=<s>')
+  under "preempted" (launch.sweep exits with the trainer's preemption status).
   """
   if run_fn is None:
     from mmap_jax.train import loop  # Deferred: --print_only needs no JAX.
@@ -291,83 +388,157 @@ def run(settings: Sequence[Setting], workdir: str, *, run_fn: Optional[RunFn] = 
   _validate_devices(settings)
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
-  todo = [s for s in settings if not is_finished(os.path.join(workdir, s.name))]
-  log(f"sweep: {len(settings)} settings, {len(settings) - len(todo)} finished, "
-      f"{len(todo)} to run, in {workdir}")
+  runs = ordered_runs(settings)
+  todo = [r for r in runs if not is_finished(os.path.join(workdir, r.name))]
+  seeds = list(dict.fromkeys(r.seed for r in runs))
+  log(f"sweep: {len(settings)} settings x {len(seeds)} seeds ({', '.join(map(str, seeds))}) = "
+      f"{len(runs)} runs, {len(runs) - len(todo)} finished, {len(todo)} to run, in {workdir}")
   failed, preempted = [], None
-  for i, s in enumerate(todo, 1):
-    sub = os.path.join(workdir, s.name)
-    log(f"sweep: [{i}/{len(todo)}] running {s.name}")
+  for i, r in enumerate(todo, 1):
+    sub = os.path.join(workdir, r.name)
+    log(f"sweep: [{i}/{len(todo)}] running {r.name}")
     try:
-      out = run_fn(s.config, sub)
+      out = run_fn(r.config, sub)
     except Exception as e:  # pylint: disable=broad-except
-      log(f"sweep: {s.name} failed: {type(e).__name__}: {e}")
-      failed.append((s.name, e))
+      log(f"sweep: {r.name} failed: {type(e).__name__}: {e}")
+      failed.append((r.name, e))
       continue
     if isinstance(out, dict) and out.get("preempted"):
-      log(f"sweep: {s.name} was preempted; stopping (re-run the sweep to resume)")
-      preempted = s.name
+      log(f"sweep: {r.name} was preempted; stopping (re-run the sweep to resume)")
+      preempted = r.name
       break
   summary = write_outputs(settings, workdir, log=log)
   if failed:
-    raise SweepError("settings failed: " + "; ".join(f"{n} ({type(e).__name__}: {e})"
-                                                      for n, e in failed))
+    raise SweepError("runs failed: " + "; ".join(f"{n} ({type(e).__name__}: {e})"
+                                                  for n, e in failed))
   return {**summary, "preempted": preempted} if preempted else summary
 
 
 def _validate_devices(settings: Sequence[Setting]) -> None:
-  """The per-device batch split of every setting, checked before the first one runs."""
+  """The per-device batch split of every run, checked before the first one runs."""
   import jax
   from mmap_jax.train import setup
   errors = []
   for s in settings:
-    try:
-      setup.validate(s.config, jax.device_count())
-    except ValueError as e:
-      errors.append(f"setting {s.name}: {e}")
+    for r in s.runs:
+      try:
+        setup.validate(r.config, jax.device_count())
+      except ValueError as e:
+        errors.append(f"setting {s.name}: {e}")
   if errors:
-    raise SweepError("\n".join(errors))
+    raise SweepError("\n".join(dict.fromkeys(errors)))
 
 
 # ----------------------------------------------------------------------------- outputs
 
 
+STD_NOTE = "sample std over seeds (ddof=1)"
+
+
+def seed_stat(values: Sequence[float]) -> dict:
+  """{"per_seed", "mean", "std"}: std is the sample std (ddof=1), None for a single seed."""
+  x = np.asarray(values, dtype=np.float64)
+  return {"per_seed": [float(v) for v in x], "mean": float(x.mean()),
+          "std": float(x.std(ddof=1)) if x.size >= 2 else None}
+
+
+def _read_run(workdir: str, r: Run) -> Optional[dict]:
+  path = os.path.join(workdir, r.name, RESULTS_FILE)
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
 def collect(settings: Sequence[Setting], workdir: str) -> dict:
-  """The sweep's results.json dict from the finished settings' own results.json files."""
+  """The sweep's results.json dict from the finished runs' own results.json files.
+
+  One row per setting with at least one finished seed: per-seed numbers and their mean / std.
+  The test accuracy (`accuracy`) and the validation accuracy (`val_accuracy`, written by runs
+  that select on a validation split) are kept apart; the latter only when every finished seed
+  of the row has it, so a mean never mixes runs with and without it.
+  """
   tasks: dict[str, dict] = {}
   rows = []
   for s in settings:
-    path = os.path.join(workdir, s.name, RESULTS_FILE)
-    if not os.path.isfile(path):
+    done = [(r, res) for r in s.runs if (res := _read_run(workdir, r)) is not None]
+    if not done:
       continue
-    with open(path) as f:
-      r = json.load(f)
-    for t, info in r["tasks"].items():
-      tasks.setdefault(t, {"num_classes": int(info["num_classes"])})
-    rows.append({"setting": s.values,
-                 "accuracy": {t: float(info["accuracy"]) for t, info in r["tasks"].items()},
-                 "average": float(r["average"]),
-                 "trainable_params": int(r["trainable_params"]),
-                 "trainable_percent": float(r["trainable_percent"]),
-                 "workdir": s.name})
-  return {"tasks": tasks, "rows": rows}
+    names = list(done[0][1]["tasks"])
+    for r, res in done:
+      if list(res["tasks"]) != names:
+        raise SweepError(f"{r.name}: tasks {list(res['tasks'])} differ from {names} of "
+                         f"{done[0][0].name}")
+      for t, info in res["tasks"].items():
+        tasks.setdefault(t, {"num_classes": int(info["num_classes"])})
+    results = [res for _, res in done]
+    params = [int(res["trainable_params"]) for res in results]
+    percent = [float(res["trainable_percent"]) for res in results]
+    row = {"setting": s.values,
+           "seeds": [r.seed for r, _ in done],
+           "n_seeds": len(done),
+           "workdirs": [r.name for r, _ in done],
+           "accuracy": {t: seed_stat([res["tasks"][t]["accuracy"] for res in results])
+                        for t in names},
+           "average": seed_stat([res["average"] for res in results])}
+    if all(res.get("val_accuracy") for res in results):
+      val = [{t: float(a) for t, a in res["val_accuracy"].items()} for res in results]
+      val_names = list(val[0])
+      row["val_accuracy"] = {t: seed_stat([v[t] for v in val]) for t in val_names}
+      row["val_average"] = seed_stat([np.mean([v[t] for t in val_names]) for v in val])
+    if any("selection" in res for res in results):
+      row["selection"] = [res.get("selection") for res in results]
+    row["groups"] = [res.get("groups") for res in results]
+    row |= {"trainable_params": int(round(float(np.mean(params)))),
+            "trainable_percent": float(np.mean(percent)),
+            "trainable_params_per_seed": params, "trainable_percent_per_seed": percent}
+    rows.append(row)
+  seeds = list(dict.fromkeys(r.seed for s in settings for r in s.runs))
+  missing = [r.name for r in ordered_runs(settings)
+             if not is_finished(os.path.join(workdir, r.name))]
+  return {"tasks": tasks, "seeds": seeds, "std": STD_NOTE, "missing": missing, "rows": rows}
+
+
+def format_stat(stat: Mapping[str, Any]) -> str:
+  """A fraction stat as a % cell: '48.90 ± 1.20', or '48.90' for one seed."""
+  cell = f"{100 * stat['mean']:.2f}"
+  return cell if stat["std"] is None else f"{cell} ± {100 * stat['std']:.2f}"
+
+
+def _params_cell(row: Mapping[str, Any]) -> str:
+  lo, hi = min(row["trainable_params_per_seed"]), max(row["trainable_params_per_seed"])
+  return f"{lo:,}" if lo == hi else f"{lo:,}-{hi:,}"
 
 
 def markdown_table(summary: Mapping[str, Any], fields: Sequence[str]) -> str:
-  """Paper-style: one row per setting; swept fields, task accuracies (%), average, params."""
+  """Paper-style: one row per setting; swept fields, seeds, task accuracies (%), average,
+  validation average (when the runs have one), params; then a footnote saying what ± is."""
   tasks = list(summary["tasks"])
   keys = list(fields) or ["setting"]
-  head = keys + [f"{t} ({summary['tasks'][t]['num_classes']})" for t in tasks]
-  head += ["average", "trainable params", "trainable (%)"]
+  with_val = any("val_average" in row for row in summary["rows"])
+  head = keys + ["seeds"] + [f"{t} ({summary['tasks'][t]['num_classes']})" for t in tasks]
+  head += ["average"] + (["val average"] if with_val else [])
+  head += ["trainable params", "trainable (%)"]
   lines = ["| " + " | ".join(head) + " |",
            "|" + "---|" * len(keys) + "---:|" * (len(head) - len(keys))]
+  total = len(summary["seeds"])
   for row in summary["rows"]:
     cells = [format_value(row["setting"][k]) for k in fields] or ["default"]
-    cells += [f"{100 * row['accuracy'][t]:.2f}" if t in row["accuracy"] else "-" for t in tasks]
-    cells += [f"**{100 * row['average']:.2f}**", f"{row['trainable_params']:,}",
-              f"{row['trainable_percent']:.4g}"]
+    n = row["n_seeds"]
+    cells.append(str(n) if n == total else f"{n} of {total}")
+    cells += [format_stat(row["accuracy"][t]) if t in row["accuracy"] else "-" for t in tasks]
+    cells.append(f"**{format_stat(row['average'])}**")
+    if with_val:
+      cells.append(format_stat(row["val_average"]) if "val_average" in row else "-")
+    cells += [_params_cell(row), f"{row['trainable_percent']:.4g}"]
     lines.append("| " + " | ".join(cells) + " |")
-  return "\n".join(lines)
+  seeds = ", ".join(map(str, summary["seeds"]))
+  note = (f"Test accuracy (%): mean ± {STD_NOTE} over the seeds column's runs (seeds {seeds}); "
+          "a single seed shows its value.")
+  if with_val:
+    note += (" val average: the same over the validation split, never mixed with test "
+             "numbers ('-' where a run has none).")
+  return "\n".join(lines + ["", note])
 
 
 def write_outputs(settings: Sequence[Setting], workdir: str, *,
@@ -377,69 +548,78 @@ def write_outputs(settings: Sequence[Setting], workdir: str, *,
   summary = collect(settings, workdir)
   fields = [f for f, _ in settings[0].fields] if settings else []
   table = markdown_table(summary, fields)
-  missing = [s.name for s in settings if not is_finished(os.path.join(workdir, s.name))]
   if jax.process_index() == 0:
     with open(os.path.join(workdir, RESULTS_FILE), "w") as f:
       json.dump(summary, f, indent=2)
     with open(os.path.join(workdir, TABLE_FILE), "w") as f:
       f.write(table + "\n")
-    labels = {s.name: s.label for s in settings}
-    plot_accuracy_vs_params(os.path.join(workdir, PLOT_FILE),
-                            [(labels[r["workdir"]], r["trainable_percent"], r["average"])
-                             for r in summary["rows"]])
+    label = lambda row: next(s.label for s in settings if s.values == row["setting"])
+    plot_accuracy_vs_params(
+        os.path.join(workdir, PLOT_FILE),
+        [(label(r), r["trainable_percent"], r["average"]["mean"], r["average"]["std"])
+         for r in summary["rows"]])
     copy_affinity_plots(settings, workdir)
     log(table)
-    if missing:
-      log(f"sweep: not finished: {', '.join(missing)}")
+    if summary["missing"]:
+      log(f"sweep: not finished: {', '.join(summary['missing'])}")
   return summary
 
 
 def copy_affinity_plots(settings: Sequence[Setting], workdir: str) -> list[str]:
-  """`<setting>/affinity.png` -> `affinity_<setting>.png`, next to the table."""
+  """`<setting>/seed=<s>/affinity.png` -> `affinity_<setting>__seed=<s>.png`, next to the table
+  (grouping draws its own batches, so seeds can group differently)."""
   out = []
   for s in settings:
-    src = os.path.join(workdir, s.name, AFFINITY_PLOT)
-    if os.path.isfile(src):
-      dst = os.path.join(workdir, f"affinity_{s.name}.png")
-      shutil.copyfile(src, dst)
-      out.append(dst)
+    for r in s.runs:
+      src = os.path.join(workdir, r.name, AFFINITY_PLOT)
+      if os.path.isfile(src):
+        dst = os.path.join(workdir, f"affinity_{s.name}__{seed_dir(r.seed)}.png")
+        shutil.copyfile(src, dst)
+        out.append(dst)
   return out
 
 
-def plot_accuracy_vs_params(path: str, points: Iterable[tuple[str, float, float]]) -> None:
-  """The paper's Figure 1: x = trainable params (% of CLIP, log), y = average accuracy (%).
+Point = tuple[str, float, float, Optional[float]]  # label, trainable %, mean accuracy, its std
+
+
+def plot_accuracy_vs_params(path: str, points: Iterable[Point]):
+  """The paper's Figure 1: x = trainable params (% of CLIP, log), y = average accuracy (%),
+  with ± std error bars over seeds (none for a single seed); returns the matplotlib Figure.
 
   Settings without trainable parameters (zero-shot) cannot sit on a log axis: they are drawn as
-  a labelled horizontal dashed line instead.
+  a labelled horizontal dashed line instead, with a shaded ± std band.
   """
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure
   fig = Figure(figsize=(6.4, 4.4), dpi=110)
   FigureCanvasAgg(fig)
   ax = fig.add_subplot(1, 1, 1)
-  points = list(points)
-  pos = [(lbl, x, 100 * y) for lbl, x, y in points if x > 0]
-  for lbl, x, y in pos:
-    ax.scatter([x], [y], s=40, zorder=3)
+  points = [(lbl, x, 100 * y, 100 * (err or 0.0)) for lbl, x, y, err in points]
+  pos = [p for p in points if p[1] > 0]
+  for lbl, x, y, err in pos:
+    ax.errorbar([x], [y], yerr=[err], fmt="o", markersize=6, capsize=4, zorder=3)
     ax.annotate(lbl, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
   ax.set_xscale("log")
   if pos:
-    lo, hi = min(x for _, x, _ in pos), max(x for _, x, _ in pos)
+    lo, hi = min(x for _, x, _, _ in pos), max(x for _, x, _, _ in pos)
     ax.set_xlim(lo / 3, hi * 3)
   else:
     ax.set_xlim(1e-3, 10)
-  for lbl, x, y in points:
+  for lbl, x, y, err in points:
     if x <= 0:
-      ax.axhline(100 * y, linestyle="--", color="gray", linewidth=1)
-      ax.annotate(f"{lbl} (0 params)", (0.01, 100 * y), xycoords=("axes fraction", "data"),
+      ax.axhline(y, linestyle="--", color="gray", linewidth=1)
+      if err:
+        ax.axhspan(y - err, y + err, color="gray", alpha=0.15, linewidth=0)
+      ax.annotate(f"{lbl} (0 params)", (0.01, y), xycoords=("axes fraction", "data"),
                   textcoords="offset points", xytext=(0, 3), fontsize=8, color="gray")
-  ys = [100 * y for _, _, y in points]
-  if ys:
-    pad = max(2.0, 0.1 * (max(ys) - min(ys)))
-    ax.set_ylim(min(ys) - pad, max(ys) + pad)
+  if points:
+    lo, hi = min(y - e for _, _, y, e in points), max(y + e for _, _, y, e in points)
+    pad = max(2.0, 0.1 * (hi - lo))
+    ax.set_ylim(lo - pad, hi + pad)
   ax.set_xlabel("trainable parameters (% of CLIP, log scale)")
-  ax.set_ylabel("average accuracy (%)")
+  ax.set_ylabel("average accuracy (%), mean ± std over seeds")
   ax.set_title("Accuracy vs trainable parameters")
   ax.grid(True, which="both", alpha=0.3)
   fig.tight_layout()
   fig.savefig(path, format="png")
+  return fig

@@ -1,4 +1,5 @@
-"""launch.sweep: a tiny two-setting sweep, its table vs the per-run JSONs, resume, CLI, errors."""
+"""launch.sweep: a tiny 2-setting x 2-seed sweep, its table vs the per-run JSONs, resume, CLI,
+errors; seed statistics, table and plot on fake per-run results (no training)."""
 from __future__ import annotations
 
 import json
@@ -8,6 +9,7 @@ import shlex
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -40,14 +42,20 @@ class _Recorder:
     self.ran: list[str] = []
 
   def __call__(self, config, workdir):
-    self.ran.append(os.path.basename(workdir))
+    self.ran.append("/".join(pathlib.Path(workdir).parts[-2:]))  # '<setting>/seed=<s>'
     return loop.train_and_evaluate(config, workdir)
+
+
+SEEDS = (0, 1)
+RUNS = ["method=zeroshot/seed=0", "method=coop_mt/seed=0",
+        "method=zeroshot/seed=1", "method=coop_mt/seed=1"]   # seed-major
 
 
 @pytest.fixture(scope="module")
 def swept(env):
-  """zeroshot (evaluation only) and coop_mt (6 tiny steps), in process."""
-  settings = sweep.make_settings(env["ref"], "method=zeroshot,coop_mt", _overrides(env["data"]))
+  """zeroshot (evaluation only) and coop_mt (6 tiny steps), seeds 0 and 1, in process."""
+  settings = sweep.make_settings(env["ref"], "method=zeroshot,coop_mt", _overrides(env["data"]),
+                                 seeds=SEEDS)
   workdir = env["root"] / "cmp"
   rec = _Recorder()
   summary = sweep.run(settings, str(workdir), run_fn=rec, log=lambda s: None)
@@ -58,88 +66,150 @@ def _per_run(workdir: pathlib.Path, name: str) -> dict:
   return json.loads((workdir / name / "results.json").read_text())
 
 
+def _cells(md_line: str) -> list[str]:
+  return [c.strip() for c in md_line.strip().strip("|").split("|")]
+
+
 def test_table_matches_per_run_results(swept):
   workdir, summary = swept["workdir"], swept["summary"]
-  assert swept["ran"] == ["method=zeroshot", "method=coop_mt"]
+  assert swept["ran"] == RUNS
   saved = json.loads((workdir / "results.json").read_text())
   assert saved == json.loads(json.dumps(summary))
+  assert saved["seeds"] == [0, 1] and saved["missing"] == []
   assert [r["setting"] for r in saved["rows"]] == [{"method": "zeroshot"}, {"method": "coop_mt"}]
   names = ["photo", "clipart", "sketch", "painting"]
   assert saved["tasks"] == {t: {"num_classes": 10} for t in names}
   md_rows = [l for l in (workdir / "results.md").read_text().splitlines() if l.startswith("| ")]
-  assert md_rows[0].split(" | ")[:2] == ["| method", "photo (10)"]
+  assert _cells(md_rows[0])[:3] == ["method", "seeds", "photo (10)"]
+  assert "val average" not in md_rows[0]   # these runs report no validation accuracy
   for row, md in zip(saved["rows"], md_rows[1:]):
-    run = _per_run(workdir, row["workdir"])
-    assert run["method"] == row["setting"]["method"]
-    assert row["accuracy"] == {t: run["tasks"][t]["accuracy"] for t in names}
-    assert all(0.0 <= a <= 1.0 for a in row["accuracy"].values())
-    assert row["average"] == pytest.approx(np.mean(list(row["accuracy"].values())))
-    assert row["average"] == run["average"]
-    assert row["trainable_params"] == run["trainable_params"]
-    assert row["trainable_percent"] == run["trainable_percent"]
-    cells = [c.strip() for c in md.strip("|").split("|")]
-    assert cells[0] == row["setting"]["method"]
-    assert cells[1:5] == [f"{100 * row['accuracy'][t]:.2f}" for t in names]
-    assert cells[5] == f"**{100 * row['average']:.2f}**"
-    assert cells[6] == f"{row['trainable_params']:,}"
+    runs = [_per_run(workdir, w) for w in row["workdirs"]]
+    assert row["workdirs"] == [f"method={row['setting']['method']}/seed={s}" for s in SEEDS]
+    assert row["seeds"] == [0, 1] and row["n_seeds"] == 2
+    assert [r["method"] for r in runs] == [row["setting"]["method"]] * 2
+    for t in names:
+      per_seed = [r["tasks"][t]["accuracy"] for r in runs]
+      assert row["accuracy"][t]["per_seed"] == per_seed
+      assert row["accuracy"][t]["mean"] == pytest.approx(np.mean(per_seed))
+      assert row["accuracy"][t]["std"] == pytest.approx(np.std(per_seed, ddof=1))
+    assert row["average"]["per_seed"] == [r["average"] for r in runs]
+    assert row["trainable_params_per_seed"] == [r["trainable_params"] for r in runs]
+    assert row["trainable_params"] == runs[0]["trainable_params"] == runs[1]["trainable_params"]
+    assert row["trainable_percent"] == pytest.approx(runs[0]["trainable_percent"])
+    cells = _cells(md)
+    assert cells[:2] == [row["setting"]["method"], "2"]
+    assert cells[2:6] == [sweep.format_stat(row["accuracy"][t]) for t in names]
+    assert all(" ± " in c for c in cells[2:6])
+    assert cells[6] == f"**{sweep.format_stat(row['average'])}**"
+    assert cells[7] == f"{row['trainable_params']:,}"
+  assert "mean ± sample std over seeds (ddof=1)" in (workdir / "results.md").read_text()
   assert saved["rows"][0]["trainable_params"] == 0 < saved["rows"][1]["trainable_params"]
   assert (workdir / "accuracy_vs_params.png").read_bytes()[:8] == PNG_MAGIC
 
 
-def test_resume_reruns_only_the_unfinished_setting(swept):
+def test_seeds_change_the_learned_prompts_not_the_split(swept):
+  """config.seed draws the prompt init and batches; the split comes from data.split_seed."""
+  from mmap_jax.train import setup, trained
   workdir, settings = swept["workdir"], swept["settings"]
-  kept = workdir / "method=coop_mt" / "results.json"
+  coop = settings[1]
+  assert [r.config.seed for r in coop.runs] == [0, 1]
+  assert {r.config.data.split_seed for r in coop.runs} == {0}
+  learned = [trained.load_trained(str(workdir / r.name)).learned for r in coop.runs]
+  leaves = [np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(l)]) for l in learned]
+  assert leaves[0].shape == leaves[1].shape and leaves[0].size > 0
+  assert not np.allclose(leaves[0], leaves[1])
+  splits = [[(t.info.name, t.info.num_train, t.info.num_test,
+              [ex["file_name"] for ex in t.test]) for t in setup.build_tasks(r.config)]
+            for r in coop.runs]
+  assert splits[0] == splits[1]
+  assert all(n_train > 0 and n_test > 0 for _, n_train, n_test, _ in splits[0])
+  # Zero-shot has nothing seeded: both seeds evaluate the same CLIP on the same test split.
+  zs = swept["summary"]["rows"][0]
+  assert all(len(set(a["per_seed"])) == 1 and a["std"] == 0.0 for a in zs["accuracy"].values())
+
+
+def test_resume_reruns_only_the_unfinished_run_from_its_own_checkpoints(swept):
+  workdir, settings = swept["workdir"], swept["settings"]
+  kept = workdir / "method=coop_mt" / "seed=0" / "results.json"
   mtime = kept.stat().st_mtime_ns
-  (workdir / "method=zeroshot" / "results.json").unlink()
+  redo = workdir / "method=coop_mt" / "seed=1"
+  before = _per_run(workdir, "method=coop_mt/seed=1")
+  steps = lambda: {p.name: p.stat().st_mtime_ns for p in (redo / "checkpoints").iterdir()
+                   if p.name.isdigit()}
+  saved_steps = steps()
+  assert saved_steps
+  (redo / "results.json").unlink()
+  (workdir / "method=zeroshot" / "seed=0" / "results.json").unlink()
   rec = _Recorder()
   again = sweep.run(settings, str(workdir), run_fn=rec, log=lambda s: None)
-  assert rec.ran == ["method=zeroshot"]
+  assert rec.ran == ["method=zeroshot/seed=0", "method=coop_mt/seed=1"]
   assert kept.stat().st_mtime_ns == mtime
+  # Restored at its last step (no new checkpoint, no training) and evaluated the same state.
+  assert steps() == saved_steps
+  assert _per_run(workdir, "method=coop_mt/seed=1")["tasks"] == before["tasks"]
   assert again == swept["summary"]
   rec = _Recorder()
   sweep.run(settings, str(workdir), run_fn=rec, log=lambda s: None)
   assert rec.ran == []
 
 
-def test_a_preempted_setting_stops_the_sweep_and_is_reported(swept, tmp_path):
+def test_a_preempted_run_stops_the_sweep_and_a_rerun_resumes_it(swept, tmp_path):
   ran = []
 
-  def preempted_run(config, workdir):
-    ran.append(os.path.basename(workdir))
-    return {"preempted": True, "step": 3}
-  out = sweep.run(swept["settings"], str(tmp_path / "p"), run_fn=preempted_run, log=lambda s: None)
-  assert ran == ["method=zeroshot"] and out["preempted"] == "method=zeroshot"
+  def run_fn(config, workdir):
+    name = os.path.relpath(workdir, tmp_path / "p")
+    ran.append(name)
+    if name == RUNS[1] and ran.count(name) == 1:
+      return {"preempted": True, "step": 3}
+    _fake_run(pathlib.Path(workdir), {"a": 0.5 + config.seed / 10})
+    return {}
+  out = sweep.run(swept["settings"], str(tmp_path / "p"), run_fn=run_fn, log=lambda s: None)
+  assert ran == RUNS[:2] and out["preempted"] == RUNS[1]
+  assert out["missing"] == RUNS[1:]
   assert "preempted" not in swept["summary"]
+  out = sweep.run(swept["settings"], str(tmp_path / "p"), run_fn=run_fn, log=lambda s: None)
+  assert ran == RUNS[:2] + RUNS[1:] and "preempted" not in out and out["missing"] == []
 
 
 def test_cli_print_only_runs_as_is_and_resume_only_tabulates(env, swept):
   """--print_only lines are runnable launch.train commands; a finished sweep only tabulates."""
   workdir = swept["workdir"]
-  flags = [f"--config={env['ref']}", "--sweep=method=zeroshot,coop_mt", f"--workdir={workdir}",
-           *fx.override_flags(env["data"])]
+  flags = [f"--config={env['ref']}", "--sweep=method=zeroshot,coop_mt", "--seeds=0,1",
+           f"--workdir={workdir}", *fx.override_flags(env["data"])]
   proc = subprocess.run([sys.executable, "-m", "launch.sweep", *flags, "--print_only"], cwd=REPO,
                         env=fx.subprocess_env(), capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   lines = proc.stdout.strip().splitlines()
-  assert len(lines) == 2 and all(l.startswith("# finished: python -m launch.train ") for l in lines)
-  zeroshot = shlex.split(lines[0][len("# finished: "):])
+  assert len(lines) == 4 and all(l.startswith("# finished: python -m launch.train ") for l in lines)
+  cmds = [shlex.split(l[len("# finished: "):]) for l in lines]
+  assert [c[-1] for c in cmds] == [f"--workdir={workdir / r}" for r in RUNS]
+  assert [[a for a in c if a.startswith("--config.seed=")] for c in cmds] == [
+      ["--config.seed=0"], ["--config.seed=0"], ["--config.seed=1"], ["--config.seed=1"]]
+  zeroshot = cmds[2]
   assert f"--config={DEMO}:method=zeroshot,clip={env['clip']},runlocal" in zeroshot
-  assert f"--workdir={workdir / 'method=zeroshot'}" in zeroshot
   assert f"--config.data.data_dir={env['data']}" in zeroshot
-  before = _per_run(workdir, "method=zeroshot")
-  (workdir / "method=zeroshot" / "results.json").unlink()
+  before = _per_run(workdir, RUNS[2])
+  (workdir / RUNS[2] / "results.json").unlink()
   train = subprocess.run([sys.executable, *zeroshot[1:]], cwd=REPO, env=fx.subprocess_env(),
                          capture_output=True, text=True, timeout=300)
   assert train.returncode == 0, train.stderr[-3000:]
-  assert _per_run(workdir, "method=zeroshot")["tasks"] == before["tasks"]
+  assert _per_run(workdir, RUNS[2])["tasks"] == before["tasks"]
 
   proc = subprocess.run([sys.executable, "-m", "launch.sweep", *flags], cwd=REPO,
                         env=fx.subprocess_env(), capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "2 finished, 0 to run" in proc.stdout
-  assert "| zeroshot |" in proc.stdout and "| coop_mt |" in proc.stdout
+  assert "2 settings x 2 seeds (0, 1) = 4 runs, 4 finished, 0 to run" in proc.stdout
+  assert "| zeroshot | 2 |" in proc.stdout and "| coop_mt | 2 |" in proc.stdout
   assert json.loads((workdir / "results.json").read_text()) == json.loads(
       json.dumps(swept["summary"]))
+
+
+def test_cli_rejects_a_seeds_value_that_is_not_an_int_list(env):
+  proc = subprocess.run([sys.executable, "-m", "launch.sweep", f"--config={env['ref']}",
+                         "--seeds=0,one", "--workdir=/tmp/never", "--print_only"], cwd=REPO,
+                        env=fx.subprocess_env(), capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0 and proc.stdout == ""
+  assert "--seeds='0,one': 'one' is not an int" in proc.stderr
 
 
 def test_grid_is_typed_and_method_rebuilds_the_config(env):
@@ -155,10 +225,10 @@ def test_grid_is_typed_and_method_rebuilds_the_config(env):
   assert [s.config.prompt.depth for s in settings] == [None, None, 3, 3]
   assert settings[2].config_ref == f"{DEMO}:method=mmap_mt,clip={env['clip']},runlocal"
   assert settings[2].values == {"method": "mmap_mt", "optim.lr": 0.01}
-  cmd = shlex.split(settings[3].command("/tmp/grid"))
+  cmd = shlex.split(settings[3].runs[0].command("/tmp/grid"))
   assert cmd[:4] == ["python", "-m", "launch.train", f"--config={settings[3].config_ref}"]
   assert "--config.optim.lr=0.02" in cmd and "--config.optim.lr=0.5" not in cmd
-  assert cmd[-1] == "--workdir=/tmp/grid/method=mmap_mt__optim.lr=0.02"
+  assert cmd[-2:] == ["--config.seed=0", "--workdir=/tmp/grid/method=mmap_mt__optim.lr=0.02/seed=0"]
   # Booleans, ints and a field the config file has no argument for.
   s = sweep.make_settings(env["ref"], "clip.remat=true,false;train.steps=3",
                           _overrides(env["data"]))
@@ -179,6 +249,10 @@ def test_grid_is_typed_and_method_rebuilds_the_config(env):
     ("method=coop_mt;method=zeroshot", {}, "field method is given twice"),
     ("method=coop_mt", {"train.stepz": "1"}, "--config.train.stepz: no such config field"),
     ("method=coop_mt", {"input.batch_size": "0"}, "input.batch_size=0 must be >= 1"),
+    ("seed=0,1", {}, "--sweep: seed cannot be swept; use --seeds=0,1,2"),
+    ("config.seed=0,1", {}, "--sweep: seed cannot be swept; use --seeds"),
+    ("method=coop_mt", {"seed": "-1"}, "seed=-1 must be >= 0"),
+    ("method=coop_mt", {"seed": "x"}, "seed='x': not a valid int"),
 ])
 def test_bad_sweeps_fail_naming_the_field(env, spec, overrides, needle):
   with pytest.raises(sweep.SweepError, match=needle.replace(".", r"\.").replace("(", r"\(")):
@@ -193,24 +267,187 @@ def test_setting_names_are_filesystem_safe_and_distinct():
   assert sweep.setting_name([]) == "default"
 
 
+def _fake_run(workdir: pathlib.Path, acc: dict, params: int = 100, percent: float = 0.01,
+              val: dict | None = None, **extra) -> None:
+  """A per-run results.json as train_and_evaluate writes it (optionally with val_accuracy)."""
+  workdir.mkdir(parents=True, exist_ok=True)
+  res = {"method": "m", "step": 6,
+         "tasks": {t: {"num_classes": 3, "accuracy": a} for t, a in acc.items()},
+         "average": float(np.mean(list(acc.values()))), "trainable_params": params,
+         "trainable_percent": percent, "groups": None, **extra}
+  if val is not None:
+    res["val_accuracy"] = val
+  (workdir / "results.json").write_text(json.dumps(res))
+
+
+def test_seed_expansion_names_configs_and_commands(env):
+  ov = _overrides(env["data"])
+  settings = sweep.make_settings(env["ref"], "method=coop_mt,mmap_mt", ov, seeds=[3, 1, 2])
+  assert [s.seeds for s in settings] == [(3, 1, 2)] * 2
+  assert [r.name for r in sweep.ordered_runs(settings)] == [
+      "method=coop_mt/seed=3", "method=mmap_mt/seed=3", "method=coop_mt/seed=1",
+      "method=mmap_mt/seed=1", "method=coop_mt/seed=2", "method=mmap_mt/seed=2"]
+  assert [r.config.seed for r in settings[1].runs] == [3, 1, 2]
+  assert all(r.config.prompt.depth == 3 for r in settings[1].runs)   # method still rebuilds
+  assert all(r.config.train.steps == 6 for s in settings for r in s.runs)
+  lines = sweep.commands(settings, "/w")
+  assert len(lines) == 6 and not any(l.startswith("#") for l in lines)
+  last = shlex.split(lines[-1])
+  assert last[-2:] == ["--config.seed=2", "--workdir=/w/method=mmap_mt/seed=2"]
+  assert sum(a.startswith("--config.seed=") for a in last) == 1
+  # Default: one run with the config's own seed, or with --config.seed.
+  assert [s.seeds for s in sweep.make_settings(env["ref"], "method=coop_mt", ov)] == [(0,)]
+  one = sweep.make_settings(env["ref"], "method=coop_mt", ov | {"seed": "7"})
+  assert one[0].seeds == (7,) and one[0].runs[0].name == "method=coop_mt/seed=7"
+  assert shlex.split(one[0].runs[0].command("/w")).count("--config.seed=7") == 1
+  with pytest.raises(sweep.SweepError, match="--config.seed and --seeds are both given"):
+    sweep.make_settings(env["ref"], "method=coop_mt", ov | {"seed": "7"}, seeds=[0, 1])
+
+
+@pytest.mark.parametrize("raw,needle", [
+    ("0,x", "'x' is not an int"), ("1.5", "'1.5' is not an int"), ("0,,1", "'' is not an int"),
+    ("0,-1", "seeds must be >= 0"), ("2,2", "repeats a seed")])
+def test_bad_seeds_fail_naming_the_flag(raw, needle):
+  with pytest.raises(sweep.SweepError, match=f"^--seeds={raw!r}: .*" + needle.replace(".", r"\.")):
+    sweep.parse_seeds(raw)
+
+
+def test_parse_seeds():
+  assert sweep.parse_seeds("0, 1,2") == [0, 1, 2] and sweep.parse_seeds("5") == [5]
+  assert sweep.parse_seeds(None) is None and sweep.parse_seeds("") is None
+
+
+# Known per-seed accuracies (fractions) of two tasks; seed 2 of coop_mt is unfinished.
+FAKE = {("method=mmap_mt", 0): {"a": 0.50, "b": 0.40},
+        ("method=mmap_mt", 1): {"a": 0.52, "b": 0.46},
+        ("method=mmap_mt", 2): {"a": 0.56, "b": 0.43},
+        ("method=coop_mt", 0): {"a": 0.30, "b": 0.20},
+        ("method=coop_mt", 1): {"a": 0.34, "b": 0.26}}
+
+
+@pytest.fixture()
+def fake_sweep(env, tmp_path):
+  """A 2-setting x 3-seed sweep whose runs are fake per-run files (run_fn writes them)."""
+  settings = sweep.make_settings(env["ref"], "method=mmap_mt,coop_mt", _overrides(env["data"]),
+                                 seeds=[0, 1, 2])
+  ran = []
+
+  def run_fn(config, workdir):
+    name = os.path.basename(os.path.dirname(workdir))
+    ran.append((name, config.seed))
+    if (name, config.seed) not in FAKE:
+      raise RuntimeError("diverged")
+    _fake_run(pathlib.Path(workdir), FAKE[name, config.seed], params=10_000, percent=0.1,
+              val={"a": 0.6 + config.seed / 100, "b": 0.5} if name == "method=mmap_mt" else None,
+              selection={"step": 6, "by": "val_average"} if name == "method=mmap_mt" else {})
+    return {}
+  return settings, run_fn, ran, tmp_path
+
+
+def test_mean_std_table_and_json_on_known_numbers(fake_sweep):
+  settings, run_fn, ran, workdir = fake_sweep
+  with pytest.raises(sweep.SweepError, match=r"runs failed: method=coop_mt/seed=2 \(RuntimeError"):
+    sweep.run(settings, str(workdir), run_fn=run_fn, log=lambda s: None)
+  assert ran == [("method=mmap_mt", 0), ("method=coop_mt", 0), ("method=mmap_mt", 1),
+                 ("method=coop_mt", 1), ("method=mmap_mt", 2), ("method=coop_mt", 2)]
+  saved = json.loads((workdir / "results.json").read_text())
+  assert saved["seeds"] == [0, 1, 2] and saved["missing"] == ["method=coop_mt/seed=2"]
+  mmap, coop = saved["rows"]
+  assert mmap["seeds"] == [0, 1, 2] and coop["seeds"] == [0, 1]
+  assert [mmap["n_seeds"], coop["n_seeds"]] == [3, 2]
+  assert coop["workdirs"] == ["method=coop_mt/seed=0", "method=coop_mt/seed=1"]
+  for row, name in ((mmap, "method=mmap_mt"), (coop, "method=coop_mt")):
+    seeds = row["seeds"]
+    for t in "ab":
+      x = [FAKE[name, s][t] for s in seeds]
+      assert row["accuracy"][t]["per_seed"] == x
+      assert row["accuracy"][t]["mean"] == pytest.approx(np.mean(x), abs=1e-12)
+      assert row["accuracy"][t]["std"] == pytest.approx(np.std(x, ddof=1), abs=1e-12)
+    avg = [np.mean(list(FAKE[name, s].values())) for s in seeds]
+    assert row["average"]["per_seed"] == pytest.approx(avg)
+    assert row["average"]["mean"] == pytest.approx(np.mean(avg))
+    assert row["average"]["std"] == pytest.approx(np.std(avg, ddof=1))
+  # Validation numbers only where the runs have them; test numbers untouched by them.
+  val = [[0.6 + s / 100, 0.5] for s in (0, 1, 2)]
+  assert mmap["val_accuracy"]["a"]["per_seed"] == pytest.approx([v[0] for v in val])
+  assert mmap["val_average"]["mean"] == pytest.approx(np.mean(val))
+  assert mmap["val_average"]["std"] == pytest.approx(np.std(np.mean(val, axis=1), ddof=1))
+  assert mmap["selection"] == [{"step": 6, "by": "val_average"}] * 3
+  assert "val_average" not in coop and "val_accuracy" not in coop
+  assert mmap["trainable_params"] == 10 ** 4 and mmap["trainable_params_per_seed"] == [10 ** 4] * 3
+  md = (workdir / "results.md").read_text().splitlines()
+  assert _cells(md[0]) == ["method", "seeds", "a (3)", "b (3)", "average", "val average",
+                           "trainable params", "trainable (%)"]
+  # a: 50, 52, 56 -> 52.67 ± 3.06; b: 40, 46, 43 -> 43.00 ± 3.00; averages 45, 49, 49.5.
+  assert _cells(md[2]) == ["mmap_mt", "3", "52.67 ± 3.06", "43.00 ± 3.00", "**47.83 ± 2.47**",
+                           "55.50 ± 0.50", "10,000", "0.1"]
+  assert _cells(md[3]) == ["coop_mt", "2 of 3", "32.00 ± 2.83", "23.00 ± 4.24",
+                           "**27.50 ± 3.54**", "-", "10,000", "0.1"]
+  assert "mean ± sample std over seeds (ddof=1)" in md[-1] and "seeds 0, 1, 2" in md[-1]
+  assert "val average: the same over the validation split" in md[-1]
+
+
+def test_one_seed_shows_the_value_and_a_partial_val_row_is_not_mixed(env, tmp_path):
+  settings = sweep.make_settings(env["ref"], "method=mmap_mt", _overrides(env["data"]),
+                                 seeds=[0, 1])
+  _fake_run(tmp_path / "method=mmap_mt/seed=0", {"a": 0.5}, val={"a": 0.7})
+  summary = sweep.write_outputs(settings, str(tmp_path), log=lambda s: None)
+  row = summary["rows"][0]
+  assert row["average"] == {"per_seed": [0.5], "mean": 0.5, "std": None}
+  assert row["val_average"] == {"per_seed": [0.7], "mean": 0.7, "std": None}
+  md = (tmp_path / "results.md").read_text().splitlines()
+  assert _cells(md[2])[:5] == ["mmap_mt", "1 of 2", "50.00", "**50.00**", "70.00"]
+  _fake_run(tmp_path / "method=mmap_mt/seed=1", {"a": 0.6})   # no val_accuracy
+  row = sweep.write_outputs(settings, str(tmp_path), log=lambda s: None)["rows"][0]
+  assert row["average"]["per_seed"] == [0.5, 0.6] and "val_average" not in row
+  assert "val average" not in (tmp_path / "results.md").read_text()
+
+
+def test_plot_draws_std_error_bars(fake_sweep, monkeypatch):
+  settings, run_fn, _, workdir = fake_sweep
+  for (name, seed), acc in FAKE.items():
+    _fake_run(workdir / name / f"seed={seed}", acc, percent=0.1 if "mmap" in name else 0.0)
+  drawn = []
+  real = sweep.plot_accuracy_vs_params
+  monkeypatch.setattr(sweep, "plot_accuracy_vs_params",
+                      lambda path, points: drawn.append(real(path, list(points))))
+  summary = sweep.write_outputs(settings, str(workdir), log=lambda s: None)
+  assert (workdir / "accuracy_vs_params.png").read_bytes()[:8] == PNG_MAGIC
+  fig = drawn[0]
+  ax = fig.axes[0]
+  bars = [c for c in ax.containers if c.has_yerr]
+  assert len(bars) == 1                       # the zero-parameter setting is a line + band
+  mean, std = summary["rows"][0]["average"]["mean"], summary["rows"][0]["average"]["std"]
+  (x0, lo), (x1, hi) = bars[0].lines[2][0].get_segments()[0]
+  assert x0 == x1 == pytest.approx(0.1)
+  assert (lo, hi) == pytest.approx((100 * (mean - std), 100 * (mean + std)))
+  coop = summary["rows"][1]["average"]
+  band = list(ax.patches)                     # axhspan: x in axes, y in data coordinates
+  assert len(band) == 1
+  ys = band[0].get_path().transformed(band[0].get_patch_transform()).vertices[:, 1]
+  assert (min(ys), max(ys)) == pytest.approx((100 * (coop["mean"] - coop["std"]),
+                                              100 * (coop["mean"] + coop["std"])))
+
+
 def test_plot_handles_only_zero_parameter_settings(tmp_path):
   path = tmp_path / "p.png"
-  sweep.plot_accuracy_vs_params(str(path), [("zeroshot", 0.0, 0.5)])
+  fig = sweep.plot_accuracy_vs_params(str(path), [("zeroshot", 0.0, 0.5, None)])
   assert path.read_bytes()[:8] == PNG_MAGIC
+  assert not fig.axes[0].containers and not fig.axes[0].patches
 
 
 def test_outputs_copy_affinity_heatmaps(env, tmp_path):
   """Without training: fake per-run files are enough for the table, plots and heatmap copies."""
-  settings = sweep.make_settings(env["ref"], "method=coop_mt,mmap_mt", _overrides(env["data"]))
+  settings = sweep.make_settings(env["ref"], "method=coop_mt,mmap_mt", _overrides(env["data"]),
+                                 seeds=[0, 1])
   for i, s in enumerate(settings):
-    (tmp_path / s.name).mkdir()
-    (tmp_path / s.name / "results.json").write_text(json.dumps({
-        "method": s.values["method"], "tasks": {"a": {"num_classes": 3, "accuracy": 0.5 + i / 4}},
-        "average": 0.5 + i / 4, "trainable_params": 10 ** (i + 2),
-        "trainable_percent": 0.01 * 10 ** i}))
-  (tmp_path / "method=mmap_mt" / "affinity.png").write_bytes(PNG_MAGIC + b"x")
+    for r in s.runs:
+      _fake_run(tmp_path / r.name, {"a": 0.5 + i / 4}, params=10 ** (i + 2),
+                percent=0.01 * 10 ** i)
+  (tmp_path / "method=mmap_mt" / "seed=1" / "affinity.png").write_bytes(PNG_MAGIC + b"x")
   summary = sweep.write_outputs(settings, str(tmp_path), log=lambda s: None)
-  assert [r["average"] for r in summary["rows"]] == [0.5, 0.75]
-  assert (tmp_path / "affinity_method=mmap_mt.png").read_bytes() == PNG_MAGIC + b"x"
-  assert not (tmp_path / "affinity_method=coop_mt.png").exists()
+  assert [r["average"]["mean"] for r in summary["rows"]] == [0.5, 0.75]
+  assert (tmp_path / "affinity_method=mmap_mt__seed=1.png").read_bytes() == PNG_MAGIC + b"x"
+  assert sorted(p.name for p in tmp_path.glob("affinity_*")) == [
+      "affinity_method=mmap_mt__seed=1.png"]
   assert (tmp_path / "accuracy_vs_params.png").read_bytes()[:8] == PNG_MAGIC

@@ -43,6 +43,7 @@ def validate(config: mlc.ConfigDict, num_devices: Optional[int] = None) -> None:
       errors.append(msg)
 
   need(config.method in METHODS, f"method={config.method!r}; allowed: {', '.join(METHODS)}")
+  need(config.seed >= 0, f"seed={config.seed} must be >= 0 (numpy seeds the data order with it)")
   need(config.data.name in DATASETS, f"data.name={config.data.name!r}; allowed: {DATASETS}")
   need(config.clip.dtype in DTYPES, f"clip.dtype={config.clip.dtype!r}; allowed: {tuple(DTYPES)}")
   need(config.clip.path is not None,
