@@ -403,6 +403,14 @@ def test_one_seed_shows_the_value_and_a_partial_val_row_is_not_mixed(env, tmp_pa
   assert "val average" not in (tmp_path / "results.md").read_text()
 
 
+def test_seeds_of_a_setting_with_different_tasks_are_refused(env, tmp_path):
+  settings = sweep.make_settings(env["ref"], None, _overrides(env["data"]), seeds=[0, 1])
+  _fake_run(tmp_path / "default/seed=0", {"a": 0.5})
+  _fake_run(tmp_path / "default/seed=1", {"b": 0.5})
+  with pytest.raises(sweep.SweepError, match=r"default/seed=1: tasks \['b'\] differ from \['a'\]"):
+    sweep.collect(settings, str(tmp_path))
+
+
 def test_plot_draws_std_error_bars(fake_sweep, monkeypatch):
   settings, run_fn, _, workdir = fake_sweep
   for (name, seed), acc in FAKE.items():
