@@ -432,7 +432,7 @@ def _validate_devices(settings: Sequence[Setting]) -> None:
 # ----------------------------------------------------------------------------- outputs
 
 
-STD_NOTE = "sample std over seeds (ddof=1)"
+STD_NOTE = "sample std over seeds (ddof=1); null for a single seed"
 
 
 def seed_stat(values: Sequence[float]) -> dict:
@@ -533,8 +533,8 @@ def markdown_table(summary: Mapping[str, Any], fields: Sequence[str]) -> str:
     cells += [_params_cell(row), f"{row['trainable_percent']:.4g}"]
     lines.append("| " + " | ".join(cells) + " |")
   seeds = ", ".join(map(str, summary["seeds"]))
-  note = (f"Test accuracy (%): mean ± {STD_NOTE} over the seeds column's runs (seeds {seeds}); "
-          "a single seed shows its value.")
+  note = (f"Test accuracy (%): mean ± sample std (ddof=1) over each row's seeds (n in the seeds "
+          f"column; seeds {seeds}); a row with one seed shows its value.")
   if with_val:
     note += (" val average: the same over the validation split, never mixed with test "
              "numbers ('-' where a run has none).")

@@ -102,7 +102,7 @@ def test_table_matches_per_run_results(swept):
     assert all(" ± " in c for c in cells[2:6])
     assert cells[6] == f"**{sweep.format_stat(row['average'])}**"
     assert cells[7] == f"{row['trainable_params']:,}"
-  assert "mean ± sample std over seeds (ddof=1)" in (workdir / "results.md").read_text()
+  assert "mean ± sample std (ddof=1) over each row's seeds" in (workdir / "results.md").read_text()
   assert saved["rows"][0]["trainable_params"] == 0 < saved["rows"][1]["trainable_params"]
   assert (workdir / "accuracy_vs_params.png").read_bytes()[:8] == PNG_MAGIC
 
@@ -383,7 +383,7 @@ def test_mean_std_table_and_json_on_known_numbers(fake_sweep):
                            "55.50 ± 0.50", "10,000", "0.1"]
   assert _cells(md[3]) == ["coop_mt", "2 of 3", "32.00 ± 2.83", "23.00 ± 4.24",
                            "**27.50 ± 3.54**", "-", "10,000", "0.1"]
-  assert "mean ± sample std over seeds (ddof=1)" in md[-1] and "seeds 0, 1, 2" in md[-1]
+  assert "mean ± sample std (ddof=1) over each row's seeds" in md[-1] and "seeds 0, 1, 2" in md[-1]
   assert "val average: the same over the validation split" in md[-1]
 
 
