@@ -3,7 +3,7 @@ r"""The embedded demo: 4 procedurally drawn domains of the demo world, and its o
   python -m launch.train --config=configs/demo.py --workdir=/tmp/mmap_demo
   python -m launch.train --config=configs/demo.py:method=coop_mt,runlocal --workdir=/tmp/x
 
-The frozen CLIP is `assets/demo_clip` (pretrained contrastively on a different mixture of styles
+The frozen CLIP is `mmap_jax/assets/demo_clip` (pretrained contrastively on a different mixture of styles
 of the same world by configs/demo_pretrain.py; rebuilt on first use if missing). No download.
 """
 import ml_collections as mlc
