@@ -48,15 +48,17 @@ def _pins(lines):
 
 
 def test_pyproject_dependencies_match_requirements():
-  """One set of pins: pyproject's dependencies are requirements.txt with plain `jax` (the CPU
-  runtime is the `cpu` extra, so an accelerator host keeps its own jaxlib)."""
+  """One set of pins: pyproject's dependencies are requirements.txt except jax, which is only a
+  lower bound there (the pinned runtimes are the cpu / cuda12 / tpu extras, so an accelerator host
+  keeps its own jax and jaxlib plugins)."""
   project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
   req = _pins((REPO / "requirements.txt").read_text().splitlines())
   dep = _pins(project["dependencies"])
   assert req.pop("jax") == "jax[cpu]==0.10.2"
-  assert dep.pop("jax") == "jax==0.10.2"
+  assert dep.pop("jax") == "jax>=0.10.2"
   assert req == dep
-  assert project["optional-dependencies"]["cpu"] == ["jax[cpu]==0.10.2"]
+  assert project["optional-dependencies"] == {
+      "cpu": ["jax[cpu]==0.10.2"], "cuda12": ["jax[cuda12]==0.10.2"], "tpu": ["jax[tpu]==0.10.2"]}
   for name, target in project["scripts"].items():   # each launcher defines the function named
     module, func = target.split(":")               # (read, not imported: their absl flags clash)
     assert name == "mmap-" + module.split(".")[-1]
