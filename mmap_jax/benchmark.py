@@ -531,7 +531,7 @@ def torch_reference_args(w: Workload, config, tokens_file: str, out_file: str) -
   return [sys.executable, str(TORCH_REFERENCE), "--arch", arch,
           "--tokens", tokens_file, "--groups", json.dumps([list(g) for g in w.groups]),
           "--length", str(w.spec.length), "--depth", str(w.spec.depth_for(w.clip_cfg)),
-          "--source_length", str(w.spec.source_length), "--source_dim", str(w.spec.source_dim),
+          "--source_length", str(w.spec.source_length), "--source_dim", str(w.spec.source_dim_for(w.clip_cfg)),
           "--batch_size", str(w.batch_size), "--runs", str(config.torch_runs),
           "--warmup", str(config.torch_warmup), "--threads", str(config.torch_threads),
           "--attn", str(config.torch_attn), "--seed", str(config.seed), "--out", out_file]

@@ -123,7 +123,7 @@ def test_cli_print_only_runs_as_is_and_resume_only_tabulates(env, swept):
   lines = proc.stdout.strip().splitlines()
   assert len(lines) == 2 and all(l.startswith("# finished: python -m launch.train ") for l in lines)
   zeroshot = shlex.split(lines[0][len("# finished: "):])
-  assert f"--config={DEMO}:method=zeroshot,clip={env['clip']},runlocal" in zeroshot
+  assert f"--config={env['ref']}" in zeroshot and "--config.method=zeroshot" in zeroshot
   assert f"--workdir={workdir / 'method=zeroshot'}" in zeroshot
   assert f"--config.data.data_dir={env['data']}" in zeroshot
   before = _per_run(workdir, "method=zeroshot")
@@ -142,7 +142,7 @@ def test_cli_print_only_runs_as_is_and_resume_only_tabulates(env, swept):
       json.dumps(swept["summary"]))
 
 
-def test_grid_is_typed_and_method_rebuilds_the_config(env):
+def test_grid_is_typed_and_method_is_a_plain_field(env):
   ov = _overrides(env["data"]) | {"optim.lr": "0.5"}
   settings = sweep.make_settings(env["ref"], "method=coop_mt,mmap_mt; optim.lr=0.01,0.02", ov)
   assert [s.name for s in settings] == [
@@ -151,13 +151,15 @@ def test_grid_is_typed_and_method_rebuilds_the_config(env):
   assert [s.config.optim.lr for s in settings] == [0.01, 0.02, 0.01, 0.02]  # sweep beats --config
   assert all(isinstance(s.config.optim.lr, float) for s in settings)
   assert all(s.config.train.steps == 6 for s in settings)                  # overrides everywhere
-  # The demo config sets prompt.depth per method family in get_config: rebuilt, not overridden.
-  assert [s.config.prompt.depth for s in settings] == [None, None, 3, 3]
-  assert settings[2].config_ref == f"{DEMO}:method=mmap_mt,clip={env['clip']},runlocal"
+  # No field depends on `method` at get_config time: it is overridden like any other field.
+  assert [s.config.prompt.depth for s in settings] == [None, None, None, None]
+  assert [s.config.method for s in settings] == ["coop_mt", "coop_mt", "mmap_mt", "mmap_mt"]
+  assert all(s.config_ref == env["ref"] for s in settings)
   assert settings[2].values == {"method": "mmap_mt", "optim.lr": 0.01}
   cmd = shlex.split(settings[3].command("/tmp/grid"))
   assert cmd[:4] == ["python", "-m", "launch.train", f"--config={settings[3].config_ref}"]
   assert "--config.optim.lr=0.02" in cmd and "--config.optim.lr=0.5" not in cmd
+  assert "--config.method=mmap_mt" in cmd
   assert cmd[-1] == "--workdir=/tmp/grid/method=mmap_mt__optim.lr=0.02"
   # Booleans, ints and a field the config file has no argument for.
   s = sweep.make_settings(env["ref"], "clip.remat=true,false;train.steps=3",
