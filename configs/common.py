@@ -61,11 +61,13 @@ def base_config(*, method: str = "mmap_mt", runlocal: bool = False) -> mlc.Confi
   c.clip.dtype = "float32"      # compute dtype of the encoders: float32 | bfloat16
   c.clip.remat = False          # rematerialise encoder blocks in the backward pass
 
-  c.prompt = mlc.ConfigDict()   # see mmap_jax/prompts/spec.py; None = the method's default
+  # See mmap_jax/prompts/spec.py. None = the method family's default for the CLIP at hand,
+  # resolved by PromptSpec, never here: a field means the same whichever way `method` is set.
+  c.prompt = mlc.ConfigDict()
   c.prompt.length = mlc.FieldReference(None, field_type=int)         # L tokens per layer
   c.prompt.depth = mlc.FieldReference(None, field_type=int)          # J prompted layers
   c.prompt.source_length = mlc.FieldReference(None, field_type=int)  # MmAP L_s (None = L)
-  c.prompt.source_dim = 256                                          # MmAP d_s
+  c.prompt.source_dim = mlc.FieldReference(None, field_type=int)     # MmAP d_s (None: 256)
   c.prompt.per_layer_scaling = False
   c.prompt.init_std = 0.02
   c.prompt.vpt_init = "xavier_uniform"

@@ -1,15 +1,16 @@
 r"""Pretraining of the demo's own small CLIP (mmap_jax/pretrain.py) on the demo world's pairs.
 
   python -m launch.pretrain --config=configs/demo_pretrain.py --workdir=/tmp/demo_pretrain \
-      --out=assets/demo_clip --vocab=../shared/clip_bpe/bpe_simple_vocab_16e6.txt.gz
+      --out=mmap_jax/assets/demo_clip
 
-regenerates the committed assets/demo_clip (run from the repository root, next to ../shared).
+regenerates the committed mmap_jax/assets/demo_clip (run from the repository root; the BPE merges
+are the packaged mmap_jax/assets/clip_bpe file).
 Measured twice on 2 CPU cores shared with other jobs: 8 min 06 s and 10 min 34 s wall (1200
 steps at 0.24 s/step while the machine was otherwise idle, 0.40 and 0.52 s/step on average with
 the other jobs), bit-identical weights both times. Final loss 1.60 (1.49 averaged over the last
 50 steps); zero-shot "a photo of a {object}." on 300 demo images per domain: photo 0.473,
 clipart 0.257, sketch 0.207, painting 0.490 (average 0.357, chance 0.100).
-assets/demo_clip/pretrain_report.json has the rest.
+mmap_jax/assets/demo_clip/pretrain_report.json has the rest.
 Arguments after the colon:
   runlocal     a seconds-long smoke run (tiny model, few steps, small batch)
   steps=N      override train.steps

@@ -15,8 +15,9 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from mmap_jax import host_runtime
+from launch import entry
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/benchmark.py",
+_CONFIG = config_flags.DEFINE_config_file("config", entry.resolve_config_path("configs/benchmark.py"),
                                           "Benchmark config file[:args].", lock_config=False)
 _OUT = flags.DEFINE_string("out", None, "Write the JSON result here (also printed).")
 _VS_TORCH = flags.DEFINE_bool("vs_torch", None, "Also run the PyTorch reference step in the same "
@@ -34,7 +35,10 @@ def main(argv):
   print(benchmark.write_json(result, _OUT.value), flush=True)
 
 
+def run():
+  """The `mmap-benchmark` console script."""
+  entry.run(main, xla_flags=host_runtime.CPU_FAST_XLA_FLAGS)
+
+
 if __name__ == "__main__":
-  host_runtime.reexec_with_tcmalloc()                       # before JAX or any thread starts
-  host_runtime.apply_xla_flags(host_runtime.CPU_FAST_XLA_FLAGS)
-  app.run(main)
+  run()

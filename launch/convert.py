@@ -14,6 +14,7 @@ from absl import app, flags
 from mmap_jax.checkpoints import CheckpointError
 from mmap_jax.checkpoints.convert import convert
 from mmap_jax.models.config import ACTIVATIONS
+from launch import entry
 _SRC = flags.DEFINE_string("src", None, "Hugging Face CLIP directory, or an OpenAI / open_clip "
                            "checkpoint file (.pt TorchScript, .bin/.pth state dict, .safetensors).")
 _OUT = flags.DEFINE_string("out", None, "Directory to write the converted checkpoint to.")
@@ -37,5 +38,10 @@ def main(argv: Sequence[str]) -> None:
     raise SystemExit(f"error: {e}") from None
 
 
+def run():
+  """The `mmap-convert` console script."""
+  entry.run(main, tcmalloc=False)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  run()

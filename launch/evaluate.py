@@ -8,9 +8,9 @@ Writes results.json / results.md (the per-task accuracy table) into --out (defau
 from absl import app, flags
 from ml_collections import config_flags
 
-from mmap_jax import host_runtime
 from mmap_jax import parallel
 from mmap_jax.train import loop
+from launch import entry
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:args].",
                                           lock_config=True)
@@ -27,6 +27,10 @@ def main(argv):
   loop.evaluate_workdir(_CONFIG.value, _WORKDIR.value, step=_STEP.value, out=_OUT.value)
 
 
+def run():
+  """The `mmap-evaluate` console script."""
+  entry.run(main)
+
+
 if __name__ == "__main__":
-  host_runtime.reexec_with_tcmalloc()   # host allocator; before JAX starts
-  app.run(main)
+  run()

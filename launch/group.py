@@ -8,9 +8,9 @@ Writes affinity.npy, affinity.png (labelled heatmap) and groups.json into the wo
 from absl import app, flags
 from ml_collections import config_flags
 
-from mmap_jax import host_runtime
 from mmap_jax import parallel
 from mmap_jax.train import loop
+from launch import entry
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:args].",
                                           lock_config=True)
@@ -26,6 +26,10 @@ def main(argv):
   print("groups:", "; ".join(" + ".join(g) for g in groups), flush=True)
 
 
+def run():
+  """The `mmap-group` console script."""
+  entry.run(main)
+
+
 if __name__ == "__main__":
-  host_runtime.reexec_with_tcmalloc()   # host allocator; before JAX starts
-  app.run(main)
+  run()

@@ -17,6 +17,7 @@ from absl import app, flags
 from mmap_jax.checkpoints import CheckpointError
 from mmap_jax.data.images import UnreadableImageError
 from mmap_jax.predict import DEFAULT_TEMPLATE, format_table, predict_files
+from launch import entry
 
 _CLIP = flags.DEFINE_string("clip", None, "A converted CLIP checkpoint (python -m launch.convert).")
 _CLASSES = flags.DEFINE_list("classes", None, "Comma-separated class names.")
@@ -43,5 +44,10 @@ def main(argv: Sequence[str]) -> None:
   print(json.dumps(results, indent=2) if _JSON.value else format_table(results))
 
 
+def run():
+  """The `mmap-predict` console script."""
+  entry.run(main, tcmalloc=False)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  run()

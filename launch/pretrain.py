@@ -1,7 +1,7 @@
 r"""Pretrain the demo's small CLIP and write it in the project's CLIP format.
 
   python -m launch.pretrain --config=configs/demo_pretrain.py --workdir=/tmp/demo_pretrain \
-      --out=assets/demo_clip --vocab=../shared/clip_bpe/bpe_simple_vocab_16e6.txt.gz
+      --out=mmap_jax/assets/demo_clip
 
 Resumes from the workdir's latest checkpoint; the output directory (default <workdir>/clip) gets
 clip.json, model.safetensors, the tokenizer and pretrain_report.json, replacing what was there
@@ -10,25 +10,30 @@ atomically. The library call is `mmap_jax.pretrain.launch`.
 from absl import app, flags
 from ml_collections import config_flags
 
-from mmap_jax import host_runtime
-from mmap_jax import parallel, pretrain
+from mmap_jax import parallel, pretrain, resources
+from launch import entry
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Pretraining config file[:args].",
                                           lock_config=False)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where the resumable checkpoints go.")
 _OUT = flags.DEFINE_string("out", None, "Output CLIP directory (default <workdir>/clip).")
-_VOCAB = flags.DEFINE_string("vocab", None, "CLIP's bpe_simple_vocab_16e6.txt.gz.")
-flags.mark_flags_as_required(["config", "workdir", "vocab"])
+_VOCAB = flags.DEFINE_string("vocab", None, "CLIP's bpe_simple_vocab_16e6.txt.gz (default: the "
+                             "copy shipped in mmap_jax/assets/clip_bpe).")
+flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   parallel.maybe_initialize_distributed()
-  out = pretrain.launch(_CONFIG.value, workdir=_WORKDIR.value, vocab=_VOCAB.value, out=_OUT.value)
+  out = pretrain.launch(_CONFIG.value, workdir=_WORKDIR.value, vocab=_VOCAB.value or resources.clip_bpe_path(), out=_OUT.value)
   print(f"pretrained CLIP written to {out}")
 
 
+def run():
+  """The `mmap-pretrain` console script."""
+  entry.run(main)
+
+
 if __name__ == "__main__":
-  host_runtime.reexec_with_tcmalloc()   # host allocator; before JAX starts
-  app.run(main)
+  run()

@@ -25,8 +25,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from mmap_jax import host_runtime
 from mmap_jax import sweep
+from launch import entry
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Base experiment config file[:args]; --config.* overrides apply to every "
@@ -63,6 +63,10 @@ def main(argv):
     sys.exit(loop.PREEMPTED_EXIT_CODE)
 
 
+def run():
+  """The `mmap-sweep` console script."""
+  entry.run(main)
+
+
 if __name__ == "__main__":
-  host_runtime.reexec_with_tcmalloc()   # host allocator; before JAX starts
-  app.run(main)
+  run()

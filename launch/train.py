@@ -14,9 +14,9 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from mmap_jax import host_runtime
 from mmap_jax import parallel
 from mmap_jax.train import loop
+from launch import entry
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:args].",
                                           lock_config=True)
@@ -33,6 +33,10 @@ def main(argv):
     sys.exit(loop.PREEMPTED_EXIT_CODE)
 
 
+def run():
+  """The `mmap-train` console script."""
+  entry.run(main)
+
+
 if __name__ == "__main__":
-  host_runtime.reexec_with_tcmalloc()   # host allocator; before JAX starts
-  app.run(main)
+  run()

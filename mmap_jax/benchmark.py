@@ -44,7 +44,7 @@ import ml_collections as mlc
 import numpy as np
 
 from mmap_jax import heads
-from mmap_jax import host_runtime
+from mmap_jax import host_runtime, resources
 from mmap_jax.models import clip
 from mmap_jax.models.config import ClipConfig, get_variant
 from mmap_jax.prompts import multitask
@@ -56,7 +56,7 @@ RESULT_KEYS = ("step_s_median", "step_s_min", "step_s_max", "images_per_s", "com
 TORCH_KEYS = ("torch_step_s_median", "torch_peak_memory_bytes", "speedup_vs_torch")
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-DEFAULT_VOCAB = REPO_ROOT.parent / "shared" / "clip_bpe" / "bpe_simple_vocab_16e6.txt.gz"
+DEFAULT_VOCAB = resources.clip_bpe_path()
 TORCH_REFERENCE = REPO_ROOT / "benchmarks" / "torch_reference.py"
 
 # Office-Home's 65 classes (the workload's class names; the order of the official release).
@@ -240,7 +240,7 @@ def class_names(config: mlc.ConfigDict) -> list[list[str]]:
 
 
 def resolve_vocab(vocab: Optional[str]) -> Optional[pathlib.Path]:
-  """'auto' -> the shared BPE file if present; '' / 'none' / None -> synthetic class tokens."""
+  """'auto' -> the packaged CLIP BPE file; '' / 'none' / None -> synthetic class tokens."""
   if vocab in (None, "", "none", "synthetic"):
     return None
   path = DEFAULT_VOCAB if vocab == "auto" else pathlib.Path(vocab)
@@ -531,7 +531,7 @@ def torch_reference_args(w: Workload, config, tokens_file: str, out_file: str) -
   return [sys.executable, str(TORCH_REFERENCE), "--arch", arch,
           "--tokens", tokens_file, "--groups", json.dumps([list(g) for g in w.groups]),
           "--length", str(w.spec.length), "--depth", str(w.spec.depth_for(w.clip_cfg)),
-          "--source_length", str(w.spec.source_length), "--source_dim", str(w.spec.source_dim),
+          "--source_length", str(w.spec.source_length), "--source_dim", str(w.spec.source_dim_for(w.clip_cfg)),
           "--batch_size", str(w.batch_size), "--runs", str(config.torch_runs),
           "--warmup", str(config.torch_warmup), "--threads", str(config.torch_threads),
           "--attn", str(config.torch_attn), "--seed", str(config.seed), "--out", out_file]

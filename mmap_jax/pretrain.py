@@ -12,7 +12,7 @@ the result.
   pretrain(config, workdir, out=...)      -> the output CLIP directory (+ pretrain_report.json)
   launch(config, workdir=, vocab=, out=)  -> the same, as `python -m launch.pretrain` runs it
   zero_shot_accuracy(cfg, params, ...)    -> accuracy per downstream demo domain
-  ensure_demo_clip(path, vocab_path=...)  -> the committed assets/demo_clip, or builds it
+  ensure_demo_clip(path, vocab_path=...)  -> the committed mmap_jax/assets/demo_clip, or builds it
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 from PIL import Image
 
-from mmap_jax import parallel
+from mmap_jax import parallel, resources
 from mmap_jax.checkpoints import store
 from mmap_jax.checkpoints.errors import CheckpointError
 from mmap_jax.data import demo_world
@@ -58,7 +58,7 @@ MAX_LOGIT_SCALE = math.log(100.0)
 ZERO_SHOT_TEMPLATE = "a photo of a {}."
 REPORT_FILE = "pretrain_report.json"
 DRAW_SIZE = 64  # demo_world draws at the demo tree's size; the model's input size may differ
-DEFAULT_DEMO_CLIP = pathlib.Path(__file__).resolve().parents[1] / "assets" / "demo_clip"
+DEFAULT_DEMO_CLIP = resources.demo_clip_dir()
 
 _STREAM_TAG = 0x50C1   # seed-stream tags of this module's drawn pairs and their augmentation
 _AUGMENT_TAG = 0x50C2
@@ -73,7 +73,7 @@ _CAPTION_SUFFIXES = ("centered", "close-up", "high quality", "in the middle of t
 # ----------------------------------------------------------------------------- config
 
 def default_config() -> mlc.ConfigDict:
-  """The recipe that produced assets/demo_clip (configs/demo_pretrain.py wraps it)."""
+  """The recipe that produced mmap_jax/assets/demo_clip (configs/demo_pretrain.py wraps it)."""
   c = mlc.ConfigDict()
   c.seed = 0
   c.vocab = mlc.FieldReference(None, field_type=str)  # CLIP BPE gz; always given by the caller
@@ -605,9 +605,10 @@ def read_report(directory: str | os.PathLike) -> Optional[dict]:
 
 def ensure_demo_clip(path: str | os.PathLike | None = None, *,
                      vocab_path: str | os.PathLike | None = None) -> str:
-  """The demo's pretrained CLIP: `path` (default: the committed assets/demo_clip) if it loads,
+  """The demo's pretrained CLIP: `path` (default: the committed mmap_jax/assets/demo_clip) if it loads,
   else pretrains it there with `default_config()` (about 10 minutes on 2 CPU cores, with a
-  progress bar) and returns it. `vocab_path` is only read when building."""
+  progress bar) and returns it. `vocab_path` (default: the packaged CLIP BPE file) is only read
+  when building."""
   target = pathlib.Path(path) if path is not None else DEFAULT_DEMO_CLIP
   if store.is_store(target):
     store.load(target)   # verify: a broken checkpoint is an error, never silently rebuilt
@@ -615,7 +616,7 @@ def ensure_demo_clip(path: str | os.PathLike | None = None, *,
   if target.exists() and any(target.iterdir()):
     raise CheckpointError(f"{target} exists but holds no CLIP checkpoint; remove it to rebuild")
   if vocab_path is None:
-    raise ValueError(f"no demo CLIP at {target}; building it needs vocab_path (CLIP's BPE file)")
+    vocab_path = resources.clip_bpe_path()
   config = default_config()
   config.vocab = str(vocab_path)
   workdir = target.parent / f".{target.name}.pretrain"

@@ -16,11 +16,10 @@ augmentation; the grouping warm-up uses seed+7 / seed+1). It does not touch the 
 train/test split is drawn from `data.split_seed` (and the demo world from `data.demo_seed`), so
 all seeds of a sweep train and test on the same examples.
 
-`method` is special: config files compute prompt defaults from it in `get_config(arg)` (the demo
-sets prompt.depth per method family), so when the config file takes a `method=` argument a swept
-method rebuilds the config from `file.py:method=X,<the other args>`; every other swept field, and
-`method` for files without that argument, is set like a `--config.field=value` override, after the
-user's own overrides. Values are parsed with the type of the existing config field and every
+Every swept field, `method` included, is set like a `--config.field=value` override, after the
+user's own overrides (no config field depends on `method` at `get_config` time: method-dependent
+defaults are resolved by PromptSpec and the optimizer recipes, so `--config.method=X` and
+`file.py:method=X` build the same run). Values are parsed with the type of the existing config field and every
 run is validated before anything runs, so a typo fails in seconds, naming the field.
 
 Runs go one after another in this process (`run`): `train_and_evaluate` builds its own jitted
@@ -207,17 +206,12 @@ def make_settings(config_ref: str, sweep: Optional[str],
   if seeds is None:
     seeds = [int(overrides.get("seed", base.seed))]
   seeds = [int(_typed("seed", s, base, "--seeds ")) for s in seeds]
-  method_by_arg = any(f == "method" for f, _ in axes) and _accepts_method(module, path, arg, base)
   settings, errors = [], []
   for combo in itertools.product(*(values for _, values in axes)):
     fields = tuple(zip((f for f, _ in axes), combo))
     swept = dict(fields)
     ref, arg_i = config_ref, arg
-    if method_by_arg:
-      arg_i = with_arg(arg, "method", swept.pop("method"))
-      ref = f"{path}:{arg_i}"
-    ov = {k: v for k, v in overrides.items() if k not in swept and
-          not (method_by_arg and k == "method")} | swept
+    ov = {k: v for k, v in overrides.items() if k not in swept} | swept
     name = setting_name(fields)
     config = _built(module, path, arg_i, ov, name, errors)
     runs = []
@@ -251,13 +245,6 @@ def split_config_ref(config_ref: str) -> tuple[str, Optional[str]]:
   """'configs/demo.py:a=1' -> ('configs/demo.py', 'a=1'), as ml_collections' config flag does."""
   path, has_arg, arg = config_ref.partition(":")
   return path, (arg if has_arg else None)
-
-
-def with_arg(arg: Optional[str], key: str, value: Any) -> str:
-  """The config argument string with `key=value` first and any earlier `key` removed."""
-  kept = [a for a in (arg or "").split(",")
-          if a.strip() and a.strip().partition("=")[0].strip() != key]
-  return ",".join([f"{key}={format_value(value)}", *kept])
 
 
 def setting_name(fields: Sequence[tuple[str, Any]]) -> str:
@@ -344,15 +331,6 @@ def _get_config(module, path: str, arg: Optional[str]) -> mlc.ConfigDict:
     return module.get_config(*([] if arg is None else [arg]))
   except (TypeError, ValueError) as e:
     raise SweepError(f"--config={path}:{arg or ''}: {e}") from None
-
-
-def _accepts_method(module, path: str, arg: Optional[str], base: mlc.ConfigDict) -> bool:
-  """Whether `get_config` takes a `method=` argument (probed with the base config's method)."""
-  try:
-    module.get_config(with_arg(arg, "method", base.method))
-    return True
-  except (TypeError, ValueError):
-    return False
 
 
 # ----------------------------------------------------------------------------- running

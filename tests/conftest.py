@@ -4,17 +4,17 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import pathlib
-
 import pytest
 
-SHARED = pathlib.Path(__file__).resolve().parents[1].parent / "shared"
-BPE_PATH = SHARED / "clip_bpe" / "bpe_simple_vocab_16e6.txt.gz"
+from mmap_jax import resources  # Imports no JAX: the flags above still take effect.
+
+BPE_PATH = resources.clip_bpe_path()
 
 
 @pytest.fixture(scope="session")
 def bpe_path():
-  """OpenAI's real CLIP BPE vocabulary, from ../shared (tests only)."""
+  """OpenAI's real CLIP BPE vocabulary: the copy shipped as package data (no ../shared needed;
+  tests/test_packaging.py checks it is byte-identical to OpenAI's file)."""
   if not BPE_PATH.exists():
-    pytest.fail(f"expected the real CLIP vocabulary at {BPE_PATH}")
+    pytest.fail(f"expected the packaged CLIP vocabulary at {BPE_PATH}")
   return BPE_PATH

@@ -29,6 +29,34 @@ def test_runlocal_shrinks(name):
   assert small.train.steps < full.train.steps and small.runlocal and not full.runlocal
 
 
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("method", METHODS)
+def test_method_means_the_same_from_the_argument_and_the_flag(name, method):
+  """`file.py:method=X` and `--config.method=X` build the same config, so the same run."""
+  module = importlib.import_module(f"configs.{name}")
+  by_arg = module.get_config(f"method={method},clip=/ckpt,root=/data")
+  by_flag = module.get_config("clip=/ckpt,root=/data")
+  by_flag.method = method
+  assert by_arg.to_dict() == by_flag.to_dict()
+
+
+@pytest.mark.parametrize("method,clip,length,depth,source_dim", [
+    ("mmap_mt", "ViT-B/16", 8, 11, 256), ("maple_mt", "ViT-B/16", 2, 9, None),
+    ("vpt_mt", "ViT-B/16", 8, 12, None), ("coop_mt", "ViT-B/16", 16, 1, None),
+    ("mmap_mt", "ViT-L/14", 8, 11, 256),
+    # The demo CLIP: 3 text / 4 vision layers, widths 64 / 128.
+    ("mmap_mt", "demo", 8, 3, 64), ("maple_st", "demo", 2, 3, None),
+    ("ivlp_mt", "demo", 2, 3, None), ("vpt_mt", "demo", 8, 4, None), ("coop_st", "demo", 16, 1, None),
+    ("mmap_st", "tiny", 8, 3, 16)])
+def test_prompt_defaults_resolve_against_the_clip(method, clip, length, depth, source_dim):
+  spec = PromptSpec(method=method).validate(get_variant(clip))
+  cfg = get_variant(clip)
+  assert (spec.length, spec.depth_for(cfg)) == (length, depth)
+  if source_dim is not None:
+    assert spec.source_dim_for(cfg) == source_dim
+  assert spec.depth is None   # resolved per CLIP, never frozen into the spec
+
+
 def test_defaults_follow_the_recipe():
   c = importlib.import_module("configs.office_home").get_config("clip=/c")
   assert (c.optim.name, c.optim.lr, c.optim.momentum) == ("sgd", 0.0035, 0.9)

@@ -2,7 +2,7 @@
 
 The short runs use `configs/demo_pretrain.py:runlocal` (tiny CLIP, 4 steps, batch 16 over the 8
 fake devices); they share one compiled step. The full pretraining is checked through its cached
-result, the committed assets/demo_clip.
+result, the committed mmap_jax/assets/demo_clip.
 """
 import json
 import pathlib
@@ -150,7 +150,7 @@ def test_ensure_demo_clip_builds_once(tmp_path, bpe_path, monkeypatch):
 
 
 def test_committed_demo_clip_zero_shot():
-  """The cached full pretraining: assets/demo_clip loads and transfers zero-shot, imperfectly."""
+  """The cached full pretraining: mmap_jax/assets/demo_clip loads and transfers zero-shot, imperfectly."""
   path = pretrain.ensure_demo_clip(None)
   assert pathlib.Path(path) == pretrain.DEFAULT_DEMO_CLIP
   cfg, params, tokenizer = store.load(path)

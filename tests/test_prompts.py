@@ -31,13 +31,16 @@ def tiny_spec(method, **kw):
 # ----------------------------------------------------------------------------- spec
 
 def test_defaults_per_family():
-  assert (PromptSpec(method="mmap_mt").length, PromptSpec(method="mmap_mt").depth) == (8, 11)
+  def length_depth(method):
+    s = PromptSpec(method=method)
+    return s.length, s.depth_for(B16)
+  assert length_depth("mmap_mt") == (8, 11)
   s = PromptSpec(method="mmap_mt")
-  assert (s.source_length, s.source_dim, s.per_layer_scaling) == (8, 256, False)
+  assert (s.source_length, s.source_dim_for(B16), s.per_layer_scaling) == (8, 256, False)
   assert s.tokens_per_layer == 16 and s.text_prompt_tokens == 16
-  assert (PromptSpec(method="coop_st").length, PromptSpec(method="coop_st").depth) == (16, 1)
-  assert (PromptSpec(method="maple_mt").length, PromptSpec(method="maple_mt").depth) == (2, 9)
-  assert (PromptSpec(method="ivlp_st").length, PromptSpec(method="ivlp_st").depth) == (2, 9)
+  assert length_depth("coop_st") == (16, 1)
+  assert length_depth("maple_mt") == (2, 9)
+  assert length_depth("ivlp_st") == (2, 9)
   assert PromptSpec(method="vpt_mt").depth_for(B16) == 12
   assert PromptSpec(method="vpt_mt").text_prompt_tokens == 0
   assert PromptSpec(method="zeroshot").tokens_per_layer == 0
@@ -51,7 +54,7 @@ def test_defaults_per_family():
 def test_from_config_dict_and_configdict():
   cd = ml_collections.ConfigDict({"length": 4, "source_length": 2, "per_layer_scaling": True})
   s = PromptSpec.from_config(cd, method="mmap_st")
-  assert (s.method, s.length, s.source_length, s.per_layer_scaling, s.depth) == (
+  assert (s.method, s.length, s.source_length, s.per_layer_scaling, s.depth_for(B16)) == (
       "mmap_st", 4, 2, True, 11)
   assert PromptSpec.from_config({"method": "coop_mt"}).length == 16
   with pytest.raises(ValueError, match=r"unknown prompt config field\(s\) \['lenght'\]"):

@@ -186,7 +186,7 @@ def test_cli_print_only_runs_as_is_and_resume_only_tabulates(env, swept):
   assert [[a for a in c if a.startswith("--config.seed=")] for c in cmds] == [
       ["--config.seed=0"], ["--config.seed=0"], ["--config.seed=1"], ["--config.seed=1"]]
   zeroshot = cmds[2]
-  assert f"--config={DEMO}:method=zeroshot,clip={env['clip']},runlocal" in zeroshot
+  assert f"--config={env['ref']}" in zeroshot and "--config.method=zeroshot" in zeroshot
   assert f"--config.data.data_dir={env['data']}" in zeroshot
   before = _per_run(workdir, RUNS[2])
   (workdir / RUNS[2] / "results.json").unlink()
@@ -212,7 +212,7 @@ def test_cli_rejects_a_seeds_value_that_is_not_an_int_list(env):
   assert "--seeds='0,one': 'one' is not an int" in proc.stderr
 
 
-def test_grid_is_typed_and_method_rebuilds_the_config(env):
+def test_grid_is_typed_and_method_is_a_plain_field(env):
   ov = _overrides(env["data"]) | {"optim.lr": "0.5"}
   settings = sweep.make_settings(env["ref"], "method=coop_mt,mmap_mt; optim.lr=0.01,0.02", ov)
   assert [s.name for s in settings] == [
@@ -221,13 +221,15 @@ def test_grid_is_typed_and_method_rebuilds_the_config(env):
   assert [s.config.optim.lr for s in settings] == [0.01, 0.02, 0.01, 0.02]  # sweep beats --config
   assert all(isinstance(s.config.optim.lr, float) for s in settings)
   assert all(s.config.train.steps == 6 for s in settings)                  # overrides everywhere
-  # The demo config sets prompt.depth per method family in get_config: rebuilt, not overridden.
-  assert [s.config.prompt.depth for s in settings] == [None, None, 3, 3]
-  assert settings[2].config_ref == f"{DEMO}:method=mmap_mt,clip={env['clip']},runlocal"
+  # No field depends on `method` at get_config time: it is overridden like any other field.
+  assert [s.config.prompt.depth for s in settings] == [None, None, None, None]
+  assert [s.config.method for s in settings] == ["coop_mt", "coop_mt", "mmap_mt", "mmap_mt"]
+  assert all(s.config_ref == env["ref"] for s in settings)
   assert settings[2].values == {"method": "mmap_mt", "optim.lr": 0.01}
   cmd = shlex.split(settings[3].runs[0].command("/tmp/grid"))
   assert cmd[:4] == ["python", "-m", "launch.train", f"--config={settings[3].config_ref}"]
   assert "--config.optim.lr=0.02" in cmd and "--config.optim.lr=0.5" not in cmd
+  assert "--config.method=mmap_mt" in cmd
   assert cmd[-2:] == ["--config.seed=0", "--workdir=/tmp/grid/method=mmap_mt__optim.lr=0.02/seed=0"]
   # Booleans, ints and a field the config file has no argument for.
   s = sweep.make_settings(env["ref"], "clip.remat=true,false;train.steps=3",
@@ -288,7 +290,7 @@ def test_seed_expansion_names_configs_and_commands(env):
       "method=coop_mt/seed=3", "method=mmap_mt/seed=3", "method=coop_mt/seed=1",
       "method=mmap_mt/seed=1", "method=coop_mt/seed=2", "method=mmap_mt/seed=2"]
   assert [r.config.seed for r in settings[1].runs] == [3, 1, 2]
-  assert all(r.config.prompt.depth == 3 for r in settings[1].runs)   # method still rebuilds
+  assert all(r.config.method == "mmap_mt" for r in settings[1].runs)
   assert all(r.config.train.steps == 6 for s in settings for r in s.runs)
   lines = sweep.commands(settings, "/w")
   assert len(lines) == 6 and not any(l.startswith("#") for l in lines)

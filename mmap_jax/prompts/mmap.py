@@ -20,16 +20,16 @@ from mmap_jax.prompts.spec import PromptSpec
 def scaling_shapes(clip_cfg: ClipConfig,
                    spec: PromptSpec) -> tuple[tuple[int, int], tuple[int, int]]:
   """Shapes of (W_t, W_v): [L / L_s, d_t / d_s] and [L / L_s, d_v / d_s]."""
-  rows = spec.length // spec.source_length
-  return ((rows, clip_cfg.text.width // spec.source_dim),
-          (rows, clip_cfg.vision.width // spec.source_dim))
+  rows, d_s = spec.length // spec.source_length, spec.source_dim_for(clip_cfg)
+  return ((rows, clip_cfg.text.width // d_s), (rows, clip_cfg.vision.width // d_s))
 
 
 def init(key: jax.Array, clip_cfg: ClipConfig, spec: PromptSpec) -> dict[str, jax.Array]:
   j = spec.depth_for(clip_cfg)
   wt, wv = scaling_shapes(clip_cfg, spec)
   lead = (j,) if spec.per_layer_scaling else ()
-  return {"source": normal(key, (j, spec.source_length, spec.source_dim), spec.init_std),
+  return {"source": normal(key, (j, spec.source_length, spec.source_dim_for(clip_cfg)),
+                           spec.init_std),
           "scale_text": jnp.ones(lead + wt, jnp.float32),
           "scale_visual": jnp.ones(lead + wv, jnp.float32)}
 

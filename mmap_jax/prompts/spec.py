@@ -5,13 +5,16 @@ A method name is `<family>_<sharing>`:
   sharing st (one prompt set per task) | mt (one set shared by all tasks) | shared (mmap: one
           MmAP for all tasks) | mt for mmap = group-shared MmAP per group + task-specific per task.
 
-Fields left as None take the family's published default (`FAMILY_DEFAULTS`), so a config only
-names what it changes. `depth=None` for VPT means "every vision layer" (resolved against the CLIP
-by `depth_for`).
+Fields left as None take the family's published default for the CLIP at hand, so a config only
+names what it changes and a field means the same whichever way the method was chosen
+(`--config.method=X` or `:method=X`): `length` from `FAMILY_DEFAULTS`; `depth` (`depth_for`) the
+family's J, capped at the prompted towers' depth (VPT: every vision layer); `source_dim`
+(`source_dim_for`) MmAP's d_s = 256, or the largest divisor of it that divides both widths.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Mapping, Optional
 
 from mmap_jax.models.config import ClipConfig
@@ -20,6 +23,7 @@ METHODS = ("zeroshot", "coop_st", "coop_mt", "vpt_st", "vpt_mt", "maple_st", "ma
            "ivlp_st", "ivlp_mt", "mmap_st", "mmap_shared", "mmap_mt", "fullft_st", "fullft_mt")
 FAMILIES = ("zeroshot", "coop", "vpt", "maple", "ivlp", "mmap", "fullft")
 VPT_INITS = ("xavier_uniform", "normal")
+MMAP_SOURCE_DIM = 256   # the MmAP paper's d_s (ViT-B/16: divides 512 and 768)
 
 # (length L, depth J) per family; depth None = all layers of the prompted tower.
 #   coop: CoOp's generic context, 16 tokens, input layer only.
@@ -27,6 +31,7 @@ VPT_INITS = ("xavier_uniform", "normal")
 #   maple: MaPLe's vit_b16_c2_ep5_batch4_2ctx.yaml (N_CTX 2, PROMPT_DEPTH 9).
 #   ivlp: independent V-L prompting, 2 + 2 tokens, depth 9 as MaPLe (the repo's IVLP yaml uses 12).
 #   mmap: the MmAP paper's L = L_s = 8, d_s = 256, J = 11.
+# A smaller CLIP (the demo's 3-layer text tower) gets J capped at its depth: `depth_for`.
 FAMILY_DEFAULTS: dict[str, tuple[Optional[int], Optional[int]]] = {
     "coop": (16, 1), "vpt": (8, None), "maple": (2, 9), "ivlp": (2, 9), "mmap": (8, 11),
 }
@@ -39,7 +44,7 @@ class PromptSpec:
   length: Optional[int] = None          # L: prompt tokens per layer (per MmAP unit for mmap)
   depth: Optional[int] = None           # J: prompted layers 0..J-1
   source_length: Optional[int] = None   # MmAP L_s (divides L); None = L
-  source_dim: int = 256                 # MmAP d_s (divides both tower widths)
+  source_dim: Optional[int] = None      # MmAP d_s (divides both tower widths); None: source_dim_for
   per_layer_scaling: bool = False       # MmAP: one (W_t, W_v) pair per layer instead of per unit
   init_std: float = 0.02                # N(0, std^2) init of prompt tokens / MmAP source prompts
   vpt_init: str = "xavier_uniform"      # VPT's own init; "normal" = N(0, init_std^2)
@@ -47,11 +52,9 @@ class PromptSpec:
 
   def __post_init__(self):
     fam = self.method.split("_")[0] if isinstance(self.method, str) else None
-    length, depth = FAMILY_DEFAULTS.get(fam, (None, None))
+    length, _ = FAMILY_DEFAULTS.get(fam, (None, None))
     if self.length is None and length is not None:
       object.__setattr__(self, "length", length)
-    if self.depth is None and depth is not None:
-      object.__setattr__(self, "depth", depth)
     if self.source_length is None and self.length is not None:
       object.__setattr__(self, "source_length", self.length)
 
@@ -94,10 +97,31 @@ class PromptSpec:
     """The number of "X" placeholders in each class prompt (0: use `zeroshot_template`)."""
     return self.tokens_per_layer if self.has_text_prompts else 0
 
+  def _prompted_layers(self, clip_cfg: ClipConfig) -> list[tuple[str, int]]:
+    towers = []
+    if self.has_text_prompts:
+      towers.append(("text", clip_cfg.text.layers))
+    if self.has_visual_prompts:
+      towers.append(("vision", clip_cfg.vision.layers))
+    return towers
+
   def depth_for(self, clip_cfg: ClipConfig) -> int:
+    """J: the configured depth, else the family's default capped at the prompted towers' depth."""
     if self.depth is not None:
       return self.depth
-    return clip_cfg.vision.layers if self.family == "vpt" else 0
+    towers = self._prompted_layers(clip_cfg)
+    if not towers:
+      return 0
+    _, default = FAMILY_DEFAULTS.get(self.family, (None, None))
+    deepest = min(n for _, n in towers)
+    return deepest if default is None else min(default, deepest)
+
+  def source_dim_for(self, clip_cfg: ClipConfig) -> int:
+    """MmAP's d_s: the configured one, else the largest common divisor of 256 and both tower
+    widths (256 for ViT-B and ViT-L; the scaling matrices' widths d / d_s must be whole)."""
+    if self.source_dim is not None:
+      return self.source_dim
+    return math.gcd(MMAP_SOURCE_DIM, clip_cfg.text.width, clip_cfg.vision.width)
 
   # ---------------------------------------------------------------- construction / checks
   @classmethod
@@ -130,16 +154,12 @@ class PromptSpec:
       if not isinstance(self.length, int) or self.length < 1:
         errors.append(f"prompt.length={self.length!r} must be a positive int")
       depth = self.depth_for(clip_cfg)
-      towers = []
-      if self.has_text_prompts:
-        towers.append(("text", clip_cfg.text.layers))
-      if self.has_visual_prompts:
-        towers.append(("vision", clip_cfg.vision.layers))
+      towers = self._prompted_layers(clip_cfg)
       max_depth = min(n for _, n in towers)
       if not isinstance(depth, int) or not 1 <= depth <= max_depth:
         errors.append(f"prompt.depth={self.depth!r} must be in [1, {max_depth}] "
                       f"({', '.join(f'{t} has {n} layers' for t, n in towers)})")
-      if fam == "coop" and self.depth != 1:
+      if fam == "coop" and depth != 1:
         errors.append(f"prompt.depth={self.depth} but coop is shallow (depth 1); "
                       "use ivlp for deep text prompts")
       if (self.has_text_prompts and isinstance(self.length, int)
@@ -151,7 +171,7 @@ class PromptSpec:
     if fam == "vpt" and self.vpt_init not in VPT_INITS:
       errors.append(f"prompt.vpt_init={self.vpt_init!r}; allowed: {VPT_INITS}")
     if fam == "mmap":
-      ls, ds = self.source_length, self.source_dim
+      ls, ds = self.source_length, self.source_dim_for(clip_cfg)
       if not isinstance(ls, int) or ls < 1 or (isinstance(self.length, int) and self.length % ls):
         errors.append(f"prompt.source_length={ls!r} must be a positive divisor of "
                       f"prompt.length={self.length}")

@@ -24,7 +24,7 @@ from mmap_jax.train.optim import OPTIMIZERS
 DATASETS = ("demo_domains", "office_home", "mini_domainnet", "domainnet", "image_folder")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 GROUP_MODES = ("auto", "explicit")
-DEMO_CLIP = "demo"   # clip.path value: the demo's own pretrained CLIP (assets/demo_clip)
+DEMO_CLIP = "demo"   # clip.path value: the demo's own pretrained CLIP (mmap_jax/assets/demo_clip)
 
 
 class ConfigError(ValueError):
