@@ -153,6 +153,29 @@ def test_selection_is_best_validation_and_recorded(finished):
   assert "selection:" in (workdir / "results.md").read_text()
 
 
+def test_zeroshot_evaluates_val_and_test_once(env, tmp_path):
+  reads, phase = [], {"steps": 0}
+  build = setup.build_tasks
+
+  def recorded_tasks(c):
+    return [dataclasses.replace(
+        t, test=_Recorder(t.test, "test", t.task_id, reads, phase),
+        val=_Recorder(t.val, "val", t.task_id, reads, phase)) for t in build(c)]
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(setup, "build_tasks", recorded_tasks)
+    result = loop.train_and_evaluate(fx.tiny_config(env["clip"], env["data"], "zeroshot"),
+                                     str(tmp_path / "zs"))
+  tasks = build(fx.tiny_config(env["clip"], env["data"], "zeroshot"))
+  assert result["selection"]["reason"] == "zeroshot (no training)"
+  assert result["selection"]["step"] == result["step"] == result["trained_steps"] == 0
+  assert set(result["val_accuracy"]) == set(result["tasks"])
+  for split in ("val", "test"):
+    assert dict(collections.Counter((r[1], r[2]) for r in reads if r[0] == split)) == {
+        (t.task_id, i): 1 for t in tasks for i in range(len(getattr(t, split)))}
+  assert max(r[4] for r in reads if r[0] == "val") < min(r[4] for r in reads if r[0] == "test")
+
+
 def test_evaluate_val_split_of_the_selected_state(env, finished, tmp_path):
   workdir, result, *_ = finished
   out = loop.evaluate_workdir(fx.tiny_config(env["clip"], env["data"]), str(workdir),

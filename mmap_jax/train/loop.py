@@ -362,10 +362,11 @@ def evaluate_workdir(config: mlc.ConfigDict, workdir: str, *, step: Optional[int
                             f"(data.val_fraction={config.data.val_fraction})")
   record = (restored.meta.get("selection") if restored is not None else None) or None
   learned, at = None, run.step or 0
-  if state == "selected" and record and record.get("step") is not None:
-    at = int(record["step"])
-    learned = run.selected  # None under select=last: the checkpoint's own state is selected.
-    if learned is None and at != run.step:
+  # Under select=last (or before the first validation) a checkpoint's own state is its selection.
+  if (state == "selected" and record and record.get("rule") == "best_val"
+      and record.get("step") is not None):
+    at, learned = int(record["step"]), run.selected
+    if learned is None:
       raise FileNotFoundError(f"checkpoint {run.step} in {run.ckpt.directory} holds no "
                               f"selected state for step {at}")
   eval_fns = evaluation.make_eval_fns(run.clip.cfg, run.spec, run.groups, len(run.tasks),

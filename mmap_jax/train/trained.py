@@ -53,16 +53,17 @@ def load_trained(workdir: str, step: Optional[int] = None, state: str = "selecte
       raise ValueError(f"{ckpt.directory}/{step}: checkpoint metadata lacks {key!r}")
   record = meta.get("selection") or {}
   at = step
-  if state == "selected" and has_selected:
+  # Under select=last (or before the first validation) a checkpoint's own state is its selection.
+  if state == "selected" and record.get("rule") == "best_val" and record.get("step") is not None:
+    if not has_selected:
+      raise FileNotFoundError(f"{ckpt.directory}/{step} holds no selected state for step "
+                              f"{record['step']}")
     learned = ocp.StandardCheckpointer().restore(os.path.join(ckpt.directory, str(step),
                                                               "selected"))
-    at = int(record.get("step", step))
+    at = int(record["step"])
   else:
     learned = ocp.StandardCheckpointer().restore(
         os.path.join(ckpt.directory, str(step), "state"))["learned"]
-    if state == "selected" and record.get("step") not in (None, step):
-      raise FileNotFoundError(f"{ckpt.directory}/{step} holds no selected state for step "
-                              f"{record['step']}")
   groups = meta.get("groups")
   return Trained(
       step=at, spec=PromptSpec(**meta["prompt"]), task_names=tuple(meta["task_names"]),

@@ -349,10 +349,11 @@ def optional_split_file(split_dir: str, domain: str, split: str) -> str | None:
   return None
 
 
-def split_list_paths(split_dir: str, domain: str, dataset: str) -> list[str]:
+def split_list_paths(split_dir: str, domain: str, dataset: str, *,
+                     with_val: bool = True) -> list[str]:
   """The train and test lists (required) and the val list (when present), in that order."""
   paths = [find_split_file(split_dir, domain, s, dataset) for s in ("train", "test")]
-  val = optional_split_file(split_dir, domain, "val")
+  val = optional_split_file(split_dir, domain, "val") if with_val else None
   return paths + ([val] if val else [])
 
 
@@ -609,17 +610,18 @@ def list_config_name(domain: str, options: BuildOptions) -> str:
 
 def plan_list_domains(
     dataset: str, root: str, domains: Sequence[str], split_dir: str,
-    config_names: Mapping[str, str],
+    config_names: Mapping[str, str], *, with_val: bool = True,
 ) -> list[DomainPlan]:
   """Domains whose classes, labels and splits come from `<domain>_{train,test}.txt`.
 
-  An optional `<domain>_val.txt` beside them is the validation split.
+  With `with_val`, an optional `<domain>_val.txt` beside them is the validation split (the
+  datasets pass it only for user `split_files`, whose digest keys the prepared data).
   """
   check_root(root, dataset, domains)
   check_domains(root, dataset, domains)
   plans = []
   for domain in domains:
-    paths = split_list_paths(split_dir, domain, dataset)
+    paths = split_list_paths(split_dir, domain, dataset, with_val=with_val)
     class_names, parsed = classes_from_lists(paths)
     if len(parsed) > 2:
       check_val_disjoint([(r, w) for r, _, w in parsed[2]],
