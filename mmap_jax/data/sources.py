@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import shutil
+import uuid
 from typing import Any, Sequence
 
 import numpy as np
@@ -288,7 +289,7 @@ def _split_views(domain: str, path: str, raw: Sequence[str], train_all, val_writ
     cached = {"num_records": counts, "val_split": tag, "train": train_idx, "val": val_idx}
     try:
       common.write_split_lists(folder, domain, lists)
-      tmp = f"{index_path}.tmp{os.getpid()}"
+      tmp = f"{index_path}.tmp{uuid.uuid4().hex[:12]}"
       with open(tmp, "w", encoding="utf-8") as f:
         json.dump(cached, f)
       os.replace(tmp, index_path)  # Last: its presence means the lists are complete.

@@ -24,6 +24,7 @@ import inspect
 import logging
 import os
 import re
+import uuid
 import zlib
 from typing import Iterable, Iterator, Mapping, Sequence
 
@@ -290,7 +291,7 @@ def write_split_lists(folder: str, domain: str,
   out = {}
   for split, rows in lists.items():
     path = os.path.join(folder, f"{domain}_{split}.txt")
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp = f"{path}.tmp{uuid.uuid4().hex[:12]}"  # Unique per process and host: hosts may race.
     with open(tmp, "w", encoding="utf-8") as f:
       f.writelines(f"{relpath} {label}\n" for relpath, label in rows)
     os.replace(tmp, path)
