@@ -88,6 +88,9 @@ def base_config(*, method: str = "mmap_mt", runlocal: bool = False) -> mlc.Confi
   c.data.split_seed = 0
   c.data.train_fraction = 0.8
   c.data.split_files = mlc.FieldReference(None, field_type=str)
+  # Share of each class's train images carved out as the validation split (seeded by
+  # split_seed; the same for every method and training seed). 0: none (then train.select='last').
+  c.data.val_fraction = 0.1
   c.data.skip_corrupt = False
   c.data.allow_per_task_classes = False
 
@@ -111,7 +114,8 @@ def base_config(*, method: str = "mmap_mt", runlocal: bool = False) -> mlc.Confi
   c.train = mlc.ConfigDict()
   c.train.steps = 2000
   c.train.log_every = 20
-  c.train.eval_every = 500
+  c.train.eval_every = 500      # validation only; the test split is evaluated once, at the end
+  c.train.select = "best_val"   # reported state: best_val (highest mean val accuracy) | last
   c.train.ckpt_every = 200
   c.train.keep_checkpoints = 3
   return c
@@ -153,7 +157,7 @@ def shrink_for_runlocal(c: mlc.ConfigDict) -> None:
   c.input.workers = 0
   c.train.steps = 6
   c.train.log_every = 2
-  c.train.eval_every = 6
+  c.train.eval_every = 3        # two validations, so the selection has a choice
   c.train.ckpt_every = 3
   c.optim.warmup_steps = 1
   c.groups.warmup_steps = 3

@@ -28,7 +28,7 @@ def _records(source):
 
 def _check_labels(task):
   """label -> class name agrees with the file's class folder and its colour."""
-  for split in (task.train, task.test):
+  for split in (task.train, task.val, task.test):
     for record in _records(split):
       domain, cls, fname = _name(record).split("/")
       assert domain == task.info.name
@@ -61,16 +61,19 @@ def test_office_home_tasks(office_home):
     assert t.info.num_skipped == 0
     assert os.path.isfile(os.path.join(data_dir, "office_home", t.info.builder.split("/")[1],
                                        "1.0.0", "dataset_info.json"))
-  # 5 files per class -> 4 train / 1 test; Art's first class has 6 more (11 -> 9/2).
-  sizes = [(t.info.num_train, t.info.num_test) for t in tasks]
-  assert sizes == [(17, 4), (12, 3), (12, 3), (12, 3)]
+  # 5 files per class -> 4 train (1 of them val) / 1 test; Art's first class has 6 more
+  # (11 -> 9 train (1 val) / 2 test).
+  sizes = [(t.info.num_train, t.info.num_val, t.info.num_test) for t in tasks]
+  assert sizes == [(14, 3, 4), (9, 3, 3), (9, 3, 3), (9, 3, 3)]
+  assert all(t.info.val_split == "val0.1-seed0" for t in tasks)
 
 
 def test_office_home_labels_and_images(office_home):
   _, _, tasks = office_home
   for t in tasks:
     _check_labels(t)
-  names = {_name(r) for r in _records(tasks[0].train) + _records(tasks[0].test)}
+  names = {_name(r) for r in
+           _records(tasks[0].train) + _records(tasks[0].val) + _records(tasks[0].test)}
   assert {f"Art/Alarm_Clock/{f}" for f in SPECIAL} <= names
 
 
@@ -78,11 +81,12 @@ def test_seeded_split_is_stratified_disjoint_and_complete(office_home):
   root, _, tasks = office_home
   for t in tasks:
     train = {_name(r) for r in _records(t.train)}
+    val = {_name(r) for r in _records(t.val)}
     test = {_name(r) for r in _records(t.test)}
-    assert not train & test
+    assert not train & test and not val & train and not val & test
     on_disk = {f"{t.info.name}/{c}/{f}" for c in t.info.raw_class_names
                for f in os.listdir(root / t.info.name / c)}
-    assert train | test == on_disk
+    assert train | val | test == on_disk
     for c in t.info.raw_class_names:
       assert sum(n.split("/")[1] == c for n in test) >= 1
 
@@ -104,7 +108,8 @@ def test_other_seed_and_fraction(office_home, tmp_path):
   a = sources.build_tasks("office_home", root=str(root), data_dir=str(tmp_path),
                           domains=["Clipart"], split_seed=7, train_fraction=0.6)[0]
   assert a.info.builder == "office_home/clipart-seed7-train0.6"
-  assert (a.info.num_train, a.info.num_test) == (9, 6)  # 3 of 5 per class.
+  # 3 of 5 per class to train, of which 1 is carved for val.
+  assert (a.info.num_train, a.info.num_val, a.info.num_test) == (6, 3, 6)
   b = sources.build_tasks("office_home", root=str(root), data_dir=str(tmp_path),
                           domains=["Clipart"], split_seed=8)[0]
   test_7 = {_name(r) for r in _records(tasks[1].test)}
@@ -158,7 +163,7 @@ def test_corrupt_image_fails_naming_the_file_then_skip_mode(tmp_path):
     sources.build_tasks("image_folder", root=str(root), data_dir=data_dir)
   tasks = sources.build_tasks("image_folder", root=str(root), data_dir=data_dir, skip_corrupt=True)
   assert [t.info.num_skipped for t in tasks] == [0, 1]
-  assert tasks[1].info.num_train + tasks[1].info.num_test == 12
+  assert tasks[1].info.num_train + tasks[1].info.num_val + tasks[1].info.num_test == 12
   with open(os.path.join(tasks[1].info.data_dir, "metadata.json")) as f:
     metadata = json.load(f)
   assert metadata["num_skipped"] == 1 and metadata["skipped_files"] == ["b/Desk Lamp/broken.jpg"]
@@ -170,7 +175,7 @@ def test_corrupt_image_fails_naming_the_file_then_skip_mode(tmp_path):
   tasks = sources.build_tasks("image_folder", root=str(root), data_dir=data_dir,
                               domains=["b"], force_rebuild=True)
   assert tasks[0].info.num_skipped == 0
-  assert tasks[0].info.num_train + tasks[0].info.num_test == 13
+  assert tasks[0].info.num_train + tasks[0].info.num_val + tasks[0].info.num_test == 13
 
 
 def test_differing_class_lists(tmp_path):
@@ -215,11 +220,12 @@ def test_mini_domainnet(tmp_path):
   for t in tasks:
     assert t.info.raw_class_names == classes
     assert t.info.class_names == ("aircraft carrier", "alarm clock", "The Eiffel Tower")
-    assert (t.info.num_train, t.info.num_test) == (9, 3)
+    assert (t.info.num_train, t.info.num_val, t.info.num_test) == (6, 3, 3)
     for split, name in ((t.train, "train"), (t.test, "test")):
       lines = (list_dir / f"{t.info.name}_{name}.txt").read_text().split("\n")
       listed = sorted(line.rsplit(" ", 1)[0] for line in lines if line)
-      assert sorted(_name(r) for r in _records(split)) == listed
+      got = _records(split) + (_records(t.val) if name == "train" else [])
+      assert sorted(_name(r) for r in got) == listed
       for r in _records(split):
         assert t.info.raw_class_names[r["label"]] == _name(r).split("/")[1]
   # A label naming two classes is reported with file and line.
@@ -284,10 +290,10 @@ def test_demo_domains_generated_and_deterministic(tmp_path):
   for ta, tb in zip(a, b):
     assert ta.info.raw_class_names == tuple(sorted(demo_world.folder_name(o)
                                                    for o in demo_world.OBJECTS))
-    assert ta.info.num_train + ta.info.num_test == 5 * len(demo_world.OBJECTS)
     n = len(demo_world.OBJECTS)
-    assert (ta.info.num_train, ta.info.num_test) == (4 * n, n)
-    assert _records(ta.train) == _records(tb.train) and _records(ta.test) == _records(tb.test)
+    assert (ta.info.num_train, ta.info.num_val, ta.info.num_test) == (3 * n, n, n)
+    for split in ("train", "val", "test"):
+      assert _records(getattr(ta, split)) == _records(getattr(tb, split))
     for r in _records(ta.test):
       assert np.asarray(images.decode_rgb(r["image"])).shape == (32, 32, 3)
       assert ta.info.raw_class_names[r["label"]] == _name(r).split("/")[1]

@@ -20,9 +20,9 @@ SIZE = 16
 def tasks(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("pipeline")
   root = tmp / "tree"
-  data_trees.make_domain_tree(root, ["a"], per_class=5)   # 12 train / 3 test
-  data_trees.make_domain_tree(root, ["b"], per_class=7)   # 18 train / 3 test
-  data_trees.make_domain_tree(root, ["c"], per_class=9)   # 21 train / 6 test
+  data_trees.make_domain_tree(root, ["a"], per_class=5)   # 9 train / 3 val / 3 test
+  data_trees.make_domain_tree(root, ["b"], per_class=7)   # 15 train / 3 val / 3 test
+  data_trees.make_domain_tree(root, ["c"], per_class=9)   # 18 train / 3 val / 6 test
   return sources.build_tasks("image_folder", root=str(root), data_dir=str(tmp / "tfds"))
 
 
@@ -46,7 +46,8 @@ def _assert_same(batches_a, batches_b):
 
 
 def test_sizes(tasks):
-  assert [(t.info.num_train, t.info.num_test) for t in tasks] == [(12, 3), (18, 3), (21, 6)]
+  assert [(t.info.num_train, t.info.num_val, t.info.num_test) for t in tasks] == [
+      (9, 3, 3), (15, 3, 3), (18, 3, 6)]
 
 
 def test_train_batch_shapes_labels_and_images(tasks):

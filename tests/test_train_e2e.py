@@ -1,11 +1,15 @@
 """End to end on 8 fake CPU devices: grouping + MmAP-MT training, checkpoints, resume, evaluate."""
 from __future__ import annotations
 
+import collections
+import dataclasses
 import json
 import os
 import pathlib
+import struct
 import subprocess
 import sys
+import threading
 
 import jax
 import numpy as np
@@ -24,12 +28,161 @@ def env(tmp_path_factory, bpe_path):
   return {"root": root, "clip": clip_dir, "data": str(root / "tfds")}
 
 
+class _Recorder:
+  """A data source that logs every record read as (split, task, index, training steps done)."""
+
+  def __init__(self, base, split, task_id, log, phase):
+    self.base, self.split, self.task_id, self.log, self.phase = base, split, task_id, log, phase
+    self.lock = threading.Lock()
+
+  def __len__(self):
+    return len(self.base)
+
+  def _note(self, keys):
+    with self.lock:
+      for k in keys:
+        self.log.append((self.split, self.task_id, int(k), self.phase["steps"], len(self.log)))
+
+  def __getitem__(self, i):
+    self._note([i])
+    return self.base[i]
+
+  def __getitems__(self, keys):
+    self._note(keys)
+    return self.base.__getitems__(keys)
+
+
 @pytest.fixture(scope="module")
 def finished(env):
-  """One uninterrupted MmAP-MT run with automatic grouping (in process)."""
+  """One uninterrupted MmAP-MT run with automatic grouping (in process).
+
+  Every val/test record read is logged with the number of training steps done at that moment
+  (`reads`), for `test_test_split_is_read_once_and_only_after_training`.
+  """
+  from mmap_jax.train import step as train_step
   workdir = env["root"] / "uninterrupted"
-  result = loop.train_and_evaluate(fx.tiny_config(env["clip"], env["data"]), str(workdir))
-  return workdir, result
+  config = fx.tiny_config(env["clip"], env["data"])
+  assert config.input.workers == 0  # Reads happen in this process, where they are logged.
+  reads, phase = [], {"steps": 0}
+  build, make_step = setup.build_tasks, train_step.make_train_step
+
+  def recorded_tasks(c):
+    return [dataclasses.replace(
+        t, test=_Recorder(t.test, "test", t.task_id, reads, phase),
+        val=_Recorder(t.val, "val", t.task_id, reads, phase)) for t in build(c)]
+
+  def counting_step(*args, **kwargs):
+    fn = make_step(*args, **kwargs)
+
+    def step(*a):
+      out = fn(*a)
+      phase["steps"] += 1
+      return out
+    return step
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(setup, "build_tasks", recorded_tasks)
+    mp.setattr(train_step, "make_train_step", counting_step)
+    result = loop.train_and_evaluate(config, str(workdir))
+  tasks = build(config)
+  return workdir, result, reads, tasks
+
+
+def _selected(workdir: pathlib.Path) -> dict:
+  import orbax.checkpoint as ocp
+  return jax.device_get(ocp.StandardCheckpointer().restore(workdir / "checkpoints" / "6" /
+                                                           "selected"))
+
+
+def _scalar_steps(logdir: pathlib.Path) -> dict[str, list[int]]:
+  """{tag: [steps]} from tensorboardX event files (TFRecord framing, no TensorFlow)."""
+  from tensorboardX.proto import event_pb2
+  out = collections.defaultdict(list)
+  for path in logdir.glob("events.out.tfevents.*"):
+    data, pos = path.read_bytes(), 0
+    while pos < len(data):
+      (n,) = struct.unpack("<Q", data[pos:pos + 8])
+      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
+      pos += 12 + n + 4
+      for v in event.summary.value:
+        out[v.tag].append(int(event.step))
+  return out
+
+
+def test_test_split_is_read_once_and_only_after_training(finished):
+  """No test record is read while training or validating; each is read once, at the end."""
+  _, _, reads, tasks = finished
+  test = [r for r in reads if r[0] == "test"]
+  val = [r for r in reads if r[0] == "val"]
+  assert test and val
+  assert {r[3] for r in test} == {6}             # only after the last training step...
+  assert min(r[4] for r in test) > max(r[4] for r in val)  # ...and after the last validation
+  assert dict(collections.Counter((r[1], r[2]) for r in test)) == {
+      (t.task_id, i): 1 for t in tasks for i in range(len(t.test))}
+  # Validation ran at steps 2, 4, 6 (eval_every=2), each reading every val record once.
+  assert dict(collections.Counter((r[1], r[2], r[3]) for r in val)) == {
+      (t.task_id, i, s): 1 for t in tasks for i in range(len(t.val)) for s in (2, 4, 6)}
+
+
+def test_selection_is_best_validation_and_recorded(finished):
+  workdir, result, *_ = finished
+  sel = result["selection"]
+  assert sel["rule"] == "best_val" and "ties go to the earlier step" in sel["reason"]
+  history = sel["history"]
+  assert [h["step"] for h in history] == [2, 4, 6]
+  for h in history:
+    assert set(h["val"]) == set(result["tasks"])
+    assert h["average"] == pytest.approx(np.mean(list(h["val"].values())))
+  averages = [h["average"] for h in history]
+  best = history[averages.index(max(averages))]   # the first maximum: ties -> earlier step
+  assert sel["step"] == best["step"] == result["step"]
+  assert result["val_accuracy"] == best["val"]
+  assert result["val_average"] == sel["val_average"] == best["average"]
+  assert result["split"] == "test" and result["trained_steps"] == 6
+  # The final checkpoint carries the selected state: the learned state of the selected step.
+  import orbax.checkpoint as ocp
+  at_step = ocp.StandardCheckpointer().restore(
+      workdir / "checkpoints" / str(best["step"]) / "state")["learned"]
+  for x, y in zip(jax.tree.leaves(jax.device_get(at_step)), jax.tree.leaves(_selected(workdir))):
+    np.testing.assert_array_equal(x, y)
+  tags = _scalar_steps(workdir / "tensorboard")
+  for t in result["tasks"]:
+    assert sorted(tags[f"eval/val_accuracy/{t}"]) == [2, 4, 6]
+    assert tags[f"final/test_accuracy/{t}"] == [6]
+  assert not [k for k in tags if k.startswith("eval/") and "val" not in k]
+  assert "selection:" in (workdir / "results.md").read_text()
+
+
+def test_zeroshot_evaluates_val_and_test_once(env, tmp_path):
+  reads, phase = [], {"steps": 0}
+  build = setup.build_tasks
+
+  def recorded_tasks(c):
+    return [dataclasses.replace(
+        t, test=_Recorder(t.test, "test", t.task_id, reads, phase),
+        val=_Recorder(t.val, "val", t.task_id, reads, phase)) for t in build(c)]
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(setup, "build_tasks", recorded_tasks)
+    result = loop.train_and_evaluate(fx.tiny_config(env["clip"], env["data"], "zeroshot"),
+                                     str(tmp_path / "zs"))
+  tasks = build(fx.tiny_config(env["clip"], env["data"], "zeroshot"))
+  assert result["selection"]["reason"] == "zeroshot (no training)"
+  assert result["selection"]["step"] == result["step"] == result["trained_steps"] == 0
+  assert set(result["val_accuracy"]) == set(result["tasks"])
+  for split in ("val", "test"):
+    assert dict(collections.Counter((r[1], r[2]) for r in reads if r[0] == split)) == {
+        (t.task_id, i): 1 for t in tasks for i in range(len(getattr(t, split)))}
+  assert max(r[4] for r in reads if r[0] == "val") < min(r[4] for r in reads if r[0] == "test")
+
+
+def test_evaluate_val_split_of_the_selected_state(env, finished, tmp_path):
+  workdir, result, *_ = finished
+  out = loop.evaluate_workdir(fx.tiny_config(env["clip"], env["data"]), str(workdir),
+                              out=str(tmp_path), split="val")
+  assert out["split"] == "val" and out["evaluated_state"] == "selected"
+  assert out["step"] == result["step"] and out["checkpoint_step"] == 6
+  assert {t: v["accuracy"] for t, v in out["tasks"].items()} == result["val_accuracy"]
 
 
 def _final_learned(workdir: pathlib.Path, config) -> dict:
@@ -42,7 +195,7 @@ def _final_learned(workdir: pathlib.Path, config) -> dict:
 
 
 def test_run_writes_everything(finished):
-  workdir, result = finished
+  workdir, result, *_ = finished
   names = ["photo", "clipart", "sketch", "painting"]
   for f in ("affinity.npy", "affinity.png", "groups.json", "results.json", "results.md"):
     assert (workdir / f).is_file(), f
@@ -80,7 +233,7 @@ def _launch_train(env, method: str, workdir, signal_at: str | None = None
 
 
 def test_kill_and_resume_is_bit_exact(env, finished):
-  workdir_ref, _ = finished
+  workdir_ref, *_ = finished
   workdir = env["root"] / "killed"
   killed = _launch_train(env, "mmap_mt", workdir, "4:SIGKILL")
   assert killed.returncode == -9, killed.stderr[-3000:]
@@ -98,10 +251,14 @@ def test_kill_and_resume_is_bit_exact(env, finished):
   ref = json.loads((workdir_ref / "results.json").read_text())
   got = json.loads((workdir / "results.json").read_text())
   assert got["tasks"] == ref["tasks"]
+  # The validation record and the selected state survive the kill exactly.
+  assert got["selection"] == ref["selection"] and got["val_accuracy"] == ref["val_accuracy"]
+  for x, y in zip(jax.tree.leaves(_selected(workdir_ref)), jax.tree.leaves(_selected(workdir))):
+    np.testing.assert_array_equal(x, y)
 
 
 def test_evaluate_reproduces_final_accuracy(env, finished):
-  workdir, result = finished
+  workdir, result, *_ = finished
   out = env["root"] / "reeval"
   proc = subprocess.run(
       [sys.executable, "-m", "launch.evaluate",
@@ -153,9 +310,10 @@ def test_predict_with_trained_prompts_matches_evaluation(env, finished, tmp_path
   from mmap_jax.checkpoints import store
   from mmap_jax.data import pipeline
   from mmap_jax.train import trained as trained_lib
-  workdir, result = finished
+  workdir, result, *_ = finished
   trained = trained_lib.load_trained(str(workdir))
-  assert trained.spec.method == "mmap_mt" and trained.step == 6
+  # The selected state: the one whose test accuracy results.json reports.
+  assert trained.spec.method == "mmap_mt" and trained.step == result["step"]
   cfg, params, tok = store.load(env["clip"])
   params, prompts, classes = trained_lib.task_model(trained, cfg, params, "sketch")
   assert prompts.text.shape[1] == 2 * trained.spec.length  # group-shared ++ task-specific

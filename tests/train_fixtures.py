@@ -33,7 +33,7 @@ def tiny_overrides(c: mlc.ConfigDict, data_dir: str) -> mlc.ConfigDict:
   c.input.eval_batch_size = 16
   c.train.steps = 6
   c.train.log_every = 2
-  c.train.eval_every = 6
+  c.train.eval_every = 2   # validation at steps 2, 4, 6: the selection has a choice
   c.train.ckpt_every = 2
   c.optim.warmup_steps = 1
   c.groups.warmup_steps = 2

@@ -19,8 +19,8 @@ Design, and why:
     records; together the global batch, identical for any process count),
     then `jax.make_array_from_process_local_data` assembles a global
     jax.Array with the batch axis sharded over the mesh's data axis.
-  * Eval pads each task's test split to whole global batches; `mask` is False
-    on padding, so every test example counts exactly once.
+  * Eval pads each task's split (test, or val with split="val") to whole
+    global batches; `mask` is False on padding, so every example counts once.
   * Decoding and augmentation run in `MapDataset.map` (grain threads) inside
     `mp_prefetch` worker processes (`worker_count`, 0 = in-process); each
     element is a whole local step, so a worker builds whole batches.
@@ -278,7 +278,9 @@ def train_iterator(
       [t.train for t in tasks], [t.task_id for t in tasks], batch_size, local_start, local_size,
       image_size, seed, augment, with_index)
   fingerprint = hashlib.sha1(json.dumps({
-      "tasks": [[t.task_id, t.info.builder, len(t.train)] for t in tasks],
+      "tasks": [[t.task_id, t.info.builder, len(t.train)]
+                + ([t.info.val_split] if t.info.val_split not in ("", "none") else [])
+                for t in tasks],
       "batch_size": batch_size, "image_size": image_size, "seed": seed,
       "augment": dataclasses.asdict(augment),
   }, sort_keys=True).encode()).hexdigest()[:16]
@@ -291,8 +293,18 @@ def train_iterator(
 # ----------------------------------------------------------------- eval ---
 
 
-def num_eval_batches(task: TaskData, batch_size: int) -> int:
-  return -(-len(task.test) // batch_size)
+EVAL_SPLITS = ("test", "val")
+
+
+def eval_source(task: TaskData, split: str):
+  """The task's `split` source ('test' or 'val')."""
+  if split not in EVAL_SPLITS:
+    raise ValueError(f"split={split!r}; allowed: {EVAL_SPLITS}")
+  return task.test if split == "test" else task.val
+
+
+def num_eval_batches(task: TaskData, batch_size: int, split: str = "test") -> int:
+  return -(-len(eval_source(task, split)) // batch_size)
 
 
 def eval_batches(
@@ -306,21 +318,23 @@ def eval_batches(
     process_index: int | None = None,
     process_count: int | None = None,
     with_index: bool = False,
+    split: str = "test",
 ) -> Iterator[dict[str, Any]]:
-  """Each task's test split once, in order, padded to full global batches.
+  """Each task's `split` ('test' or 'val') once, in order, padded to full global batches.
 
   Yields {'image': [B,H,W,3] f32, 'label': [B] i32, 'mask': [B] bool,
   'task': int (task_id)} task after task; padding rows are zeros with
   mask False. Arguments as in `train_iterator`; with_index adds 'index'
-  (test record index, -1 on padding).
+  (record index within the split, -1 on padding).
   """
   if isinstance(tasks, TaskData):
     tasks = [tasks]
   local_start, local_size, process_count = _process_slice(batch_size, process_index, process_count)
-  loader = loaders.EvalBatchLoader([t.test for t in tasks], [t.task_id for t in tasks], batch_size,
-                            local_start, local_size, image_size, with_index)
+  loader = loaders.EvalBatchLoader([eval_source(t, split) for t in tasks],
+                                   [t.task_id for t in tasks], batch_size,
+                                   local_start, local_size, image_size, with_index)
   items = [(t, j) for t, task in enumerate(tasks)
-           for j in range(num_eval_batches(task, batch_size))]
+           for j in range(num_eval_batches(task, batch_size, split))]
   assembler = _Assembler(sharding, task_axis=False, batch_size=batch_size,
                          process_count=process_count)
   return _eval_generator(grain.MapDataset.source(items).map(loader), worker_count, num_threads,

@@ -4,6 +4,7 @@
                         data_dir="~/tensorflow_datasets")
     tasks[0].info.class_names   # ('Alarm Clock', ...) prompt words
     tasks[0].train[i]           # {'image': jpeg bytes, 'label': int, 'file_name': bytes}
+    tasks[0].val, tasks[0].test # the same records; val is carved from the prepared train split
 
 Each domain is one TFDS dataset `<data_dir>/<builder>/<config>/1.0.0` written
 as array_record (random access, no TensorFlow needed to write or read) and
@@ -12,15 +13,29 @@ in the input pipeline's workers. Domains already prepared are only opened: the
 root is then not needed (except for image_folder, whose config names hash it).
 On several hosts, prepare once (one process, or a separate run) before all of
 them open the data: concurrent builds of one domain would race.
+
+Validation. The validation split is carved from the prepared train split when it is
+opened (`common.carve_val`: stratified, keyed by split seed, domain and class), as
+index views into the TFDS train records, so prepared datasets are never rebuilt for
+it and every method and training seed of a sweep sees the same split. A user
+`<domain>_val.txt` in `split_files` is written as its own TFDS split instead. The
+lists a task uses are written beside the prepared data, in
+`<data_dir>/<builder>/<config>/splits/<val tag>/<domain>_{train,val,test}.txt`
+(the split-list format; pass that folder as `split_files` to reproduce them), with
+`index.json` caching the carve so later opens read no records.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
+import shutil
+import uuid
 from typing import Any, Sequence
 
+import numpy as np
 import tensorflow_datasets as tfds
 
 from mmap_jax.data import builders
@@ -43,9 +58,14 @@ class TaskInfo:
     builder: TFDS '<builder>/<config>', e.g. 'office_home/real_world'.
     class_names: prompt words per label ('alarm_clock' -> 'alarm clock').
     raw_class_names: the class folder names per label.
-    num_train, num_test: examples per split (after skipped files).
+    num_train, num_test, num_val: examples per split (after skipped files;
+      num_train after the validation carve).
     num_skipped: unreadable images left out at build time.
     data_dir: the prepared TFDS dataset directory.
+    val_split: how val was made: 'files' (a user val list), 'val<fraction>-seed<seed>'
+      (carved from train) or 'none' (val_fraction=0).
+    split_lists: the folder holding this task's `<domain>_{train,val,test}.txt` lists
+      ('' when it could not be written).
   """
 
   name: str
@@ -55,8 +75,11 @@ class TaskInfo:
   raw_class_names: tuple[str, ...]
   num_train: int
   num_test: int
+  num_val: int
   num_skipped: int
   data_dir: str
+  val_split: str = ""
+  split_lists: str = ""
 
   @property
   def num_classes(self) -> int:
@@ -67,15 +90,38 @@ class TaskInfo:
 class TaskData:
   """One task: its id (position in `build_tasks`' list), info and data sources.
 
-  `train` / `test` are random-access sequences of
+  `train` / `val` / `test` are random-access sequences of
   {'image': JPEG bytes, 'label': int, 'file_name': bytes} (picklable, so they
-  travel to grain worker processes).
+  travel to grain worker processes); `val` is empty with val_fraction=0.
   """
 
   task_id: int
   info: TaskInfo
   train: Sequence[dict[str, Any]]
   test: Sequence[dict[str, Any]]
+  val: Sequence[dict[str, Any]] = ()
+
+
+class Subset:
+  """Records `indices` of a random-access source, as a source (picklable; grain-ready)."""
+
+  def __init__(self, base: Sequence[dict[str, Any]], indices: Sequence[int]):
+    self.base = base
+    self.indices = np.asarray(indices, np.int64)
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def __getitem__(self, i: int) -> dict[str, Any]:
+    return self.base[int(self.indices[i])]
+
+  def __getitems__(self, keys: Sequence[int]) -> list[dict[str, Any]]:
+    picked = [int(self.indices[k]) for k in keys]
+    getitems = getattr(self.base, "__getitems__", None)
+    return list(getitems(picked)) if getitems else [self.base[i] for i in picked]
+
+  def __repr__(self) -> str:
+    return f"Subset({len(self)} of {len(self.base)} records)"
 
 
 def default_data_dir() -> str:
@@ -100,6 +146,7 @@ def build_tasks(
     split_seed: int = common.DEFAULT_SPLIT_SEED,
     train_fraction: float = common.DEFAULT_TRAIN_FRACTION,
     split_files: str | None = None,
+    val_fraction: float = common.DEFAULT_VAL_FRACTION,
     skip_corrupt: bool = False,
     allow_per_task_classes: bool = False,
     demo_seed: int = 0,
@@ -119,6 +166,9 @@ def build_tasks(
     domains: domains to use, by folder name or config name ('Real World' or
       'real_world'); default all of the dataset's domains.
     split_seed, train_fraction, split_files: see `common.BuildOptions`.
+    val_fraction: share of each class's train examples carved out as the
+      validation split (`common.carve_val`, seeded by split_seed); 0 = no
+      validation split. Ignored for a domain whose split_files have a val list.
     skip_corrupt: skip unreadable images instead of failing (default fails,
       naming the file); the count is logged and kept in metadata.json.
     allow_per_task_classes: allow domains with different class lists.
@@ -134,10 +184,13 @@ def build_tasks(
     DataLayoutError: root, a domain folder or a split list is missing (the
       message lists what was expected and what was found).
     ClassListMismatchError: domains disagree on their classes.
-    SplitFileError: a malformed split list line (file:line).
+    SplitFileError: a malformed split list line, or a val list line that is
+      also in the train or test list (file:line).
     mmap_jax.data.images.UnreadableImageError: a corrupt image (its path).
   """
   module = builders.get(name)
+  if not 0.0 <= val_fraction < 1.0:
+    raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
   options = common.BuildOptions(
       split_seed=split_seed, train_fraction=train_fraction, split_files=split_files,
       skip_corrupt=skip_corrupt, allow_per_task_classes=allow_per_task_classes,
@@ -164,6 +217,7 @@ def build_tasks(
 
   for d in todo:
     plan = plans[d]
+    shutil.rmtree(_splits_root(paths[d]), ignore_errors=True)  # Lists of the old build.
     log.info("building %s/%s from %s", module.Builder.name, plan.config_name, plan.root)
     builder = module.Builder(
         config=common.DomainConfig(
@@ -177,12 +231,82 @@ def build_tasks(
         manual_dir=plan.root, download_mode=mode))
     opened[d] = _open(paths[d])
 
-  return [_task(i, name, d, paths[d], opened[d], skip_corrupt)
-          for i, d in enumerate(domain_names)]
+  return [_task(i, name, d, paths[d], opened[d], skip_corrupt, split_seed=split_seed,
+                val_fraction=val_fraction) for i, d in enumerate(domain_names)]
+
+
+def _splits_root(path: str) -> str:
+  """`<data_dir>/<builder>/<config>/splits`: beside the version folder TFDS reads."""
+  return os.path.join(os.path.dirname(path), "splits")
+
+
+def _listing(source) -> tuple[list[str], list[int]]:
+  """(relpaths, labels) of every record of a source, read in chunks."""
+  relpaths, labels = [], []
+  for start in range(0, len(source), 512):
+    for r in source.__getitems__(list(range(start, min(start + 512, len(source))))):
+      name = r["file_name"]
+      relpaths.append(name.decode() if isinstance(name, bytes) else str(name))
+      labels.append(int(r["label"]))
+  return relpaths, labels
+
+
+def _split_views(domain: str, path: str, raw: Sequence[str], train_all, val_written, test, *,
+                 split_seed: int, val_fraction: float):
+  """(train, val, tag, lists folder): the carve (cached in index.json) and the written lists."""
+  counts = {"train": len(train_all), "val": len(val_written), "test": len(test)}
+  if len(val_written):
+    tag = "files"
+  elif val_fraction > 0:
+    tag = f"val{val_fraction:g}-seed{split_seed}"
+  else:
+    tag = "none"
+  folder = os.path.join(_splits_root(path), tag)
+  index_path = os.path.join(folder, "index.json")
+  cached = None
+  if os.path.isfile(index_path):
+    with open(index_path, encoding="utf-8") as f:
+      cached = json.load(f)
+    if cached.get("num_records") != counts:
+      log.warning("%s: %s does not match the prepared data (%s vs %s); recomputing",
+                  domain, index_path, cached.get("num_records"), counts)
+      cached = None
+  if cached is None:
+    log.info("%s: listing records to write the split lists in %s (once)", domain, folder)
+    train_rows = list(zip(*_listing(train_all)))
+    if tag.startswith("val"):
+      train_idx, val_idx = common.carve_val(
+          [r for r, _ in train_rows], [l for _, l in train_rows], raw, domain=domain,
+          seed=split_seed, val_fraction=val_fraction)
+    else:
+      train_idx, val_idx = list(range(len(train_all))), []
+    lists = {"train": [train_rows[i] for i in train_idx],
+             "val": ([train_rows[i] for i in val_idx] if tag != "files"
+                     else list(zip(*_listing(val_written)))),
+             "test": list(zip(*_listing(test)))}
+    if tag == "none":
+      del lists["val"]  # No list: passed back as split_files it must not read as an empty val.
+    cached = {"num_records": counts, "val_split": tag, "train": train_idx, "val": val_idx}
+    try:
+      common.write_split_lists(folder, domain, lists)
+      tmp = f"{index_path}.tmp{uuid.uuid4().hex[:12]}"
+      with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(cached, f)
+      os.replace(tmp, index_path)  # Last: its presence means the lists are complete.
+    except OSError as e:
+      log.warning("%s: could not write the split lists to %s (%s); using them in memory",
+                  domain, folder, e)
+      folder = ""
+  if tag == "files":
+    return train_all, val_written, tag, folder
+  train_idx, val_idx = cached["train"], cached["val"]
+  train = train_all if len(train_idx) == len(train_all) else Subset(train_all, train_idx)
+  return train, (Subset(train_all, val_idx) if val_idx else ()), tag, folder
 
 
 def _task(task_id: int, dataset: str, domain: str, path: str, builder,
-          skip_corrupt: bool) -> TaskData:
+          skip_corrupt: bool, *, split_seed: int = common.DEFAULT_SPLIT_SEED,
+          val_fraction: float = common.DEFAULT_VAL_FRACTION) -> TaskData:
   info = builder.info
   metadata = dict(info.metadata or {})
   skipped = list(metadata.get("skipped_files", []))
@@ -194,10 +318,14 @@ def _task(task_id: int, dataset: str, domain: str, path: str, builder,
   raw = tuple(info.features["label"].names)
   decoders = {"image": tfds.decode.SkipDecoding()}
   # A split with no examples is not written at all (see DomainBuilder).
-  train, test = (builder.as_data_source(s, decoders=decoders) if s in info.splits else ()
-                 for s in ("train", "test"))
+  train_all, val_written, test = (
+      builder.as_data_source(s, decoders=decoders) if s in info.splits else ()
+      for s in ("train", "val", "test"))
+  train, val, tag, folder = _split_views(domain, path, raw, train_all, val_written, test,
+                                         split_seed=split_seed, val_fraction=val_fraction)
   task_info = TaskInfo(
       name=domain, dataset=dataset, builder=f"{builder.name}/{info.config_name}",
       class_names=tuple(common.prompt_name(c) for c in raw), raw_class_names=raw,
-      num_train=len(train), num_test=len(test), num_skipped=len(skipped), data_dir=path)
-  return TaskData(task_id=task_id, info=task_info, train=train, test=test)
+      num_train=len(train), num_test=len(test), num_val=len(val), num_skipped=len(skipped),
+      data_dir=path, val_split=tag, split_lists=folder)
+  return TaskData(task_id=task_id, info=task_info, train=train, test=test, val=val)

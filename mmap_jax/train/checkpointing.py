@@ -2,7 +2,10 @@
 
 A checkpoint holds the learned pytree, the optimizer state, the step, the input iterator's state
 (so a resumed run sees exactly the batches the uninterrupted run would have seen), the task
-groups and the config. Orbax writes each step into a temporary directory and renames it when
+groups and the config; with validation-based selection also the selected (best-so-far) learned
+pytree, whose record (step, validation history) is in the metadata. Every checkpoint thus
+carries the selected state: rotation (`keep`) can never delete it, and a resume restores the
+best-so-far record together with the state it belongs to. Orbax writes each step into a temporary directory and renames it when
 complete, so a half-written checkpoint is never listed as the latest.
 """
 from __future__ import annotations
@@ -15,7 +18,7 @@ from typing import Any, Optional
 import jax
 import orbax.checkpoint as ocp
 
-_STATE, _DATA, _META = "state", "data", "meta"
+_STATE, _DATA, _META, _SELECTED = "state", "data", "meta", "selected"
 
 
 @dataclasses.dataclass
@@ -23,7 +26,8 @@ class Restored:
   step: int
   state: Any           # {"learned", "opt_state", "step"} placed like the target
   data_state: Any      # whatever the input iterator's get_state() returned (JSON)
-  meta: dict           # {"groups", "config", ...}
+  meta: dict           # {"groups", "config", "selection", ...}
+  selected: Any = None  # the selected learned pytree (None: not saved, e.g. select=last)
 
 
 class Checkpointer:
@@ -36,7 +40,7 @@ class Checkpointer:
         options=ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
             cleanup_tmp_directories=True),
-        item_names=(_STATE, _DATA, _META))
+        item_names=(_STATE, _DATA, _META, _SELECTED))
 
   def latest_step(self) -> Optional[int]:
     return self._manager.latest_step()
@@ -44,15 +48,19 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
 
-  def save(self, step: int, state: Any, data_state: Any, meta: dict, *, force: bool = False) -> bool:
-    return self._manager.save(
-        step,
-        args=ocp.args.Composite(**{
-            _STATE: ocp.args.StandardSave(state),
-            _DATA: ocp.args.JsonSave(data_state),
-            _META: ocp.args.JsonSave(json.loads(json.dumps(meta, default=str))),
-        }),
-        force=force)
+  def save(self, step: int, state: Any, data_state: Any, meta: dict, *, force: bool = False,
+           selected: Any = None) -> bool:
+    items = {
+        _STATE: ocp.args.StandardSave(state),
+        _DATA: ocp.args.JsonSave(data_state),
+        _META: ocp.args.JsonSave(json.loads(json.dumps(meta, default=str))),
+    }
+    if selected is not None:
+      items[_SELECTED] = ocp.args.StandardSave(selected)
+    return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+  def has_selected(self, step: int) -> bool:
+    return os.path.isdir(os.path.join(self.directory, str(step), _SELECTED))
 
   def restore(self, target_state: Any, step: Optional[int] = None) -> Restored:
     """Restore into the structure, dtypes and shardings of `target_state` (a live or abstract tree)."""
@@ -63,12 +71,17 @@ class Checkpointer:
       raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory}; "
                               f"available: {self.all_steps()}")
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
-    out = self._manager.restore(step, args=ocp.args.Composite(**{
+    items = {
         _STATE: ocp.args.StandardRestore(abstract),
         _DATA: ocp.args.JsonRestore(),
         _META: ocp.args.JsonRestore(),
-    }))
-    return Restored(step=step, state=out[_STATE], data_state=out[_DATA], meta=out[_META])
+    }
+    with_selected = self.has_selected(step)
+    if with_selected:  # Same structure, dtypes and shardings as the live learned pytree.
+      items[_SELECTED] = ocp.args.StandardRestore(abstract["learned"])
+    out = self._manager.restore(step, args=ocp.args.Composite(**items))
+    return Restored(step=step, state=out[_STATE], data_state=out[_DATA], meta=out[_META],
+                    selected=out[_SELECTED] if with_selected else None)
 
   def read_meta(self, step: Optional[int] = None) -> dict:
     """The JSON metadata alone (groups, config), e.g. to rebuild the model before restoring."""

@@ -1,4 +1,4 @@
-"""Per-task accuracy on every task's test split, each example counted exactly once.
+"""Per-task accuracy on every task's test (or validation) split, each example counted once.
 
 Text features depend only on the learned prompts, so they are computed once per evaluation for all
 tasks' classes; each test batch then needs only its task's image features.
@@ -59,25 +59,30 @@ def to_host(x: jax.Array) -> np.ndarray:
 
 def evaluate(learned: Any, clip_params: Any, class_tokens: heads.ClassTokens,
              tasks: Sequence[sources.TaskData], eval_fns: tuple[Callable, Callable], *,
-             batch_size: int, image_size: int, sharding=None, worker_count: int = 0
-             ) -> dict[str, float]:
-  """{task name: accuracy in [0, 1]} over each task's whole test split."""
+             batch_size: int, image_size: int, sharding=None, worker_count: int = 0,
+             split: str = "test") -> dict[str, float]:
+  """{task name: accuracy in [0, 1]} over each task's whole `split` ('test' or 'val').
+
+  Tasks whose split is empty (no validation examples) are left out of the dict.
+  """
+  position = {t.task_id: i for i, t in enumerate(tasks)}  # Row of prompts / class tokens.
+  tasks = [t for t in tasks if len(pipeline.eval_source(t, split))]
   text_fn, batch_fn = eval_fns
   text_feats = text_fn(learned, clip_params, class_tokens)
   class_mask = jnp.asarray(class_tokens.class_mask)
   correct = np.zeros(len(tasks), np.int64)
   count = np.zeros(len(tasks), np.int64)
-  position = {t.task_id: i for i, t in enumerate(tasks)}
+  slot = {t.task_id: k for k, t in enumerate(tasks)}
   for batch in pipeline.eval_batches(tasks, batch_size=batch_size, image_size=image_size,
-                                     sharding=sharding, worker_count=worker_count):
-    i = position[batch["task"]]
+                                     sharding=sharding, worker_count=worker_count, split=split):
+    i, k = position[batch["task"]], slot[batch["task"]]
     pred = batch_fn(learned, clip_params, text_feats, class_mask, batch["image"],
                     jnp.asarray(i, jnp.int32))
     mask = to_host(batch["mask"])
-    correct[i] += int(((to_host(pred) == to_host(batch["label"])) & mask).sum())
-    count[i] += int(mask.sum())
+    correct[k] += int(((to_host(pred) == to_host(batch["label"])) & mask).sum())
+    count[k] += int(mask.sum())
   for t, n in zip(tasks, count):
-    if n != len(t.test):
-      raise RuntimeError(f"evaluation of task {t.info.name!r} saw {n} examples, "
-                         f"expected {len(t.test)}")
+    if n != len(pipeline.eval_source(t, split)):
+      raise RuntimeError(f"{split} evaluation of task {t.info.name!r} saw {n} examples, "
+                         f"expected {len(pipeline.eval_source(t, split))}")
   return {t.info.name: float(c / max(n, 1)) for t, c, n in zip(tasks, correct, count)}

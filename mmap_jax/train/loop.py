@@ -2,12 +2,15 @@
 
 Order: validate the config (before anything compiles) -> load the frozen CLIP -> build the tasks
 -> task grouping (mmap_mt with groups.mode=auto) -> init or restore the learned state -> jitted
-data-parallel steps with periodic logging, evaluation and checkpoints -> final evaluation, the
-accuracy table (results.json / results.md) and TensorBoard scalars.
+data-parallel steps with periodic logging, VALIDATION evaluation (every train.eval_every steps
+and at the last step) and checkpoints -> selection of the reported state (`selection`,
+train.select) -> the test split evaluated ONCE on that state, the accuracy table
+(results.json / results.md) and TensorBoard scalars. The test split is read nowhere else.
 
 Resumption: the latest complete checkpoint of `workdir/checkpoints` restores the learned pytree,
-optimizer state, step and input-iterator state, so a killed and restarted run reaches the same
-final prompts as an uninterrupted one. SIGTERM (preemption) saves a checkpoint before exiting.
+optimizer state, step, input-iterator state and the validation record with the selected state,
+so a killed and restarted run reaches the same final prompts and the same selection as an
+uninterrupted one. SIGTERM (preemption) saves a checkpoint before exiting.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ from mmap_jax import heads, parallel
 from mmap_jax.data import pipeline
 from mmap_jax.prompts import multitask
 from mmap_jax.train import checkpointing, evaluate as evaluation, grouping_run, optim, report
-from mmap_jax.train import setup, step as train_step
+from mmap_jax.train import selection as selection_lib, setup, step as train_step
 
 
 # Fault injection for the resume tests: "STEP:SIGNAL" (e.g. "4:SIGKILL", "3:SIGTERM") sends the
@@ -110,34 +113,57 @@ class _Run:
   optimizer: Any
   state: dict                # replicated, freshly initialised (restore() replaces it)
   total: int                 # training steps (0 for zero-shot)
+  selection: Optional[selection_lib.Selection] = None  # validation record (training runs)
+  selected: Any = None       # the selected learned pytree (best_val; None: run.state's)
 
   def restore(self) -> Optional[checkpointing.Restored]:
     if self.step is None:
       return None
     restored = self.ckpt.restore(self.state, self.step)
     self.state = restored.state
+    self.selected = restored.selected
     return restored
 
-  def evaluate(self, config: mlc.ConfigDict, eval_fns) -> dict[str, float]:
+  def evaluate(self, config: mlc.ConfigDict, eval_fns, *, split: str = "test",
+               learned: Any = None) -> dict[str, float]:
+    """{task: accuracy} on `split` of `learned` (default: the current state's)."""
     return evaluation.evaluate(
-        self.state["learned"], self.frozen["clip"], self.frozen["class_tokens"], self.tasks,
+        self.state["learned"] if learned is None else learned, self.frozen["clip"],
+        self.frozen["class_tokens"], self.tasks,
         eval_fns, batch_size=config.input.eval_batch_size,
         image_size=self.clip.cfg.vision.image_size, sharding=self.mesh,
-        worker_count=config.input.workers)
+        worker_count=config.input.workers, split=split)
 
-  def write_results(self, config, out: str, accuracy: dict, step: int) -> dict:
+  def save(self, step: int, data_state: Any, meta: dict) -> None:
+    """A checkpoint of the current state, with the validation record and the selected state."""
+    if self.selection is not None:
+      meta = meta | {"selection": self.selection.to_json()}
+    self.ckpt.save(step, self.state, data_state, meta, force=True, selected=self.selected)
+
+  def write_results(self, config, out: str, accuracy: dict, step: int, *,
+                    split: str = "test", val_accuracy: Optional[dict] = None,
+                    selection: Optional[dict] = None, fields: Optional[dict] = None) -> dict:
     names, groups = self.names, self.groups
+    extra = {"groups": [[names[i] for i in g] for g in groups] if groups else None,
+             "clip": self.clip.path, "dataset": config.data.name, "split": split,
+             "trained_steps": self.total}
+    if val_accuracy is not None:
+      extra["val_accuracy"] = dict(val_accuracy)
+      extra["val_average"] = selection_lib.mean(val_accuracy) if val_accuracy else None
+    if selection is not None:
+      extra["selection"] = selection
+    extra.update(fields or {})
     result = report.write_results(
         out, task_names=names, accuracy=accuracy,
         num_classes={t.info.name: t.info.num_classes for t in self.tasks},
         trainable_params=self.summary["trainable"],
         trainable_percent=self.summary["percent_of_clip"], method=self.spec.method, step=step,
-        extra={"groups": [[names[i] for i in g] for g in groups] if groups else None,
-               "clip": self.clip.path, "dataset": config.data.name})
+        extra=extra)
     if jax.process_index() == 0:
       print(report.accuracy_table(names, accuracy, self.summary["trainable"],
                                   self.summary["percent_of_clip"],
-                                  title=f"{self.spec.method} @ step {step}"), flush=True)
+                                  title=f"{self.spec.method} @ step {step} ({split} accuracy)"),
+            flush=True)
     return result
 
 
@@ -150,8 +176,8 @@ def _prepare(config: mlc.ConfigDict, workdir: str, *, step: Optional[int] = None
   setup.prompt_spec(config, clip.cfg)  # Fails on a bad prompt config before the data is built.
   tasks = setup.build_tasks(config)
   logging.info("tasks: %s", ", ".join(f"{t.info.name} ({t.info.num_classes} classes, "
-                                      f"{t.info.num_train} train / {t.info.num_test} test)"
-                                      for t in tasks))
+                                      f"{t.info.num_train} train / {t.info.num_val} val / "
+                                      f"{t.info.num_test} test)" for t in tasks))
   ckpt = _checkpointer(config, workdir)
   step = ckpt.latest_step() if step is None else step
   if step is None and require_checkpoint:
@@ -166,6 +192,8 @@ def _prepare(config: mlc.ConfigDict, workdir: str, *, step: Optional[int] = None
   logging.info("%s", summary["line"])
   class_tokens = setup.class_tokens(clip, spec, tasks)
   total = int(config.train.steps) if spec.family != "zeroshot" else 0
+  if total > 0:
+    setup.check_validation(config, tasks)
   optimizer = optim.make_optimizer(config.optim, max(total, 1))
   learned = multitask.init_learned(jax.random.key(config.seed), clip.cfg, spec, len(tasks),
                                    groups, clip_params=clip.params)
@@ -205,12 +233,25 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict:
   writer = report.ScalarWriter(setup.workdir_paths(workdir)["tensorboard"])
   eval_fns = evaluation.make_eval_fns(run.clip.cfg, run.spec, run.groups, len(run.tasks),
                                       dtype=run.dtype)
+  if run.total > 0:
+    run.selection = selection_lib.Selection.from_json(
+        restored.meta.get("selection") if restored is not None else None, config.train.select)
+  has_val = any(len(t.val) for t in run.tasks)
 
-  def run_eval(step: int) -> dict[str, float]:
-    acc = run.evaluate(config, eval_fns)
-    writer.scalars(step, {f"eval/accuracy/{k}": v for k, v in acc.items()}
-                   | {"eval/accuracy/average": float(np.mean(list(acc.values())))})
-    logging.info("step %d eval: %s", step, "  ".join(f"{k} {100 * v:.2f}" for k, v in acc.items()))
+  def log_eval(step: int, split: str, acc: dict[str, float], prefix: str) -> None:
+    writer.scalars(step, {f"{prefix}/{k}": v for k, v in acc.items()}
+                   | {f"{prefix}/average": selection_lib.mean(acc)})
+    logging.info("step %d %s: %s", step, split,
+                 "  ".join(f"{k} {100 * v:.2f}" for k, v in acc.items()))
+
+  def run_eval(step: int) -> Optional[dict[str, float]]:
+    """Validation only (never test): records it and keeps the selected state."""
+    if not has_val:
+      return None
+    acc = run.evaluate(config, eval_fns, split="val")
+    log_eval(step, "val", acc, "eval/val_accuracy")
+    if run.selection.record(step, acc) and run.selection.rule == "best_val":
+      run.selected = jax.tree.map(jax.numpy.copy, run.state["learned"])  # Survives donation.
     return acc
 
   preempt = _Preemption()
@@ -219,14 +260,26 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict:
       _train(config, run, it, meta, writer, start, preempt, run_eval)
       if preempt.requested:
         return {"preempted": True, "step": int(run.state["step"])}
-    accuracy = run_eval(run.total)
+    if run.total == 0:  # Zero-shot: one state, validation and test once each.
+      val = run.evaluate(config, eval_fns, split="val") if has_val else {}
+      record, learned, step = selection_lib.zeroshot_record(val), None, 0
+    else:
+      record = run.selection.to_json()
+      val = (run.selection.entry() or {}).get("val", {})
+      step = run.selection.step if run.selection.step is not None else run.total
+      learned = run.selected if run.selection.rule == "best_val" else None
+      logging.info("selected step %d: %s", step, record["reason"])
+    if val:
+      log_eval(run.total, "selected val", val, "final/val_accuracy")
+    accuracy = run.evaluate(config, eval_fns, split="test", learned=learned)  # The only test read.
+    log_eval(run.total, f"test (step {step})", accuracy, "final/test_accuracy")
   finally:
     preempt.restore()
     run.ckpt.close()
     writer.close()
     if it is not None:
       it.close()
-  return run.write_results(config, workdir, accuracy, run.total)
+  return run.write_results(config, workdir, accuracy, step, val_accuracy=val, selection=record)
 
 
 def _train(config, run: _Run, it, meta, writer, start, preempt, run_eval):
@@ -262,36 +315,65 @@ def _train(config, run: _Run, it, meta, writer, start, preempt, run_eval):
                             "train/grad_norm": float(metrics["grad_norm"])}
                      | {f"train/task_loss/{name}": float(v) for name, v in
                         zip(run.names, np.asarray(metrics["per_task_loss"]))})
+    if done % config.train.eval_every == 0 or done == total:
+      check(*pending)
+      run_eval(done)  # Validation, before the save: the checkpoint then holds its record.
     saved = done % config.train.ckpt_every == 0 or done == total
     if saved:
       check(*pending)
-      ckpt.save(done, run.state, it.get_state(), meta, force=True)
+      run.save(done, it.get_state(), meta)
     if _SIGNAL_AT_STEP and done == int(_SIGNAL_AT_STEP.split(":")[0]):
       os.kill(os.getpid(), getattr(signal, _SIGNAL_AT_STEP.split(":")[1]))
     if preempt.requested:
       if not saved:
         check(*pending)
-        ckpt.save(done, run.state, it.get_state(), meta, force=True)
+        run.save(done, it.get_state(), meta)
       ckpt.wait()
       logging.warning("preempted: checkpoint of step %d saved in %s", done, ckpt.directory)
       return
-    if done % config.train.eval_every == 0 and done != total:
-      run_eval(done)
   check(*pending)
 
 
+EVAL_STATES = ("selected", "checkpoint")
+
+
 def evaluate_workdir(config: mlc.ConfigDict, workdir: str, *, step: Optional[int] = None,
-                     out: Optional[str] = None) -> dict:
-  """Accuracy of a workdir's checkpoint (latest or `step`), or zero-shot CLIP with none."""
+                     out: Optional[str] = None, split: str = "test",
+                     state: str = "selected") -> dict:
+  """Accuracy on `split` ('test', default, or 'val') of a workdir's checkpoint, or zero-shot CLIP.
+
+  The checkpoint is the latest one or `step`. `state='selected'` (default) evaluates the state
+  that checkpoint's validation record selected (train.select; what results.json reports when it
+  is the final checkpoint), `state='checkpoint'` the checkpoint's own current state. The results
+  file says which split (`split`) and which state (`evaluated_state`, `step`) it reports.
+  """
+  if split not in pipeline.EVAL_SPLITS:
+    raise ValueError(f"split={split!r}; allowed: {pipeline.EVAL_SPLITS}")
+  if state not in EVAL_STATES:
+    raise ValueError(f"state={state!r}; allowed: {EVAL_STATES}")
   workdir = os.path.abspath(workdir)
   run = _prepare(config, workdir, step=step, require_checkpoint=config.method != "zeroshot")
   try:
-    run.restore()
+    restored = run.restore()
   finally:
     run.ckpt.close()
+  if split == "val" and not any(len(t.val) for t in run.tasks):
+    raise setup.ConfigError("split='val' but no task has validation examples "
+                            f"(data.val_fraction={config.data.val_fraction})")
+  record = (restored.meta.get("selection") if restored is not None else None) or None
+  learned, at = None, run.step or 0
+  # Under select=last (or before the first validation) a checkpoint's own state is its selection.
+  if (state == "selected" and record and record.get("rule") == "best_val"
+      and record.get("step") is not None):
+    at, learned = int(record["step"]), run.selected
+    if learned is None:
+      raise FileNotFoundError(f"checkpoint {run.step} in {run.ckpt.directory} holds no "
+                              f"selected state for step {at}")
   eval_fns = evaluation.make_eval_fns(run.clip.cfg, run.spec, run.groups, len(run.tasks),
                                       dtype=run.dtype)
-  return run.write_results(config, out or workdir, run.evaluate(config, eval_fns), run.step or 0)
+  accuracy = run.evaluate(config, eval_fns, split=split, learned=learned)
+  return run.write_results(config, out or workdir, accuracy, at, split=split, selection=record,
+                           fields={"evaluated_state": state, "checkpoint_step": run.step})
 
 
 def group_tasks(config: mlc.ConfigDict, workdir: str) -> list[list[str]]:

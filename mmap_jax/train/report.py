@@ -44,9 +44,12 @@ def write_results(workdir: str, *, task_names: Sequence[str], accuracy: Mapping[
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "results.json"), "w") as f:
       json.dump(result, f, indent=2)
+    split = result.get("split", "test")
+    notes = [f"selection: {result['selection']['reason']}"] if result.get("selection") else []
     with open(os.path.join(workdir, "results.md"), "w") as f:
       f.write(accuracy_table(task_names, accuracy, trainable_params, trainable_percent,
-                             title=f"{method} @ step {step}") + "\n")
+                             title=f"{method} @ step {step} ({split} accuracy)") + "\n"
+              + "".join(f"\n{n}\n" for n in notes))
   return result
 
 

@@ -20,6 +20,7 @@ from mmap_jax.models.config import ClipConfig
 from mmap_jax.prompts.spec import METHODS, PromptSpec
 from mmap_jax.tokenizer import ClipTokenizer
 from mmap_jax.train.optim import OPTIMIZERS
+from mmap_jax.train.selection import RULES as SELECT_RULES
 
 DATASETS = ("demo_domains", "office_home", "mini_domainnet", "domainnet", "image_folder")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -50,6 +51,15 @@ def validate(config: mlc.ConfigDict, num_devices: Optional[int] = None) -> None:
        "clip.path is required: a directory written by launch.convert, or 'demo'")
   need(0.0 < config.data.train_fraction < 1.0,
        f"data.train_fraction={config.data.train_fraction} must be in (0, 1)")
+  need(0.0 <= config.data.val_fraction < 1.0,
+       f"data.val_fraction={config.data.val_fraction} must be in [0, 1) (0: no validation split)")
+  need(config.train.select in SELECT_RULES,
+       f"train.select={config.train.select!r}; allowed: {SELECT_RULES}")
+  need(not (config.train.select == "best_val" and config.data.val_fraction == 0
+            and not config.data.split_files and config.method != "zeroshot"),
+       "train.select='best_val' needs a validation split, but data.val_fraction=0 carves none "
+       "(and no data.split_files val lists are given): set data.val_fraction > 0 or "
+       "train.select='last'")
   need(config.input.batch_size >= 1, f"input.batch_size={config.input.batch_size} must be >= 1")
   need(config.input.eval_batch_size >= 1,
        f"input.eval_batch_size={config.input.eval_batch_size} must be >= 1")
@@ -127,9 +137,21 @@ def build_tasks(config: mlc.ConfigDict) -> list[sources.TaskData]:
   return sources.build_tasks(
       d.name, root=d.root, data_dir=d.data_dir, domains=_csv(d.domains),
       split_seed=d.split_seed, train_fraction=d.train_fraction, split_files=d.split_files,
-      skip_corrupt=d.skip_corrupt, allow_per_task_classes=d.allow_per_task_classes,
+      val_fraction=d.val_fraction, skip_corrupt=d.skip_corrupt, allow_per_task_classes=d.allow_per_task_classes,
       **({"demo_seed": d.demo_seed, "demo_images_per_class": d.demo_images_per_class,
           "demo_image_size": d.demo_image_size} if d.name == "demo_domains" else {}))
+
+
+def check_validation(config: mlc.ConfigDict, tasks: Sequence[sources.TaskData]) -> None:
+  """train.select='best_val' needs validation examples in every task (checked before compiling)."""
+  if config.train.select != "best_val":
+    return
+  empty = [t.info.name for t in tasks if len(t.val) == 0]
+  if empty:
+    raise ConfigError(
+        f"train.select='best_val' but task(s) {empty} have no validation examples "
+        f"(data.val_fraction={config.data.val_fraction}; classes need >= 2 train images to "
+        "give one); use train.select='last' or more data")
 
 
 def augment_config(config: mlc.ConfigDict) -> preprocess.AugmentConfig:

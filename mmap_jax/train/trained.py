@@ -22,7 +22,7 @@ from mmap_jax.train import checkpointing
 
 @dataclasses.dataclass(frozen=True)
 class Trained:
-  step: int
+  step: int                 # the step of the learned state (the selected one by default)
   spec: PromptSpec
   task_names: tuple[str, ...]
   class_names: tuple[tuple[str, ...], ...]
@@ -31,26 +31,45 @@ class Trained:
   clip_path: Optional[str]
 
 
-def load_trained(workdir: str, step: Optional[int] = None) -> Trained:
-  """The learned pytree + metadata of `workdir/checkpoints` (latest step unless given)."""
+def load_trained(workdir: str, step: Optional[int] = None, state: str = "selected") -> Trained:
+  """The learned pytree + metadata of `workdir/checkpoints` (latest step unless given).
+
+  state='selected' (default) returns the state the run's validation record selected (the one
+  results.json reports), 'checkpoint' the checkpoint's own current state.
+  """
+  if state not in ("selected", "checkpoint"):
+    raise ValueError(f"state={state!r}; allowed: ('selected', 'checkpoint')")
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
   try:
     step = ckpt.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {ckpt.directory}")
     meta = ckpt.read_meta(step)
+    has_selected = ckpt.has_selected(step)
   finally:
     ckpt.close()
   for key in ("method", "prompt", "task_names", "class_names"):
     if key not in meta:
       raise ValueError(f"{ckpt.directory}/{step}: checkpoint metadata lacks {key!r}")
-  state = ocp.StandardCheckpointer().restore(os.path.join(ckpt.directory, str(step), "state"))
+  record = meta.get("selection") or {}
+  at = step
+  # Under select=last (or before the first validation) a checkpoint's own state is its selection.
+  if state == "selected" and record.get("rule") == "best_val" and record.get("step") is not None:
+    if not has_selected:
+      raise FileNotFoundError(f"{ckpt.directory}/{step} holds no selected state for step "
+                              f"{record['step']}")
+    learned = ocp.StandardCheckpointer().restore(os.path.join(ckpt.directory, str(step),
+                                                              "selected"))
+    at = int(record["step"])
+  else:
+    learned = ocp.StandardCheckpointer().restore(
+        os.path.join(ckpt.directory, str(step), "state"))["learned"]
   groups = meta.get("groups")
   return Trained(
-      step=step, spec=PromptSpec(**meta["prompt"]), task_names=tuple(meta["task_names"]),
+      step=at, spec=PromptSpec(**meta["prompt"]), task_names=tuple(meta["task_names"]),
       class_names=tuple(tuple(c) for c in meta["class_names"]),
       groups=tuple(tuple(g) for g in groups) if groups else None,
-      learned=jax.device_get(state["learned"]),
+      learned=jax.device_get(learned),
       clip_path=(meta.get("config") or {}).get("clip", {}).get("path"))
 
 

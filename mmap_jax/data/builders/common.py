@@ -24,6 +24,7 @@ import inspect
 import logging
 import os
 import re
+import uuid
 import zlib
 from typing import Iterable, Iterator, Mapping, Sequence
 
@@ -39,6 +40,9 @@ VERSION = "1.0.0"
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
 DEFAULT_SPLIT_SEED = 0
 DEFAULT_TRAIN_FRACTION = 0.8
+DEFAULT_VAL_FRACTION = 0.1
+SPLITS = ("train", "val", "test")
+_VAL_SALT = zlib.crc32(b"val")  # The val carve's stream differs from the train/test split's.
 
 
 class DataLayoutError(FileNotFoundError):
@@ -76,6 +80,8 @@ class BuildOptions:
     split_files: folder of `<domain>_train.txt` / `<domain>_test.txt` lists
       (lines `<domain>/<class>/<file> [label]`, relative to the root) used
       instead of the seeded split; for the list datasets, where their lists are.
+      An optional `<domain>_val.txt` there is the validation set (written as
+      its own TFDS split; it may overlap neither train nor test).
     skip_corrupt: skip unreadable images (counted in the metadata) instead of
       failing on the first one.
     allow_per_task_classes: let domains have different class lists.
@@ -117,6 +123,7 @@ class DomainPlan:
   train: tuple[Example, ...] = dataclasses.field(repr=False)
   test: tuple[Example, ...] = dataclasses.field(repr=False)
   split: Mapping[str, object] = dataclasses.field(repr=False)  # How train/test were made.
+  val: tuple[Example, ...] = dataclasses.field(default=(), repr=False)  # From a user val list.
 
 
 # ---------------------------------------------------------------- layout ---
@@ -239,6 +246,59 @@ def seeded_split(
   return tuple(train), tuple(test)
 
 
+def carve_val(
+    relpaths: Sequence[str], labels: Sequence[int], class_names: Sequence[str], *,
+    domain: str, seed: int, val_fraction: float,
+) -> tuple[list[int], list[int]]:
+  """(train indices, val indices) into a prepared train split: stratified and seeded.
+
+  Each class's examples, ordered by relpath, are shuffled by (seed, domain, class name) on a
+  stream of its own, and the first round(val_fraction * n) go to val (at least one, at most
+  n - 1, when the class has >= 2 examples and val_fraction > 0). So the carve depends only on
+  the split seed, the domain, the class and its files: the same for every method and training
+  seed of a sweep, and no class loses all of its training images.
+  """
+  if not 0.0 <= val_fraction < 1.0:
+    raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+  by_label: dict[int, list[int]] = {}
+  for i, label in enumerate(labels):
+    by_label.setdefault(int(label), []).append(i)
+  val = []
+  for label, members in by_label.items():
+    members.sort(key=lambda i: relpaths[i])
+    n = len(members)
+    n_val = int(round(val_fraction * n))
+    if val_fraction > 0 and n >= 2:
+      n_val = min(max(n_val, 1), n - 1)
+    elif n < 2:
+      n_val = 0
+    cls = class_names[label]
+    rng = np.random.default_rng(
+        [seed, zlib.crc32(domain.encode()), zlib.crc32(cls.encode()), _VAL_SALT])
+    val += [members[j] for j in rng.permutation(n)[:n_val].tolist()]
+  val_set = set(val)
+  return [i for i in range(len(labels)) if i not in val_set], sorted(val)
+
+
+def write_split_lists(folder: str, domain: str,
+                      lists: Mapping[str, Sequence[tuple[str, int]]]) -> dict[str, str]:
+  """`<folder>/<domain>_<split>.txt` (lines `<relpath> <label>`), each written atomically.
+
+  The format `read_split_file` reads, so the folder can be passed back as `split_files`.
+  Returns {split: path}.
+  """
+  os.makedirs(folder, exist_ok=True)
+  out = {}
+  for split, rows in lists.items():
+    path = os.path.join(folder, f"{domain}_{split}.txt")
+    tmp = f"{path}.tmp{uuid.uuid4().hex[:12]}"  # Unique per process and host: hosts may race.
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.writelines(f"{relpath} {label}\n" for relpath, label in rows)
+    os.replace(tmp, path)
+    out[split] = path
+  return out
+
+
 def find_split_file(split_dir: str, domain: str, split: str, dataset: str) -> str:
   names = [f"{domain}_{split}.txt", f"{slug(domain)}_{split}.txt"]
   for n in dict.fromkeys(names):
@@ -281,15 +341,35 @@ def files_digest(paths: Iterable[str]) -> str:
   return h.hexdigest()[:8]
 
 
+def optional_split_file(split_dir: str, domain: str, split: str) -> str | None:
+  """`<domain>_<split>.txt` (or its slug form) in split_dir, or None when absent."""
+  for n in dict.fromkeys([f"{domain}_{split}.txt", f"{slug(domain)}_{split}.txt"]):
+    path = os.path.join(split_dir, n)
+    if os.path.isfile(path):
+      return path
+  return None
+
+
+def split_list_paths(split_dir: str, domain: str, dataset: str, *,
+                     with_val: bool = True) -> list[str]:
+  """The train and test lists (required) and the val list (when present), in that order."""
+  paths = [find_split_file(split_dir, domain, s, dataset) for s in ("train", "test")]
+  val = optional_split_file(split_dir, domain, "val") if with_val else None
+  return paths + ([val] if val else [])
+
+
 def split_from_files(
     split_dir: str, domain: str, class_names: Sequence[str], dataset: str,
-) -> tuple[tuple[Example, ...], tuple[Example, ...]]:
-  """User split lists for a folder dataset; labels follow the class folders."""
+) -> tuple[tuple[Example, ...], tuple[Example, ...], tuple[Example, ...]]:
+  """User split lists for a folder dataset (train, test, val); labels follow the class folders.
+
+  The val list is optional (empty tuple when absent); a file listed twice, in one list or
+  across lists, is an error naming both places.
+  """
   index = {c: i for i, c in enumerate(class_names)}
-  out = {}
+  out = {"val": ()}
   seen = {}
-  for split in ("train", "test"):
-    path = find_split_file(split_dir, domain, split, dataset)
+  for split, path in zip(("train", "test", "val"), split_list_paths(split_dir, domain, dataset)):
     examples = []
     for relpath, _, lineno in read_split_file(path):
       parts = relpath.split("/")
@@ -303,7 +383,20 @@ def split_from_files(
       seen[relpath] = f"{path}:{lineno}"
       examples.append(Example(relpath, index[parts[1]]))
     out[split] = tuple(examples)
-  return out["train"], out["test"]
+  return out["train"], out["test"], out["val"]
+
+
+def check_val_disjoint(val: Sequence[tuple[str, str]],
+                       others: Sequence[Sequence[tuple[str, str]]]) -> None:
+  """Rows (relpath, 'file:line'): a val row also in train/test (or twice in val) is an error.
+
+  Train and test of the datasets' own lists are not checked against each other (as before).
+  """
+  seen = {relpath: where for rows in others for relpath, where in rows}
+  for relpath, where in val:
+    if relpath in seen:
+      raise SplitFileError(f"{where}: {relpath!r} is already listed in {seen[relpath]}")
+    seen[relpath] = where
 
 
 def classes_from_lists(
@@ -433,8 +526,10 @@ class DomainBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     del dl_manager  # The plan already lists every file.
     plan = self.plan
     # TFDS cannot write an empty split; readers treat a missing one as empty.
-    splits = {name: examples for name, examples in (("train", plan.train), ("test", plan.test))
-              if examples}
+    # A "val" split is written only from a user val list; otherwise val is carved from train
+    # when the data is opened (see mmap_jax.data.sources).
+    splits = {name: examples for name, examples in (("train", plan.train), ("test", plan.test),
+                                                    ("val", plan.val)) if examples}
     for name in {"train", "test"} - set(splits):
       log.warning("%s/%s: the %s split is empty", plan.dataset, plan.domain, name)
     return {name: self._generate_examples(name) for name in splits}
@@ -442,7 +537,7 @@ class DomainBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _generate_examples(self, split: str):
     plan = self.plan
     config = self.builder_config
-    examples = plan.train if split == "train" else plan.test
+    examples = {"train": plan.train, "test": plan.test, "val": plan.val}[split]
     skipped = self._skipped.setdefault(split, [])
     for ex, result in _convert(plan.root, examples, config.num_threads):
       if isinstance(result, images.UnreadableImageError):
@@ -474,8 +569,7 @@ def folder_config_name(domain: str, options: BuildOptions, *, tag: str = "") -> 
   """
   name = slug(domain) + tag
   if options.split_files:
-    paths = [find_split_file(options.split_files, domain, s, "split_files")
-             for s in ("train", "test")]
+    paths = split_list_paths(options.split_files, domain, "split_files")
     return f"{name}-files{files_digest(paths)}"
   if (options.split_seed, options.train_fraction) != (DEFAULT_SPLIT_SEED, DEFAULT_TRAIN_FRACTION):
     return f"{name}-seed{options.split_seed}-train{options.train_fraction:g}"
@@ -493,8 +587,9 @@ def plan_folder_domains(
   for domain in domains:
     files_by_class = scan_domain(root, domain)
     class_names = tuple(files_by_class)  # Sorted folder names.
+    val = ()
     if options.split_files:
-      train, test = split_from_files(options.split_files, domain, class_names, dataset)
+      train, test, val = split_from_files(options.split_files, domain, class_names, dataset)
       split = {"kind": "files", "dir": os.path.abspath(options.split_files)}
     else:
       train, test = seeded_split(files_by_class, class_names, domain=domain,
@@ -502,38 +597,46 @@ def plan_folder_domains(
       split = {"kind": "seeded", "seed": options.split_seed,
                "train_fraction": options.train_fraction}
     plans.append(DomainPlan(dataset, domain, config_names[domain], os.path.abspath(root),
-                            class_names, train, test, split))
+                            class_names, train, test, split, val))
   return plans
 
 
 def list_config_name(domain: str, options: BuildOptions) -> str:
   """'clipart' with the dataset's own lists; 'clipart-files<digest>' with others."""
   if options.split_files:
-    paths = [find_split_file(options.split_files, domain, s, "split_files")
-             for s in ("train", "test")]
+    paths = split_list_paths(options.split_files, domain, "split_files")
     return f"{slug(domain)}-files{files_digest(paths)}"
   return slug(domain)
 
 
 def plan_list_domains(
     dataset: str, root: str, domains: Sequence[str], split_dir: str,
-    config_names: Mapping[str, str],
+    config_names: Mapping[str, str], *, with_val: bool = True,
 ) -> list[DomainPlan]:
-  """Domains whose classes, labels and splits come from `<domain>_{train,test}.txt`."""
+  """Domains whose classes, labels and splits come from `<domain>_{train,test}.txt`.
+
+  With `with_val`, an optional `<domain>_val.txt` beside them is the validation split (the
+  datasets pass it only for user `split_files`, whose digest keys the prepared data).
+  """
   check_root(root, dataset, domains)
   check_domains(root, dataset, domains)
   plans = []
   for domain in domains:
-    paths = [find_split_file(split_dir, domain, s, dataset) for s in ("train", "test")]
-    class_names, (train_rows, test_rows) = classes_from_lists(paths)
+    paths = split_list_paths(split_dir, domain, dataset, with_val=with_val)
+    class_names, parsed = classes_from_lists(paths)
+    if len(parsed) > 2:
+      check_val_disjoint([(r, w) for r, _, w in parsed[2]],
+                         [[(r, w) for r, _, w in rows] for rows in parsed[:2]])
     splits = []
-    for rows in (train_rows, test_rows):
+    for rows in parsed:
       for relpath, _, where in rows:
         if relpath.split("/")[0] != domain:
           raise SplitFileError(f"{where}: {relpath!r} is not in domain folder {domain!r}")
       splits.append(tuple(Example(r, label) for r, label, _ in rows))
+    how = {"kind": "lists", "train": os.path.abspath(paths[0]), "test": os.path.abspath(paths[1])}
+    if len(paths) > 2:
+      how["val"] = os.path.abspath(paths[2])
     plans.append(DomainPlan(
         dataset, domain, config_names[domain], os.path.abspath(root), class_names,
-        splits[0], splits[1],
-        {"kind": "lists", "train": os.path.abspath(paths[0]), "test": os.path.abspath(paths[1])}))
+        splits[0], splits[1], how, splits[2] if len(splits) > 2 else ()))
   return plans

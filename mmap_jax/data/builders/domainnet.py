@@ -57,7 +57,9 @@ def config_name(domain: str, root: str | None, options: common.BuildOptions) -> 
 def plan(root: str, domains: Sequence[str], options: common.BuildOptions,
          config_names: dict[str, str]) -> list[common.DomainPlan]:
   common.check_root(root, NAME, domains)
-  return common.plan_list_domains(NAME, root, domains, split_dir(root, options), config_names)
+  # A val list is honoured only in user split_files (their digest names the prepared data).
+  return common.plan_list_domains(NAME, root, domains, split_dir(root, options), config_names,
+                                  with_val=bool(options.split_files))
 
 
 def resolve_root(root: str | None, data_dir: str, options: common.BuildOptions) -> str | None:
