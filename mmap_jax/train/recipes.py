@@ -130,7 +130,7 @@ def check(recipe: Recipe) -> list[str]:
 
   def need(cond: bool, field: str, why: str):
     if not cond:
-      errors.append(f"optim.{field}={getattr(r, field)!r} {why}")
+      errors.append(f"optim.{field}={getattr(r, field)!r}{'' if why[0] == ';' else ' '}{why}")
 
   need(r.name in OPTIMIZERS, "name", f"; allowed: {OPTIMIZERS}")
   need(r.lr > 0, "lr", "must be > 0")
