@@ -258,6 +258,11 @@ def test_ctx_init_needs_enough_tokens(tokenizer):
     ctx_init.token_ids(PromptSpec(method="maple_mt", length=5), tokenizer)
   with pytest.raises(ValueError, match="pass clip_params and tokenizer"):
     init_learned(key(0), TINY, tiny_spec("maple_mt", length=2), 2)
+  # The trainer checks it before compiling, as a config error naming the field.
+  from mmap_jax.train import setup
+  fake_clip = setup.Clip(cfg=TINY, params=None, tokenizer=tokenizer, path="tiny")
+  with pytest.raises(setup.ConfigError, match=r"prompt\.ctx_init='a photo'"):
+    setup.ctx_init_ids(fake_clip, PromptSpec(method="coop_mt", ctx_init="a photo", length=3))
 
 
 def test_maple_class_tokens_read_sot_x_x_of_a_class(tokenizer):
