@@ -45,11 +45,11 @@ def parse_arg(arg: str | None, **defaults: Any) -> mlc.ConfigDict:
 
 
 def base_config(*, method: str = "mmap_mt", runlocal: bool = False) -> mlc.ConfigDict:
-  """Every field a run reads, with the MaPLe/MmAP ViT-B/16 recipe as defaults.
+  """Every field a run reads, with the MaPLe/MmAP ViT-B/16 setting as defaults.
 
-  Recipe (MaPLe, Khattak et al. 2023, and MmAP, Xin et al. 2024): SGD with momentum 0.9,
-  lr 0.0035, cosine decay after a short linear warm-up, 224 px CLIP preprocessing, batch 4..8
-  per task, deep prompts with 2x8 MmAP tokens in the first 11 layers.
+  224 px CLIP preprocessing, batch 4..8 per task, deep prompts with 2x8 MmAP tokens in the first
+  11 layers. The optimiser is each method family's published recipe (`optim.*` = None; see
+  mmap_jax/train/recipes.py): MaPLe/MmAP's SGD lr 0.0035 for mmap, AdamW for full fine-tuning.
   """
   c = mlc.ConfigDict()
   c.method = method
@@ -72,6 +72,9 @@ def base_config(*, method: str = "mmap_mt", runlocal: bool = False) -> mlc.Confi
   c.prompt.init_std = 0.02
   c.prompt.vpt_init = "xavier_uniform"
   c.prompt.zeroshot_template = "a photo of a {}."
+  # Words the learned text context starts from (coop, maple, ivlp): None = the family's default
+  # ("a photo of a" for maple, as published), "" = random init. See PromptSpec.ctx_init.
+  c.prompt.ctx_init = mlc.FieldReference(None, field_type=str)
   c.groups = mlc.ConfigDict()
   c.groups.mode = "auto"        # auto: gradient-driven grouping; explicit: use groups.explicit
   c.groups.explicit = mlc.FieldReference(None, field_type=str)  # "Art+Product;Clipart+Real World"
@@ -102,14 +105,27 @@ def base_config(*, method: str = "mmap_mt", runlocal: bool = False) -> mlc.Confi
   c.input.flip = True
   c.input.workers = 2
 
+  # The optimisation recipe: None = the method family's published recipe
+  # (mmap_jax/train/recipes.py RECIPES); a value set here or by --config.optim.X overrides that
+  # field only. The resolved recipe and the overridden fields go into results.json.
   c.optim = mlc.ConfigDict()
-  c.optim.name = "sgd"
-  c.optim.lr = 0.0035
-  c.optim.momentum = 0.9
-  c.optim.weight_decay = 5e-4
-  c.optim.warmup_steps = 50
-  c.optim.grad_clip = 0.0       # 0 disables global-norm clipping
+  c.optim.name = mlc.FieldReference(None, field_type=str)            # sgd | adamw
+  c.optim.lr = mlc.FieldReference(None, field_type=float)            # peak learning rate
+  c.optim.weight_decay = mlc.FieldReference(None, field_type=float)
+  c.optim.momentum = mlc.FieldReference(None, field_type=float)      # SGD
+  c.optim.b1 = mlc.FieldReference(None, field_type=float)            # AdamW betas, eps
+  c.optim.b2 = mlc.FieldReference(None, field_type=float)
+  c.optim.eps = mlc.FieldReference(None, field_type=float)
+  c.optim.decay_mask = mlc.FieldReference(None, field_type=str)      # all | no_norm_bias_embed
+  c.optim.warmup_steps = mlc.FieldReference(None, field_type=int)
+  c.optim.warmup_type = mlc.FieldReference(None, field_type=str)     # linear | constant
+  c.optim.warmup_lr = mlc.FieldReference(None, field_type=float)     # lr of a constant warm-up
+  c.optim.min_lr = mlc.FieldReference(None, field_type=float)        # the cosine's end value
+  c.optim.grad_clip = mlc.FieldReference(None, field_type=float)     # 0 disables clipping
   c.optim.accum_steps = 1
+  # Per-family optim values of this config (family -> {field: value}), e.g. learning rates tuned
+  # on a dataset's validation split; between the published recipe and c.optim (recipes.py).
+  c.optim_per_family = mlc.ConfigDict()
 
   c.train = mlc.ConfigDict()
   c.train.steps = 2000

@@ -52,11 +52,14 @@ def class_prompt_text(name: str, num_prompt_tokens: int,
 
 def build_class_tokens(tokenizer, class_names_per_task: Sequence[Sequence[str]],
                        num_prompt_tokens: int, zeroshot_template: str = "a photo of a {}.",
-                       context_length: int = 77) -> ClassTokens:
+                       context_length: int = 77, ctx_init: Optional[str] = None) -> ClassTokens:
   """Token ids of every task's class prompts, padded to C_max classes (see module docstring).
 
   With `num_prompt_tokens` = L > 0 the sequence is <SOS> X*L {class}.<EOT>, and the placeholders
   at positions 1..L are what the layer-0 text prompt replaces (use `spec.text_prompt_tokens`).
+  With `ctx_init` (`spec.learned_ctx_init`, >= L tokens) the prompt is MaPLe's
+  "{ctx_init} {class}." with its first L tokens replaced by the placeholders: the rest of
+  ctx_init stays as fixed text, e.g. <SOS> X X of a {class}.<EOT> for "a photo of a" and L = 2.
   """
   if not class_names_per_task or any(len(c) == 0 for c in class_names_per_task):
     raise ValueError("class_names_per_task must list at least one class for every task")
@@ -64,11 +67,24 @@ def build_class_tokens(tokenizer, class_names_per_task: Sequence[Sequence[str]],
     placeholder = tokenizer.encode(PLACEHOLDER)
     if len(placeholder) != 1:
       raise ValueError(f"placeholder {PLACEHOLDER!r} is not a single token: {placeholder}")
+  init_ids = tokenizer.encode(ctx_init) if ctx_init else []
+  if ctx_init and not 1 <= num_prompt_tokens <= len(init_ids):
+    raise ValueError(f"ctx_init={ctx_init!r} has {len(init_ids)} tokens; it initialises "
+                     f"num_prompt_tokens={num_prompt_tokens} learned ones (need 1..{len(init_ids)})")
   c_max = max(len(c) for c in class_names_per_task)
   ids, mask = [], []
   for names in class_names_per_task:
-    texts = [class_prompt_text(n, num_prompt_tokens, zeroshot_template) for n in names]
+    if ctx_init:
+      texts = [f"{ctx_init} {n.replace('_', ' ')}." for n in names]
+    else:
+      texts = [class_prompt_text(n, num_prompt_tokens, zeroshot_template) for n in names]
     rows = tokenizer.tokenize(texts, context_length=context_length, truncate=False)
+    if ctx_init:
+      # CLIP's BPE works word by word, so the prompt starts with ctx_init's own tokens.
+      if not (rows[:, 1:1 + len(init_ids)] == np.asarray(init_ids)).all():
+        raise ValueError(f"class prompts do not start with ctx_init={ctx_init!r}'s tokens")
+      rows = rows.copy()
+      rows[:, 1:1 + num_prompt_tokens] = placeholder[0]
     pad = c_max - len(names)
     ids.append(np.concatenate([rows, np.repeat(rows[:1], pad, axis=0)], axis=0))
     mask.append(np.arange(c_max) < len(names))

@@ -51,8 +51,12 @@ def _probabilities(params, cfg: ClipConfig, images, text_features, visual_prompt
 
 def build_classifier(params: Any, cfg: ClipConfig, tokenizer: ClipTokenizer,
                      class_names: Sequence[str], prompts: Any = None,
-                     template: str = DEFAULT_TEMPLATE) -> Classifier:
-  """Encodes the class prompts once. `prompts`: None or a `PromptTokens` (text/visual [J, L, W])."""
+                     template: str = DEFAULT_TEMPLATE,
+                     ctx_init: Optional[str] = None) -> Classifier:
+  """Encodes the class prompts once. `prompts`: None or a `PromptTokens` (text/visual [J, L, W]).
+
+  `ctx_init`: the trained spec's `learned_ctx_init` (its fixed words follow the learned tokens).
+  """
   if not class_names or any(not c.strip() for c in class_names):
     raise ValueError(f"class names must be non-empty, got {list(class_names)!r}")
   if template.count("{}") != 1:
@@ -62,7 +66,8 @@ def build_classifier(params: Any, cfg: ClipConfig, tokenizer: ClipTokenizer,
   num_prompt_tokens = 0 if text_prompts is None else int(np.shape(text_prompts)[-2])
   tokens = heads.build_class_tokens(tokenizer, [list(class_names)], num_prompt_tokens,
                                     zeroshot_template=template,
-                                    context_length=cfg.text.context_length)
+                                    context_length=cfg.text.context_length,
+                                    ctx_init=ctx_init if text_prompts is not None else None)
   params = jax.device_put(params)
   text = _text_features(params, cfg, jnp.asarray(tokens.ids[0]), jnp.asarray(tokens.eot[0]),
                         None if text_prompts is None else jnp.asarray(text_prompts))
@@ -133,7 +138,8 @@ def predict_files(clip_dir: str | pathlib.Path, class_names: Optional[Sequence[s
     class_names = class_names or list(task_classes)
   if not class_names:
     raise ValueError("--classes is required without --workdir")
-  classifier = build_classifier(params, cfg, tokenizer, class_names, prompts, template)
+  classifier = build_classifier(params, cfg, tokenizer, class_names, prompts, template,
+                                ctx_init=trained.spec.learned_ctx_init if trained else None)
   images = np.stack([load_image(p, cfg.vision.image_size) for p in image_paths])
   probs = classify(classifier, images, batch_size)
   names = classifier.class_names

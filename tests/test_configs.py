@@ -59,7 +59,9 @@ def test_prompt_defaults_resolve_against_the_clip(method, clip, length, depth, s
 
 def test_defaults_follow_the_recipe():
   c = importlib.import_module("configs.office_home").get_config("clip=/c")
-  assert (c.optim.name, c.optim.lr, c.optim.momentum) == ("sgd", 0.0035, 0.9)
+  r = setup.recipe(c)   # optim.* are None: MaPLe / MmAP's published recipe
+  assert (r.recipe.name, r.recipe.lr, r.recipe.momentum) == ("sgd", 0.0035, 0.9)
+  assert r.overridden == () and all(v is None for k, v in c.optim.items() if k != "accum_steps")
   assert c.method == "mmap_mt" and c.groups.mode == "auto"
 
 

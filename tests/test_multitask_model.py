@@ -315,12 +315,14 @@ def test_full_finetuning_trains_clip_and_leaves_frozen_copy_alone(tok, params, d
 def test_every_method_traces_through_the_loss(tok, method):
   """Wiring of all 14 methods (vmap axes, per-task CLIP for fullft_st), shapes only."""
   spec = spec_of(method, **({"depth": 3} if method.split("_")[0] in ("maple", "ivlp") else {}))
-  ct = heads.build_class_tokens(tok, NAMES, spec.text_prompt_tokens)
+  ct = heads.build_class_tokens(tok, NAMES, spec.text_prompt_tokens,
+                                ctx_init=spec.learned_ctx_init)
   batch = {"images": jax.ShapeDtypeStruct((3, 2, 32, 32, 3), jnp.float32),
            "labels": jax.ShapeDtypeStruct((3, 2), jnp.int32)}
   def run(params, batch):
     groups = GROUPS if method == "mmap_mt" else None
-    learned = init_learned(jax.random.key(0), CFG, spec, 3, groups, clip_params=params)
+    learned = init_learned(jax.random.key(0), CFG, spec, 3, groups, clip_params=params,
+                           tokenizer=tok)
     return learned, heads.multitask_loss(learned, params, CFG, spec, groups, ct, batch)
   learned, (loss, aux) = jax.eval_shape(run, clip.param_shapes(CFG), batch)
   assert loss.shape == () and aux["logits"].shape == (3, 2, 7)

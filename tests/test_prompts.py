@@ -1,4 +1,6 @@
 """Prompt methods: spec validation, per-family expansion, multi-task wiring, parameter budgets."""
+import dataclasses
+
 import jax
 import ml_collections
 import numpy as np
@@ -18,6 +20,12 @@ TINY_KW = dict(depth=3, source_dim=16)     # tiny widths 48 / 64
 def key(seed):
   """RBG keys: compiling threefry on CPU takes ~1 s per shape, this ~0.1 s."""
   return jax.random.key(seed, impl="rbg")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(bpe_path):
+  from mmap_jax.tokenizer import ClipTokenizer
+  return ClipTokenizer.from_bpe_file(bpe_path)
 
 
 def tiny_spec(method, **kw):
@@ -165,7 +173,7 @@ def test_vpt_init_follows_vpt():
   assert np.abs(v).max() <= bound and np.abs(v).max() > 0.9 * bound
 
 
-def test_task_prompt_shapes_at_b16():
+def test_task_prompt_shapes_at_b16(tokenizer):
   expect = {  # method: (text shape, visual shape) with T = 4
       "zeroshot": (None, None), "fullft_mt": (None, None),
       "coop_st": ((4, 1, 16, 512), None), "coop_mt": ((4, 1, 16, 512), None),
@@ -180,8 +188,8 @@ def test_task_prompt_shapes_at_b16():
     spec = PromptSpec(method=method)
     def build(spec=spec):
       k = jax.random.key(0)
-      cp = clip.init_params(k, B16) if spec.family == "fullft" else None
-      learned = init_learned(k, B16, spec, 4, GROUPS, clip_params=cp)
+      cp = clip.init_params(k, B16) if spec.family == "fullft" or spec.learned_ctx_init else None
+      learned = init_learned(k, B16, spec, 4, GROUPS, clip_params=cp, tokenizer=tokenizer)
       return task_prompts(learned, B16, spec, GROUPS, num_tasks=4)
     tok = jax.eval_shape(build)
     assert (None if tok.text is None else tok.text.shape) == text, method
@@ -219,3 +227,120 @@ def test_param_counts_at_b16_and_mmap_budget():
   assert 0.07 <= pct <= 0.11, pct                       # the paper's ~0.09%
   per_layer = PromptSpec(method="mmap_mt", per_layer_scaling=True)
   assert trainable_param_count(B16, per_layer, 4, GROUPS) == 6 * (11 * 8 * 256 + 11 * 5)
+
+
+# ----------------------------------------------------------------------------- ctx_init
+
+def test_ctx_init_defaults_and_validation():
+  from mmap_jax.prompts.spec import ctx_init_words
+  maple_spec = PromptSpec(method="maple_mt")
+  assert maple_spec.ctx_init == "a photo of a" and maple_spec.learned_ctx_init == "a photo of a"
+  assert PromptSpec(method="maple_st", ctx_init="").learned_ctx_init is None   # random init
+  for method in ("coop_mt", "ivlp_st", "vpt_mt", "mmap_mt", "zeroshot", "fullft_mt"):
+    assert PromptSpec(method=method).learned_ctx_init is None, method
+  # CoOp: every init word is learned, L = the word count unless set.
+  coop = PromptSpec(method="coop_mt", ctx_init="a_photo  of a")
+  assert coop.length == 4 and coop.learned_ctx_init == "a photo of a"
+  assert PromptSpec(method="coop_mt", ctx_init="a photo of a", length=2).length == 2
+  assert PromptSpec(method="ivlp_mt", ctx_init="a photo of a").learned_ctx_init == "a photo of a"
+  assert ctx_init_words(" a_photo\tof ") == "a photo of"
+  for method in ("mmap_mt", "vpt_st", "zeroshot"):
+    with pytest.raises(ValueError, match=r"prompt\.ctx_init='a photo' initialises"):
+      PromptSpec(method=method, ctx_init="a photo").validate(B16)
+  # The dict a checkpoint stores round-trips to the same spec.
+  assert PromptSpec(**dataclasses.asdict(maple_spec)) == maple_spec
+
+
+def test_ctx_init_needs_enough_tokens(tokenizer):
+  from mmap_jax.prompts import ctx_init
+  ids = ctx_init.token_ids(PromptSpec(method="maple_mt"), tokenizer)
+  assert list(ids) == tokenizer.encode("a photo of a") and len(ids) == 4
+  assert ctx_init.token_ids(PromptSpec(method="maple_mt", ctx_init=""), tokenizer) is None
+  with pytest.raises(ValueError, match=r"prompt\.ctx_init='a photo of a' is 4 token\(s\).*"
+                                       r"prompt\.length=5"):
+    ctx_init.token_ids(PromptSpec(method="maple_mt", length=5), tokenizer)
+  with pytest.raises(ValueError, match="pass clip_params and tokenizer"):
+    init_learned(key(0), TINY, tiny_spec("maple_mt", length=2), 2)
+  # The trainer checks it before compiling, as a config error naming the field.
+  from mmap_jax.train import setup
+  fake_clip = setup.Clip(cfg=TINY, params=None, tokenizer=tokenizer, path="tiny")
+  with pytest.raises(setup.ConfigError, match=r"prompt\.ctx_init='a photo'"):
+    setup.ctx_init_ids(fake_clip, PromptSpec(method="coop_mt", ctx_init="a photo", length=3))
+
+
+def test_maple_class_tokens_read_sot_x_x_of_a_class(tokenizer):
+  from mmap_jax import heads
+  spec = PromptSpec(method="maple_mt")
+  names = [["dog", "golden_retriever"], ["alarm clock"]]
+  ct = heads.build_class_tokens(tokenizer, names, spec.text_prompt_tokens,
+                                ctx_init=spec.learned_ctx_init)
+  enc = tokenizer.encode
+  want = [tokenizer.sot_token] + enc("X") * 2 + enc("of a dog.") + [tokenizer.eot_token]
+  assert list(ct.ids[0, 0, :len(want)]) == want
+  assert tokenizer.decode(ct.ids[0, 1, 1:ct.eot[0, 1]]).strip() == "x x of a golden retriever ."
+  assert tokenizer.decode(ct.ids[1, 0, 1:ct.eot[1, 0]]).strip() == "x x of a alarm clock ."
+  # Same ids as the hand-written "X X of a {class}." prompt.
+  plain = tokenizer.tokenize(["X X of a dog.", "X X of a golden retriever."])
+  np.testing.assert_array_equal(ct.ids[0], plain[:, :ct.ids.shape[-1]])
+  # CoOp's ctx_init learns all its words: "X X X X {class}."
+  coop = PromptSpec(method="coop_mt", ctx_init="a photo of a")
+  ct = heads.build_class_tokens(tokenizer, [["dog"]], coop.text_prompt_tokens,
+                                ctx_init=coop.learned_ctx_init)
+  assert list(ct.ids[0, 0, :ct.eot[0, 0] + 1]) == list(tokenizer.tokenize(["X X X X dog."])[0, :8])
+  with pytest.raises(ValueError, match="need 1..4"):
+    heads.build_class_tokens(tokenizer, [["dog"]], 6, ctx_init="a photo of a")
+
+
+@pytest.fixture(scope="module")
+def tiny_params():
+  rng = np.random.default_rng(0)
+  return jax.tree.map(lambda s: (0.05 * rng.standard_normal(s.shape)).astype(np.float32),
+                      clip.param_shapes(TINY))
+
+
+@pytest.mark.parametrize("method", ["maple_mt", "maple_st", "ivlp_mt", "coop_st"])
+def test_initial_learned_text_tokens_are_the_init_word_embeddings(method, tokenizer, tiny_params):
+  spec = tiny_spec(method, length=2, ctx_init="a photo of a")
+  learned = init_learned(key(1), TINY, spec, 3, clip_params=tiny_params, tokenizer=tokenizer)
+  table = tiny_params["text"]["token_embedding"]["embedding"]
+  want = table[tokenizer.encode("a photo")]                           # [2, 48]
+  text = learned["task" if spec.single_task else "shared"]["text"]
+  text = np.asarray(text).reshape((-1,) + text.shape[-3:])             # [T or 1, J, L, d]
+  for t in range(text.shape[0]):
+    np.testing.assert_array_equal(text[t, 0], want)                   # exactly the embeddings
+    if text.shape[1] > 1:
+      assert not np.allclose(text[t, 1:], want)                       # deep prompts stay random
+  random = init_learned(key(1), TINY, dataclasses.replace(spec, ctx_init=""), 3)
+  rtext = np.asarray(random["task" if spec.single_task else "shared"]["text"])
+  np.testing.assert_array_equal(rtext.reshape(text.shape)[:, 1:], text[:, 1:])  # same key draws
+
+
+def _features(params, spec, learned, ct, share_prefix):
+  from mmap_jax import heads
+  prompts = task_prompts(learned, TINY, spec, num_tasks=ct.ids.shape[0])
+  return np.asarray(heads.text_features(params, TINY, prompts.text, ct, share_prefix=share_prefix))
+
+
+def test_maple_depth1_text_features_at_init_equal_clip_zero_shot(tokenizer, tiny_params):
+  """With learned tokens = "a photo" and fixed "of a", the class prompt IS CLIP's
+  "a photo of a {class}." at step 0, when only layer 0 is prompted (depth 1; so for CoOp's
+  ctx_init too). MaPLe's deep text prompts (depth > 1) replace the hidden states at those
+  positions from layer 1 on with their random init, so the features differ there."""
+  from mmap_jax import heads
+  names = [["dog", "golden_retriever", "alarm clock"], ["bus", "car"]]
+  zs = heads.build_class_tokens(tokenizer, names, 0, "a photo of a {}.")
+  want = np.asarray(heads.text_features(tiny_params, TINY, None, zs))
+  for spec in (tiny_spec("maple_mt", length=2, depth=1),
+               tiny_spec("coop_mt", ctx_init="a photo of a")):
+    learned = init_learned(key(2), TINY, spec, 2, clip_params=tiny_params, tokenizer=tokenizer)
+    ct = heads.build_class_tokens(tokenizer, names, spec.text_prompt_tokens,
+                                  ctx_init=spec.learned_ctx_init)
+    assert ct.ids.shape == zs.ids.shape
+    np.testing.assert_array_equal(_features(tiny_params, spec, learned, ct, False), want)
+    if spec.family == "maple":   # the trainer's shared-prefix path: the same up to rounding
+      np.testing.assert_allclose(_features(tiny_params, spec, learned, ct, True), want,
+                                 rtol=1e-5, atol=1e-6)
+  deep = tiny_spec("maple_mt", length=2, depth=3)
+  learned = init_learned(key(2), TINY, deep, 2, clip_params=tiny_params, tokenizer=tokenizer)
+  ct = heads.build_class_tokens(tokenizer, names, 2, ctx_init=deep.learned_ctx_init)
+  assert not np.allclose(_features(tiny_params, deep, learned, ct, False), want, atol=1e-3)

@@ -1,7 +1,8 @@
 """CoOp (Zhou et al., IJCV 2022): a shallow generic text context, "X X .. X {class}.".
 
 L context vectors (16 by default) replace the placeholder embeddings at the text input only
-(depth 1); the image tower is untouched. Init N(0, 0.02^2) as CoOp's random init.
+(depth 1); the image tower is untouched. Init N(0, 0.02^2) as CoOp's random init, or CoOp's
+word init with `prompt.ctx_init` (then L defaults to its word count; `prompts.ctx_init`).
 """
 from __future__ import annotations
 

@@ -4,8 +4,8 @@ Layer j's visual prompt is `text[j] @ proj.kernel[j] + proj.bias[j]` (d_t -> d_v
 MaPLe's `proj` of the shallow context, 1..J-1 its `compound_prompt_projections`. Init as MaPLe:
 text tokens N(0, 0.02^2); PyTorch-default Linear init, where the J-1 compound projections start
 IDENTICAL (MaPLe deep-copies one layer, `_get_clones`) and `proj` has its own draw. MaPLe's
-optional "a photo of a" word-embedding init of the shallow context is not reproduced (it needs
-the CLIP token embeddings; the random-init path of MaPLe is used).
+published "a photo of a" init of the shallow context (`prompt.ctx_init`, the default for maple)
+replaces the layer-0 text tokens after `init`, in `multitask.init_learned` (`prompts.ctx_init`).
 """
 from __future__ import annotations
 

@@ -13,6 +13,7 @@ axis. Groups are static: a tuple of tuples of task indices partitioning range(T)
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Optional, Sequence
 
 import jax
@@ -21,7 +22,7 @@ import numpy as np
 
 from mmap_jax.models import clip
 from mmap_jax.models.config import ClipConfig
-from mmap_jax.prompts import coop, ivlp, maple, mmap, vpt
+from mmap_jax.prompts import coop, ctx_init, ivlp, maple, mmap, vpt
 from mmap_jax.prompts.base import PromptTokens
 from mmap_jax.prompts.spec import PromptSpec
 
@@ -55,17 +56,30 @@ def task_to_group(groups: Optional[Sequence[Sequence[int]]], num_tasks: int) -> 
 
 # ----------------------------------------------------------------------------- init / expand
 
-def _stacked_init(module, key: jax.Array, n: int, clip_cfg: ClipConfig, spec: PromptSpec):
-  return jax.vmap(lambda k: module.init(k, clip_cfg, spec))(jax.random.split(key, n))
+def _stacked_init(module, key: jax.Array, n: int, clip_cfg: ClipConfig, spec: PromptSpec,
+                  ctx=None):
+  return jax.vmap(lambda k: ctx_init.apply(module.init(k, clip_cfg, spec), ctx))(
+      jax.random.split(key, n))
 
 
 def init_learned(key: jax.Array, clip_cfg: ClipConfig, spec: PromptSpec, num_tasks: int,
-                 groups: Optional[Groups] = None, *, clip_params: Any = None) -> Learned:
+                 groups: Optional[Groups] = None, *, clip_params: Any = None,
+                 tokenizer: Any = None) -> Learned:
   """The pytree the optimizer updates (layout in the module docstring).
 
-  `clip_params` (the frozen CLIP) is required for fullft_*, whose learned pytree is a copy of it.
+  `clip_params` (the frozen CLIP) is required for fullft_*, whose learned pytree is a copy of it,
+  and with `tokenizer` for a text context initialised from words (`spec.learned_ctx_init`, e.g.
+  maple's default "a photo of a"): every prompt set's layer-0 text tokens start as their
+  token embeddings (`prompts.ctx_init`).
   """
   spec.validate(clip_cfg)
+  ctx = None
+  if spec.learned_ctx_init is not None:
+    if clip_params is None or tokenizer is None:
+      raise ValueError(f"method {spec.method!r} initialises its text context from "
+                       f"prompt.ctx_init={spec.ctx_init!r}: pass clip_params and tokenizer to "
+                       "init_learned (or set prompt.ctx_init='' for random init)")
+    ctx = ctx_init.embeddings(spec, tokenizer, clip_params)
   if num_tasks < 1:
     raise ValueError(f"num_tasks={num_tasks} must be >= 1")
   fam, sharing = spec.family, spec.sharing
@@ -80,13 +94,13 @@ def init_learned(key: jax.Array, clip_cfg: ClipConfig, spec: PromptSpec, num_tas
     return {"clip": jax.tree.map(jnp.array, clip_params)}
   module = FAMILY_MODULES[fam]
   if sharing == "st":
-    return {"task": _stacked_init(module, key, num_tasks, clip_cfg, spec)}
+    return {"task": _stacked_init(module, key, num_tasks, clip_cfg, spec, ctx)}
   if spec.method == "mmap_mt":
     groups = resolve_groups(groups, num_tasks)
     kg, kt = jax.random.split(key)
     return {"group": _stacked_init(module, kg, len(groups), clip_cfg, spec),
             "task": _stacked_init(module, kt, num_tasks, clip_cfg, spec)}
-  return {"shared": module.init(key, clip_cfg, spec)}
+  return {"shared": ctx_init.apply(module.init(key, clip_cfg, spec), ctx)}
 
 
 def _broadcast(tokens: PromptTokens, n: int) -> PromptTokens:
@@ -146,7 +160,9 @@ def trainable_param_count(clip_cfg: ClipConfig, spec: PromptSpec, num_tasks: int
   def build():
     key = jax.random.key(0)
     cp = clip.init_params(key, clip_cfg) if spec.family == "fullft" else None
-    return init_learned(key, clip_cfg, spec, num_tasks, groups, clip_params=cp)
+    # ctx_init changes initial values, not shapes: count its random-init twin.
+    shapes_spec = dataclasses.replace(spec, ctx_init="") if spec.learned_ctx_init else spec
+    return init_learned(key, clip_cfg, shapes_spec, num_tasks, groups, clip_params=cp)
   return clip.count_params(jax.eval_shape(build))
 
 

@@ -36,6 +36,15 @@ FAMILY_DEFAULTS: dict[str, tuple[Optional[int], Optional[int]]] = {
     "coop": (16, 1), "vpt": (8, None), "maple": (2, 9), "ivlp": (2, 9), "mmap": (8, 11),
 }
 
+# `ctx_init`: words the learned text context starts from (their token embeddings); the first L
+# tokens are learned, any further ones stay fixed text before the class name (MaPLe's and CoOp's
+# trainers: ctx_vectors = token_embedding(tokenize(ctx_init))[0, 1:1+n_ctx], prompt prefix =
+# ctx_init). MaPLe's published config (vit_b16_c2_ep5_batch4_2ctx.yaml) uses "a photo of a" with
+# 2 learned tokens: "<ctx1> <ctx2> of a {class}.". "" = random init. CoOp learns every init word:
+# with ctx_init and no length, L = its number of words (CoOp's n_ctx = len(ctx_init.split(" "))).
+CTX_INIT_FAMILIES = ("coop", "maple", "ivlp")
+FAMILY_CTX_INIT = {"maple": "a photo of a"}
+
 
 @dataclasses.dataclass(frozen=True)
 class PromptSpec:
@@ -49,9 +58,15 @@ class PromptSpec:
   init_std: float = 0.02                # N(0, std^2) init of prompt tokens / MmAP source prompts
   vpt_init: str = "xavier_uniform"      # VPT's own init; "normal" = N(0, init_std^2)
   zeroshot_template: str = "a photo of a {}."  # text side of methods without text prompts
+  ctx_init: Optional[str] = None        # coop/maple/ivlp text context init words ("" = random)
 
   def __post_init__(self):
     fam = self.method.split("_")[0] if isinstance(self.method, str) else None
+    if self.ctx_init is None and fam in FAMILY_CTX_INIT:
+      object.__setattr__(self, "ctx_init", FAMILY_CTX_INIT[fam])
+    if (fam == "coop" and self.length is None and isinstance(self.ctx_init, str)
+        and self.ctx_init.strip()):
+      object.__setattr__(self, "length", len(ctx_init_words(self.ctx_init).split()))
     length, _ = FAMILY_DEFAULTS.get(fam, (None, None))
     if self.length is None and length is not None:
       object.__setattr__(self, "length", length)
@@ -96,6 +111,13 @@ class PromptSpec:
   def text_prompt_tokens(self) -> int:
     """The number of "X" placeholders in each class prompt (0: use `zeroshot_template`)."""
     return self.tokens_per_layer if self.has_text_prompts else 0
+
+  @property
+  def learned_ctx_init(self) -> Optional[str]:
+    """The words the learned text context is initialised from, or None (random init)."""
+    if self.family in CTX_INIT_FAMILIES and isinstance(self.ctx_init, str) and self.ctx_init.strip():
+      return ctx_init_words(self.ctx_init)
+    return None
 
   def _prompted_layers(self, clip_cfg: ClipConfig) -> list[tuple[str, int]]:
     towers = []
@@ -178,9 +200,19 @@ class PromptSpec:
       if not isinstance(ds, int) or ds < 1 or d_t % ds or d_v % ds:
         errors.append(f"prompt.source_dim={ds!r} must divide text width {d_t} and "
                       f"vision width {d_v}")
+    if self.ctx_init is not None and not isinstance(self.ctx_init, str):
+      errors.append(f"prompt.ctx_init={self.ctx_init!r} must be a string (or None)")
+    elif self.ctx_init and self.ctx_init.strip() and fam not in CTX_INIT_FAMILIES:
+      errors.append(f"prompt.ctx_init={self.ctx_init!r} initialises a learned text context, "
+                    f"which only {CTX_INIT_FAMILIES} have; leave it unset for {self.method!r}")
     if not self.has_text_prompts and self.zeroshot_template.count("{}") != 1:
       errors.append(f"prompt.zeroshot_template={self.zeroshot_template!r} must contain "
                     "exactly one '{}' for the class name")
     if errors:
       raise ValueError(f"invalid prompt config for method {self.method!r}: " + "; ".join(errors))
     return self
+
+
+def ctx_init_words(text: str) -> str:
+  """As MaPLe / CoOp read `ctx_init`: underscores are spaces; runs of whitespace one space."""
+  return " ".join(text.replace("_", " ").split())

@@ -54,7 +54,7 @@ def run_grouping(config: mlc.ConfigDict, workdir: str, clip: setup.Clip,
   dtype = setup.compute_dtype(config)
   class_tokens = parallel.replicate(setup.class_tokens(clip, spec, tasks), mesh)
   clip_params = parallel.replicate(clip.params, mesh)
-  optimizer = optim.make_optimizer(config.optim, steps)
+  optimizer = optim.make_optimizer(setup.recipe(shared_config).recipe, steps)
   learned = multitask.init_learned(jax.random.key(config.seed + 7), clip.cfg, spec, len(tasks))
   gstate = parallel.replicate({"params": learned, "opt_state": optimizer.init(learned),
                                "affinity": grouping.AffinityState.zeros(len(tasks))}, mesh)

@@ -115,6 +115,7 @@ class _Run:
   total: int                 # training steps (0 for zero-shot)
   selection: Optional[selection_lib.Selection] = None  # validation record (training runs)
   selected: Any = None       # the selected learned pytree (best_val; None: run.state's)
+  recipe: Any = None         # recipes.Resolved: the optimisation recipe this run trains with
 
   def restore(self) -> Optional[checkpointing.Restored]:
     if self.step is None:
@@ -146,7 +147,8 @@ class _Run:
     names, groups = self.names, self.groups
     extra = {"groups": [[names[i] for i in g] for g in groups] if groups else None,
              "clip": self.clip.path, "dataset": config.data.name, "split": split,
-             "trained_steps": self.total}
+             "trained_steps": self.total,
+             "optim": self.recipe.to_dict() if self.recipe is not None else None}
     if val_accuracy is not None:
       extra["val_accuracy"] = dict(val_accuracy)
       extra["val_average"] = selection_lib.mean(val_accuracy) if val_accuracy else None
@@ -171,9 +173,11 @@ def _prepare(config: mlc.ConfigDict, workdir: str, *, step: Optional[int] = None
              require_checkpoint: bool = False) -> _Run:
   mesh = parallel.data_mesh()
   setup.validate(config, mesh.devices.size)
+  recipe = setup.recipe(config)
   os.makedirs(workdir, exist_ok=True)
   clip = setup.load_clip(config)
-  setup.prompt_spec(config, clip.cfg)  # Fails on a bad prompt config before the data is built.
+  # Fails on a bad prompt config before the data is built.
+  setup.ctx_init_ids(clip, setup.prompt_spec(config, clip.cfg))
   tasks = setup.build_tasks(config)
   logging.info("tasks: %s", ", ".join(f"{t.info.name} ({t.info.num_classes} classes, "
                                       f"{t.info.num_train} train / {t.info.num_val} val / "
@@ -194,9 +198,9 @@ def _prepare(config: mlc.ConfigDict, workdir: str, *, step: Optional[int] = None
   total = int(config.train.steps) if spec.family != "zeroshot" else 0
   if total > 0:
     setup.check_validation(config, tasks)
-  optimizer = optim.make_optimizer(config.optim, max(total, 1))
+  optimizer = optim.make_optimizer(recipe.recipe, max(total, 1))
   learned = multitask.init_learned(jax.random.key(config.seed), clip.cfg, spec, len(tasks),
-                                   groups, clip_params=clip.params)
+                                   groups, clip_params=clip.params, tokenizer=clip.tokenizer)
   return _Run(mesh=mesh, clip=clip, tasks=tasks, names=[t.info.name for t in tasks], ckpt=ckpt,
               step=step, spec=spec, groups=groups, summary=summary,
               dtype=setup.compute_dtype(config),
@@ -204,7 +208,7 @@ def _prepare(config: mlc.ConfigDict, workdir: str, *, step: Optional[int] = None
                                         mesh),
               optimizer=optimizer,
               state=parallel.replicate(train_step.init_state(learned, optimizer), mesh),
-              total=total)
+              total=total, recipe=recipe)
 
 
 def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict:
@@ -215,7 +219,7 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict:
           "task_names": run.names,
           "class_names": [list(t.info.class_names) for t in run.tasks],
           "method": run.spec.method, "prompt": dataclasses.asdict(run.spec),
-          "config": json.loads(config.to_json_best_effort())}
+          "config": json.loads(config.to_json_best_effort()), "optim": run.recipe.to_dict()}
   it = None
   if run.total > 0:
     it = pipeline.train_iterator(
@@ -288,7 +292,7 @@ def _train(config, run: _Run, it, meta, writer, start, preempt, run_eval):
   step_fn = train_step.make_train_step(
       _loss_fn(run.clip.cfg, run.spec, run.groups, run.dtype, config.clip.remat),
       run.optimizer, accum_steps=config.optim.accum_steps)
-  schedule = optim.learning_rate_schedule(config.optim, max(total, 1))
+  schedule = optim.learning_rate_schedule(run.recipe.recipe, max(total, 1))
   progress = report.Progress(total, config.input.batch_size * len(run.tasks), first_step=start)
   pending = None  # The previous step's metrics: checked one step late so the device never idles.
 

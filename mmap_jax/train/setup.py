@@ -17,10 +17,11 @@ from mmap_jax import heads
 from mmap_jax.checkpoints import store
 from mmap_jax.data import preprocess, sources
 from mmap_jax.models.config import ClipConfig
+from mmap_jax.prompts import ctx_init
 from mmap_jax.prompts.spec import METHODS, PromptSpec
 from mmap_jax.tokenizer import ClipTokenizer
-from mmap_jax.train.optim import OPTIMIZERS
 from mmap_jax.train.selection import RULES as SELECT_RULES
+from mmap_jax.train import recipes
 
 DATASETS = ("demo_domains", "office_home", "mini_domainnet", "domainnet", "image_folder")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -66,9 +67,11 @@ def validate(config: mlc.ConfigDict, num_devices: Optional[int] = None) -> None:
   need(0.0 < config.input.crop_scale_min <= 1.0,
        f"input.crop_scale_min={config.input.crop_scale_min} must be in (0, 1]")
   need(config.input.workers >= 0, f"input.workers={config.input.workers} must be >= 0")
-  need(config.optim.name in OPTIMIZERS, f"optim.name={config.optim.name!r}; allowed: {OPTIMIZERS}")
-  need(config.optim.lr > 0, f"optim.lr={config.optim.lr} must be > 0")
-  need(config.optim.warmup_steps >= 0, f"optim.warmup_steps={config.optim.warmup_steps} must be >= 0")
+  if config.method in METHODS:
+    try:
+      recipes.resolve_config(config)
+    except ValueError as e:
+      errors.append(str(e))
   need(config.optim.accum_steps >= 1, f"optim.accum_steps={config.optim.accum_steps} must be >= 1")
   need(config.input.batch_size % max(config.optim.accum_steps, 1) == 0,
        f"input.batch_size={config.input.batch_size} must be a multiple of "
@@ -126,6 +129,22 @@ def prompt_spec(config: mlc.ConfigDict, clip_cfg: ClipConfig) -> PromptSpec:
     raise ConfigError(str(e)) from e
 
 
+def recipe(config: mlc.ConfigDict) -> recipes.Resolved:
+  """The optimisation recipe of the run: the family's published one, explicit fields overriding."""
+  try:
+    return recipes.resolve_config(config)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+
+
+def ctx_init_ids(clip: Clip, spec: PromptSpec) -> None:
+  """Fail before compiling when `prompt.ctx_init` does not fit the CLIP's tokenizer."""
+  try:
+    ctx_init.token_ids(spec, clip.tokenizer)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+
+
 def _csv(value: Optional[str]) -> Optional[list[str]]:
   if value is None or value == "":
     return None
@@ -164,7 +183,7 @@ def class_tokens(clip: Clip, spec: PromptSpec,
                  tasks: Sequence[sources.TaskData]) -> heads.ClassTokens:
   return heads.build_class_tokens(
       clip.tokenizer, [t.info.class_names for t in tasks], spec.text_prompt_tokens,
-      spec.zeroshot_template, clip.cfg.text.context_length)
+      spec.zeroshot_template, clip.cfg.text.context_length, ctx_init=spec.learned_ctx_init)
 
 
 def explicit_groups(spec_str: str, task_names: Sequence[str]) -> tuple[tuple[int, ...], ...]:

@@ -65,8 +65,10 @@ def load_trained(workdir: str, step: Optional[int] = None, state: str = "selecte
     learned = ocp.StandardCheckpointer().restore(
         os.path.join(ckpt.directory, str(step), "state"))["learned"]
   groups = meta.get("groups")
+  # Checkpoints written before prompt.ctx_init existed were trained with random init.
+  prompt = {"ctx_init": "", **meta["prompt"]}
   return Trained(
-      step=at, spec=PromptSpec(**meta["prompt"]), task_names=tuple(meta["task_names"]),
+      step=at, spec=PromptSpec(**prompt), task_names=tuple(meta["task_names"]),
       class_names=tuple(tuple(c) for c in meta["class_names"]),
       groups=tuple(tuple(g) for g in groups) if groups else None,
       learned=jax.device_get(learned),
