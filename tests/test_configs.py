@@ -32,7 +32,7 @@ def test_runlocal_shrinks(name):
 def test_defaults_follow_the_recipe():
   c = importlib.import_module("configs.office_home").get_config("clip=/c")
   assert (c.optim.name, c.optim.lr, c.optim.momentum) == ("sgd", 0.0035, 0.9)
-  assert c.method == "mmap_mt" and c.groups.mode == "auto"
+  assert c.method == "mmap_mt" and c.groups.mode == "gradient"
 
 
 def test_parse_arg_types_and_errors():
