@@ -671,10 +671,37 @@ def load_groups(workdir: str | os.PathLike,
   return tuple(tuple(g) for g in record["group_indices"])
 
 
+_STABILITY_BUDGET = 2_000_000  # partitions scored in all by `stable_from_step`, at most
+
+
+def stable_from_step(history: Any, *, every: int = 1, num_groups: Optional[int] = None,
+                     threshold: Optional[float] = None,
+                     exact_max_tasks: int = 10) -> Optional[int]:
+  """The first warm-up step (1-based) from which the partition of the running mean affinity
+  (over the steps recorded so far: 0, every, 2*every, ...) never changes again; a value close to
+  the number of steps says the warm-up was too short to settle. None when that would score more
+  than ~2M partitions (e.g. 10 tasks, free search, 100 steps)."""
+  h = np.asarray(history, np.float64)
+  if h.ndim != 3 or h.shape[1] != h.shape[2] or len(h) == 0:
+    raise ValueError(f"history: expected [steps, T, T] with steps >= 1, got shape {h.shape}")
+  rec = np.arange(0, len(h), every)
+  t = h.shape[1]
+  if search_method(t, exact_max_tasks) == "exact":
+    if len(enumerate_partitions(t, num_groups)) * len(rec) > _STABILITY_BUDGET:
+      return None
+  means = np.cumsum(h[rec], axis=0) / np.arange(1, len(rec) + 1)[:, None, None]
+  parts = [partition((m + m.T) / 2, num_groups=num_groups, threshold=threshold,
+                     exact_max_tasks=exact_max_tasks) for m in means]
+  first = len(parts) - 1
+  while first > 0 and parts[first - 1] == parts[-1]:
+    first -= 1
+  return int(rec[first]) + 1
+
+
 def finalize_grouping(workdir: str | os.PathLike, task_names: Sequence[str],
                       affinity: Any, *, num_groups: Optional[int] = None,
                       threshold: Optional[float] = None, exact_max_tasks: int = 10,
-                      steps: Optional[int] = None, history: Any = None,
+                      steps: Optional[int] = None, history: Any = None, every: int = 1,
                       alternatives: int = 5,
                       extra: Optional[Mapping[str, Any]] = None) -> Groups:
   """Partition a warm-up's affinity (an array or an `AffinityState`) and save everything.
@@ -682,8 +709,8 @@ def finalize_grouping(workdir: str | os.PathLike, task_names: Sequence[str],
   Diagnostics in groups.json: "alternatives", the `alternatives` best partitions of the exact
   search's candidate set (see `ranked_partitions`; with a threshold they are ranked by J alone
   and carry their least coherent group's affinity) with task names, so the chosen partition's
-  margin is visible. `history` ([steps, T, T], every step's affinity) goes to
-  affinity_history.npy.
+  margin is visible. `history` ([steps, T, T], every step's affinity; steps 0, every, ... were
+  recorded) goes to affinity_history.npy and gives "stable_from_step" (`stable_from_step`).
   """
   if isinstance(affinity, AffinityState):
     if int(affinity.count) == 0:
@@ -710,6 +737,9 @@ def finalize_grouping(workdir: str | os.PathLike, task_names: Sequence[str],
     pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
     np.save(pathlib.Path(workdir) / HISTORY_FILE, h)
     info["history_file"] = HISTORY_FILE
+    info["stable_from_step"] = stable_from_step(h, every=every, num_groups=num_groups,
+                                                threshold=threshold,
+                                                exact_max_tasks=exact_max_tasks)
   info.update(extra or {})
   save_grouping(workdir, names, a, groups, info)
   return groups

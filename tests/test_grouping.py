@@ -741,6 +741,7 @@ def test_finalize_writes_alternatives_and_history(tmp_path):
                                alternatives=3, extra={"mode": "gradient"})
   rec = json.loads((tmp_path / "groups.json").read_text())
   assert rec["mode"] == "gradient" and rec["history_file"] == "affinity_history.npy"
+  assert rec["stable_from_step"] == G.stable_from_step(history, num_groups=2)
   np.testing.assert_allclose(np.load(tmp_path / "affinity_history.npy"), history, atol=1e-7)
   alts = rec["alternatives"]
   assert len(alts) == 3 and alts[0]["groups"] == rec["groups"]
@@ -749,6 +750,28 @@ def test_finalize_writes_alternatives_and_history(tmp_path):
   assert G.load_groups(tmp_path) == groups
   with pytest.raises(ValueError, match="history"):
     G.finalize_grouping(tmp_path, NAMES, a, num_groups=2, history=history[:, :3])
+
+
+def test_stable_from_step():
+  def pairing(p, q, v=0.8):  # tasks p, q aligned at v, the other pair too, rest 0
+    a = np.eye(4)
+    others = [i for i in range(4) if i not in (p, q)]
+    for i, j in ((p, q), tuple(others)):
+      a[i, j] = a[j, i] = v
+    return a
+  early, late = pairing(0, 1), pairing(0, 2)
+  # running means over 2 early + n late steps: {0,1} leads while n < 2, n = 2 ties (ties go to
+  # the first label string, {0,1}), {0,2} wins from step 5 on
+  history = np.stack([early, early, late, late, late, late, late])
+  assert G.partition(history.mean(0), num_groups=2) == ((0, 2), (1, 3))
+  assert G.stable_from_step(history, num_groups=2) == 5
+  assert G.stable_from_step(np.stack([late] * 3 + [early]), num_groups=2) == 1
+  # every=2 records steps 0, 2, 4, 6 = early, late, late, late: a tie at step 3, {0,2} from 5
+  assert G.stable_from_step(history, every=2, num_groups=2) == 5
+  # threshold 0.5: no pair reaches 0.5 at steps 4-5 (0.4, 0.48: singletons), {0,2} from step 6
+  assert G.stable_from_step(history, threshold=0.5) == 6
+  with pytest.raises(ValueError, match="history"):
+    G.stable_from_step(history[0])
 
 
 # ----------------------------------------------------------------------------- init from warm-up

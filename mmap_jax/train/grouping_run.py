@@ -241,7 +241,7 @@ def run_grouping(config: mlc.ConfigDict, workdir: str, clip: setup.Clip,
     save_warmup(workdir, warmup)  # before groups.json, whose presence means "grouping done"
     groups = grouping.finalize_grouping(
         workdir, names, affinity, num_groups=num_groups, threshold=threshold, steps=steps,
-        history=np.stack(jax.device_get(history)),
+        history=np.stack(jax.device_get(history)), every=every,
         extra={"mode": "gradient", "settings": want, "every": every,
                "seconds": round(time.perf_counter() - t0, 2)})
   else:  # Same inputs on every process: the partition is deterministic, compute it locally.
