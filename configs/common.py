@@ -76,12 +76,19 @@ def base_config(*, method: str = "mmap_mt", runlocal: bool = False) -> mlc.Confi
   # ("a photo of a" for maple, as published), "" = random init. See PromptSpec.ctx_init.
   c.prompt.ctx_init = mlc.FieldReference(None, field_type=str)
   c.groups = mlc.ConfigDict()
-  c.groups.mode = "auto"        # auto: gradient-driven grouping; explicit: use groups.explicit
+  # gradient: the paper's gradient-driven grouping (warm-up); explicit: groups.explicit;
+  # ablations without a warm-up: random (seeded, groups.num_groups balanced groups),
+  # all_in_one (one group of all tasks), one_per_task (T singleton groups)
+  c.groups.mode = "gradient"
   c.groups.explicit = mlc.FieldReference(None, field_type=str)  # "Art+Product;Clipart+Real World"
   c.groups.num_groups = 2       # 0: choose by threshold
   c.groups.threshold = 0.0
   c.groups.warmup_steps = 100
   c.groups.every = 1
+  c.groups.affinity_params = "source"  # cosine over the shared MmAP's source prompts, or "all"
+  c.groups.grad_ema = 0.0       # 0: per-step gradients; b in (0,1): cosine of an EMA (decay b)
+  c.groups.init_from_warmup = False  # start every group-shared MmAP from the warm-up's MmAP
+  c.groups.seed = mlc.FieldReference(None, field_type=int)  # mode=random; None: the run's seed
 
   c.data = mlc.ConfigDict()
   c.data.name = "demo_domains"

@@ -4,7 +4,10 @@ Warm-up: one MmAP is shared by all T tasks (`method=mmap_shared`). At every grou
 per-task gradients of the shared parameters come out of ONE `jax.vmap(jax.value_and_grad(...))`
 over the task axis; their pairwise cosine similarities are accumulated into a T x T affinity, and
 their mean over tasks (= the gradient of the mean task loss) is the training update, so a
-grouping step costs about one training step, not T.
+grouping step costs about one training step, not T. The cosine may compare a sub-pytree of the
+gradients (`affinity_filter`; the trainer's default is the MmAP source prompts) and may compare
+an exponential moving average of each task's gradient instead of the step's own (`ema_decay`);
+either way the affinity is the MEAN over recorded steps of that step's cosine matrix.
 
 Partition: the tasks are split into disjoint groups maximising the objective
 
@@ -28,12 +31,15 @@ among those; agglomerative: merge while the best average linkage is >= t, which 
 guarantee since a merge of coherent groups with cross-linkage >= t is coherent), or neither (the
 partition with the best J over any number of groups).
 
-Outputs in the workdir: `affinity.npy`, `affinity.png`, `groups.json`; `load_groups` reads them.
-A config may instead give the groups explicitly: `resolve_explicit_groups` validates them.
+Outputs in the workdir: `affinity.npy`, `affinity.png`, `groups.json` (with the best alternative
+partitions and their scores), `affinity_history.npy`; `load_groups` reads them. A config may
+instead give the groups explicitly (`resolve_explicit_groups` validates them) or ask for an
+ablation partition: `random_groups`, `all_in_one_groups`, `one_per_task_groups`.
 """
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import math
 import os
@@ -51,6 +57,7 @@ PyTree = Any
 GROUPS_FILE = "groups.json"
 AFFINITY_FILE = "affinity.npy"
 PLOT_FILE = "affinity.png"
+HISTORY_FILE = "affinity_history.npy"  # [steps, T, T]: every warm-up step's affinity
 FORMAT = "mmap_jax.grouping/1"
 MAX_EXACT_TASKS = 12  # Bell(12) = 4,213,597 partitions; beyond that exact search is not sensible.
 _TIE_TOL = 1e-12
@@ -104,21 +111,33 @@ def cosine_affinity(flat: jax.Array) -> jax.Array:
 
 
 class AffinityState(NamedTuple):
-  """Running sum of per-step affinities + how many were added (a pytree: jit state, checkpoints)."""
+  """Running sum of per-step affinities + how many were added (a pytree: jit state, checkpoints).
+
+  `ema` (optional, [T, P] float32) is the exponential moving average of each task's flattened
+  affinity gradient (`grouping_step(..., ema_decay=b)`); None when the EMA is off, so the pytree
+  then has exactly the two leaves above.
+  """
   total: jax.Array  # [T, T] float32
   count: jax.Array  # [] int32
+  ema: Optional[jax.Array] = None  # [T, P] float32, or None
 
   @classmethod
-  def zeros(cls, num_tasks: int) -> "AffinityState":
+  def zeros(cls, num_tasks: int, ema_size: Optional[int] = None) -> "AffinityState":
+    """Empty state; `ema_size=P` (the flattened affinity-gradient size) adds a zero EMA."""
     if not isinstance(num_tasks, (int, np.integer)) or num_tasks < 1:
       raise ValueError(f"num_tasks must be a positive int, got {num_tasks!r}")
-    return cls(jnp.zeros((num_tasks, num_tasks), jnp.float32), jnp.zeros((), jnp.int32))
+    ema = None
+    if ema_size is not None:
+      if not isinstance(ema_size, (int, np.integer)) or ema_size < 1:
+        raise ValueError(f"ema_size must be a positive int, got {ema_size!r}")
+      ema = jnp.zeros((num_tasks, int(ema_size)), jnp.float32)
+    return cls(jnp.zeros((num_tasks, num_tasks), jnp.float32), jnp.zeros((), jnp.int32), ema)
 
   def update(self, affinity: jax.Array, record: Any = True) -> "AffinityState":
     """Add one step's affinity; `record` (a Python or traced bool) lets a jitted step skip it."""
     record = jnp.asarray(record, bool)
     return AffinityState(self.total + jnp.where(record, affinity.astype(jnp.float32), 0.0),
-                         self.count + record.astype(jnp.int32))
+                         self.count + record.astype(jnp.int32), self.ema)
 
   def mean(self) -> jax.Array:
     """Mean affinity so far; all zeros while count == 0 (check `count` before partitioning)."""
@@ -128,20 +147,38 @@ class AffinityState(NamedTuple):
 def grouping_step(task_loss_fn: Callable[..., jax.Array], shared_params: PyTree,
                   opt_state: optax.OptState, optimizer: optax.GradientTransformation,
                   affinity_state: AffinityState, *task_args: PyTree,
-                  record: Any = True) -> tuple[PyTree, optax.OptState, AffinityState,
-                                               dict[str, jax.Array]]:
+                  record: Any = True, affinity_filter: Optional[Callable[[PyTree], PyTree]] = None,
+                  ema_decay: float = 0.0) -> tuple[PyTree, optax.OptState, AffinityState,
+                                                   dict[str, jax.Array]]:
   """One warm-up step: vmapped per-task grads -> affinity update + optimizer step on their mean.
 
-  Pure and jittable (`task_loss_fn` and `optimizer` static). The update is the mean over tasks of
-  the per-task gradients, i.e. the gradient of the mean task loss. `record=False` (may be traced)
-  trains without adding to the affinity, for "every n steps" schedules.
+  Pure and jittable (`task_loss_fn`, `optimizer`, `affinity_filter` static). The update is the
+  mean over tasks of the per-task gradients of ALL shared params, i.e. the gradient of the mean
+  task loss. The affinity is the cosine over `affinity_filter(grads)` (default: every leaf),
+  flattened per task. With `ema_decay=b` in (0, 1) (the state then needs an `ema`, see
+  `AffinityState.zeros(T, P)`), every step first updates m <- b*m + (1-b)*g per task and the
+  step's affinity is the cosine of m instead of g; m starts at 0, and needs no bias correction
+  because a cosine ignores a task's common positive scale. `record=False` (may be traced) trains
+  (and updates the EMA) without adding to the affinity, for "every n steps" schedules.
   """
   losses, grads = per_task_gradients(task_loss_fn, shared_params, *task_args)
   mean_grads = jax.tree_util.tree_map(lambda g: jnp.mean(g, axis=0), grads)
   updates, new_opt_state = optimizer.update(mean_grads, opt_state, shared_params)
   new_params = optax.apply_updates(shared_params, updates)
-  flat = flatten_task_grads(grads)
-  affinity = cosine_affinity(flat)
+  flat = flatten_task_grads(grads if affinity_filter is None else affinity_filter(grads))
+  ema = affinity_state.ema
+  if ema_decay:
+    if not 0.0 < ema_decay < 1.0:
+      raise ValueError(f"ema_decay must be 0 (off) or in (0, 1), got {ema_decay!r}")
+    if ema is None or ema.shape != flat.shape:
+      raise ValueError(f"ema_decay={ema_decay}: the AffinityState needs an ema of shape "
+                       f"{flat.shape} (AffinityState.zeros(T, ema_size={flat.shape[1]})), got "
+                       f"{None if ema is None else ema.shape}")
+    ema = ema_decay * ema + (1.0 - ema_decay) * flat
+    signal = ema
+  else:
+    signal = flat
+  affinity = cosine_affinity(signal)
   t = affinity.shape[0]
   off = (jnp.sum(affinity) - t) / max(t * (t - 1), 1)
   metrics = {
@@ -149,13 +186,24 @@ def grouping_step(task_loss_fn: Callable[..., jax.Array], shared_params: PyTree,
       "task_loss": losses,
       "task_grad_norm": jnp.linalg.norm(flat, axis=1),
       "mean_pairwise_affinity": off,
+      "affinity": affinity,
   }
-  return new_params, new_opt_state, affinity_state.update(affinity, record), metrics
+  state = affinity_state.update(affinity, record)._replace(ema=ema)
+  return new_params, new_opt_state, state, metrics
+
+
+def affinity_size(shared_params: PyTree,
+                  affinity_filter: Optional[Callable[[PyTree], PyTree]] = None) -> int:
+  """P: how many gradient entries per task the affinity compares (the EMA's width)."""
+  tree = shared_params if affinity_filter is None else affinity_filter(shared_params)
+  return int(sum(np.prod(np.shape(x), dtype=np.int64) for x in jax.tree_util.tree_leaves(tree)))
 
 
 def warmup_affinity(task_loss_fn: Callable[..., jax.Array], shared_params: PyTree,
                     optimizer: optax.GradientTransformation,
-                    batches: Iterable[Sequence[PyTree]], *, every: int = 1
+                    batches: Iterable[Sequence[PyTree]], *, every: int = 1,
+                    affinity_filter: Optional[Callable[[PyTree], PyTree]] = None,
+                    ema_decay: float = 0.0
                     ) -> tuple[PyTree, AffinityState, list[dict[str, float]]]:
   """A minimal host loop over `grouping_step` (tests, demos); the trainer has its own.
 
@@ -164,15 +212,19 @@ def warmup_affinity(task_loss_fn: Callable[..., jax.Array], shared_params: PyTre
   """
   if every < 1:
     raise ValueError(f"every must be >= 1, got {every}")
-  step = jax.jit(grouping_step, static_argnums=(0, 3))
+  step = jax.jit(grouping_step, static_argnums=(0, 3),
+                 static_argnames=("affinity_filter", "ema_decay"))
   opt_state = optimizer.init(shared_params)
+  ema_size = affinity_size(shared_params, affinity_filter) if ema_decay else None
   state, history = None, []
   for i, args in enumerate(batches):
     if state is None:
       leaf = jax.tree_util.tree_leaves(args)[0]
-      state = AffinityState.zeros(int(leaf.shape[0]))
+      state = AffinityState.zeros(int(leaf.shape[0]), ema_size)
     shared_params, opt_state, state, m = step(task_loss_fn, shared_params, opt_state, optimizer,
-                                              state, *args, record=(i % every == 0))
+                                              state, *args, record=(i % every == 0),
+                                              affinity_filter=affinity_filter,
+                                              ema_decay=ema_decay)
     history.append({"loss": float(m["loss"]),
                     "mean_pairwise_affinity": float(m["mean_pairwise_affinity"])})
   if state is None:
@@ -411,6 +463,70 @@ def partition(affinity: Any, *, num_groups: Optional[int] = None,
   return _agglomerative(a, num_groups, threshold)
 
 
+def ranked_partitions(affinity: Any, *, num_groups: Optional[int] = None, top: int = 5,
+                      exact_max_tasks: int = 10) -> list[dict[str, Any]]:
+  """The `top` best partitions by J (best first) among those the exact search scores: every
+  partition into exactly `num_groups` groups, or every partition when None. Ties are ordered as
+  `partition` breaks them (fewer groups, then label order), so entry 0 is what `partition`
+  returns without a threshold. Each entry: {"groups", "objective", "num_groups",
+  "min_group_affinity"} (the least coherent group's mean pairwise affinity; None if all
+  singletons). Empty beyond `exact_max_tasks` (the agglomerative search ranks nothing)."""
+  a = _check_affinity(affinity)
+  t = a.shape[0]
+  if isinstance(top, bool) or not isinstance(top, (int, np.integer)) or top < 1:
+    raise ValueError(f"top must be a positive int, got {top!r}")
+  if search_method(t, exact_max_tasks) != "exact":
+    return []
+  labels = enumerate_partitions(t, num_groups)
+  scores = _score_labels(a, labels)
+  blocks = labels.max(1).astype(np.int64) + 1
+  first = _best_index(scores, blocks, np.ones(len(labels), bool))  # partition()'s tie-break
+  rest = np.lexsort((np.arange(len(labels)), blocks, -scores))
+  order = np.concatenate([[first], rest[rest != first]])[:top]
+  coherence = _group_coherence_labels(a, labels[order])
+  return [{"groups": _labels_to_groups(labels[i]), "objective": float(scores[i]),
+           "num_groups": int(blocks[i]),
+           "min_group_affinity": None if np.isinf(c) else float(c)}
+          for i, c in zip(order, coherence)]
+
+
+# ----------------------------------------------------------------------------- ablation partitions
+
+def random_groups(num_tasks: int, num_groups: int, seed: int) -> Groups:
+  """A seeded random partition into `num_groups` groups whose sizes differ by at most one.
+
+  Tasks are ordered by SHA-256 of "seed:index" and cut into consecutive runs (the first
+  T mod k groups one longer), which draws uniformly among the balanced partitions (each arises
+  from equally many orders) and gives the same partition for a seed on any numpy/JAX version
+  (numpy's Generator streams are not guaranteed stable across releases).
+  """
+  for name, v in (("num_tasks", num_tasks), ("num_groups", num_groups), ("seed", seed)):
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+      raise ValueError(f"{name} must be an int, got {v!r}")
+  if num_tasks < 1 or not 1 <= num_groups <= num_tasks:
+    raise ValueError(f"num_groups must be in 1..{num_tasks} (the number of tasks), got "
+                     f"{num_groups}")
+  order = sorted(range(num_tasks),
+                 key=lambda i: hashlib.sha256(f"{int(seed)}:{i}".encode()).digest())
+  base, extra = divmod(num_tasks, num_groups)
+  out, start = [], 0
+  for g in range(num_groups):
+    size = base + (1 if g < extra else 0)
+    out.append(order[start:start + size])
+    start += size
+  return canonical_groups(out)
+
+
+def all_in_one_groups(num_tasks: int) -> Groups:
+  """One group holding every task (one group-shared MmAP for all)."""
+  return (tuple(range(num_tasks)),)
+
+
+def one_per_task_groups(num_tasks: int) -> Groups:
+  """T singleton groups (no prompt is shared between tasks)."""
+  return tuple((i,) for i in range(num_tasks))
+
+
 # ----------------------------------------------------------------------------- explicit groups
 
 def resolve_explicit_groups(groups: Any, task_names: Sequence[str],
@@ -555,25 +671,75 @@ def load_groups(workdir: str | os.PathLike,
   return tuple(tuple(g) for g in record["group_indices"])
 
 
+_STABILITY_BUDGET = 2_000_000  # partitions scored in all by `stable_from_step`, at most
+
+
+def stable_from_step(history: Any, *, every: int = 1, num_groups: Optional[int] = None,
+                     threshold: Optional[float] = None,
+                     exact_max_tasks: int = 10) -> Optional[int]:
+  """The first warm-up step (1-based) from which the partition of the running mean affinity
+  (over the steps recorded so far: 0, every, 2*every, ...) never changes again; a value close to
+  the number of steps says the warm-up was too short to settle. None when that would score more
+  than ~2M partitions (e.g. 10 tasks, free search, 100 steps)."""
+  h = np.asarray(history, np.float64)
+  if h.ndim != 3 or h.shape[1] != h.shape[2] or len(h) == 0:
+    raise ValueError(f"history: expected [steps, T, T] with steps >= 1, got shape {h.shape}")
+  rec = np.arange(0, len(h), every)
+  t = h.shape[1]
+  if search_method(t, exact_max_tasks) == "exact":
+    if len(enumerate_partitions(t, num_groups)) * len(rec) > _STABILITY_BUDGET:
+      return None
+  means = np.cumsum(h[rec], axis=0) / np.arange(1, len(rec) + 1)[:, None, None]
+  parts = [partition((m + m.T) / 2, num_groups=num_groups, threshold=threshold,
+                     exact_max_tasks=exact_max_tasks) for m in means]
+  first = len(parts) - 1
+  while first > 0 and parts[first - 1] == parts[-1]:
+    first -= 1
+  return int(rec[first]) + 1
+
+
 def finalize_grouping(workdir: str | os.PathLike, task_names: Sequence[str],
                       affinity: Any, *, num_groups: Optional[int] = None,
                       threshold: Optional[float] = None, exact_max_tasks: int = 10,
-                      steps: Optional[int] = None,
+                      steps: Optional[int] = None, history: Any = None, every: int = 1,
+                      alternatives: int = 5,
                       extra: Optional[Mapping[str, Any]] = None) -> Groups:
-  """Partition a warm-up's affinity (an array or an `AffinityState`) and save everything."""
+  """Partition a warm-up's affinity (an array or an `AffinityState`) and save everything.
+
+  Diagnostics in groups.json: "alternatives", the `alternatives` best partitions of the exact
+  search's candidate set (see `ranked_partitions`; with a threshold they are ranked by J alone
+  and carry their least coherent group's affinity) with task names, so the chosen partition's
+  margin is visible. `history` ([steps, T, T], every step's affinity; steps 0, every, ... were
+  recorded) goes to affinity_history.npy and gives "stable_from_step" (`stable_from_step`).
+  """
   if isinstance(affinity, AffinityState):
     if int(affinity.count) == 0:
       raise ValueError("affinity: the AffinityState has count 0 (no grouping step recorded)")
     affinity = affinity.mean()
   a = _check_affinity(np.asarray(affinity))
-  if a.shape[0] != len(task_names):
-    raise ValueError(f"affinity: shape {a.shape} does not match {len(task_names)} task_names")
+  names = [str(n) for n in task_names]
+  if a.shape[0] != len(names):
+    raise ValueError(f"affinity: shape {a.shape} does not match {len(names)} task_names")
   groups = partition(a, num_groups=num_groups, threshold=threshold,
                      exact_max_tasks=exact_max_tasks)
+  ranked = ranked_partitions(a, num_groups=num_groups, top=alternatives,
+                             exact_max_tasks=exact_max_tasks) if alternatives else []
   info = {"method": "gradient_affinity", "search": search_method(a.shape[0], exact_max_tasks),
           "objective_definition": "mean over tasks of the mean affinity to group-mates "
                                   "(singletons 0)",
-          "requested_num_groups": num_groups, "threshold": threshold, "steps": steps}
+          "requested_num_groups": num_groups, "threshold": threshold, "steps": steps,
+          "alternatives": [dict(r, groups=[[names[i] for i in g] for g in r["groups"]])
+                           for r in ranked]}
+  if history is not None:
+    h = np.asarray(history, np.float32)
+    if h.ndim != 3 or h.shape[1:] != a.shape:
+      raise ValueError(f"history: expected [steps, {a.shape[0]}, {a.shape[0]}], got {h.shape}")
+    pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
+    np.save(pathlib.Path(workdir) / HISTORY_FILE, h)
+    info["history_file"] = HISTORY_FILE
+    info["stable_from_step"] = stable_from_step(h, every=every, num_groups=num_groups,
+                                                threshold=threshold,
+                                                exact_max_tasks=exact_max_tasks)
   info.update(extra or {})
-  save_grouping(workdir, task_names, a, groups, info)
+  save_grouping(workdir, names, a, groups, info)
   return groups

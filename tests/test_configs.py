@@ -62,7 +62,7 @@ def test_defaults_follow_the_recipe():
   r = setup.recipe(c)   # optim.* are None: MaPLe / MmAP's published recipe
   assert (r.recipe.name, r.recipe.lr, r.recipe.momentum) == ("sgd", 0.0035, 0.9)
   assert r.overridden == () and all(v is None for k, v in c.optim.items() if k != "accum_steps")
-  assert c.method == "mmap_mt" and c.groups.mode == "auto"
+  assert c.method == "mmap_mt" and c.groups.mode == "gradient"
 
 
 def test_parse_arg_types_and_errors():

@@ -490,8 +490,10 @@ def _random_clip(cfg, seed=0):
 def test_mmap_shared_per_task_gradients_on_tiny_clip(bpe_path):
   """The real per-task loss (heads.per_task_loss_fn, method mmap_shared) through the tiny CLIP:
   vmapped gradients equal a loop of single-task gradients, and a jitted grouping step on it
-  records their cosines."""
+  records their cosines, over all leaves (groups.affinity_params=all) or over the source prompts
+  only (=source, the trainer's filter), each against numpy."""
   from mmap_jax import heads
+  from mmap_jax.train import grouping_run
   from mmap_jax.models.config import VARIANTS
   from mmap_jax.prompts import PromptSpec, init_learned
   from mmap_jax.tokenizer import ClipTokenizer
@@ -500,6 +502,11 @@ def test_mmap_shared_per_task_gradients_on_tiny_clip(bpe_path):
   spec = PromptSpec(method="mmap_shared", length=2, depth=2, source_dim=16).validate(cfg)
   clip_params = _random_clip(cfg)
   learned = init_learned(jax.random.PRNGKey(1), cfg, spec, num_tasks=3)
+  # A trained-looking MmAP: larger sources and non-unit scales, so the scaling matrices'
+  # gradients weigh in the all-leaves cosine (at init, S ~ 0.02 makes them negligible).
+  rng = np.random.default_rng(5)
+  learned = jax.tree.map(
+      lambda x: x * 25.0 + 0.3 * rng.standard_normal(x.shape).astype(np.float32), learned)
   classes = [["dog", "cat", "bicycle"], ["car", "tree"], ["house", "alarm_clock", "dog"]]
   tokens = heads.build_class_tokens(ClipTokenizer.from_bpe_file(bpe_path), classes,
                                     spec.text_prompt_tokens)
@@ -512,12 +519,17 @@ def test_mmap_shared_per_task_gradients_on_tiny_clip(bpe_path):
   def vmapped_and_step(learned, tokens, images, labels):  # one compile for both
     out = G.per_task_gradients(fn, learned, tokens, images, labels)
     step = G.grouping_step(fn, learned, opt.init(learned), opt, G.AffinityState.zeros(3),
-                           tokens, images, labels)
-    return out, step
+                           tokens, images, labels,
+                           affinity_filter=grouping_run.affinity_filter("all"))
+    # the trainer's groups.affinity_params=source filter, on the same per-task gradients
+    source = G.cosine_affinity(G.flatten_task_grads(
+        grouping_run.affinity_filter("source")(out[1])))
+    return out, step, source
 
-  (losses, grads), (new, _, state, metrics) = vmapped_and_step(learned, tokens, images, labels)
+  (losses, grads), (new, _, state, metrics), source_aff = vmapped_and_step(
+      learned, tokens, images, labels)
   single = jax.jit(jax.value_and_grad(fn))
-  flat_loop = []
+  flat_loop, source_loop = [], []
   for t in range(3):
     tokens_t = heads.ClassTokens(*(np.asarray(x)[t] for x in tokens))
     loss_t, grad_t = single(learned, tokens_t, images[t], labels[t])
@@ -527,6 +539,7 @@ def test_mmap_shared_per_task_gradients_on_tiny_clip(bpe_path):
       rel = np.linalg.norm(np.asarray(got[t]) - ref) / max(np.linalg.norm(ref), 1e-30)
       assert rel <= 1e-6, (jax.tree_util.keystr(path), t, rel)
     flat_loop.append(np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(grad_t)]))
+    source_loop.append(np.ravel(grad_t["shared"]["source"]))
   assert min(np.linalg.norm(f) for f in flat_loop) > 0
 
   f = np.stack(flat_loop).astype(np.float64)
@@ -534,3 +547,262 @@ def test_mmap_shared_per_task_gradients_on_tiny_clip(bpe_path):
   np.testing.assert_allclose(state.mean(), f @ f.T / np.outer(n, n), atol=1e-5)
   np.testing.assert_allclose(metrics["task_loss"], losses, rtol=1e-6)
   assert jax.tree_util.tree_structure(new) == jax.tree_util.tree_structure(learned)
+  ref_src = _numpy_cos(np.stack(source_loop))
+  np.testing.assert_allclose(source_aff, ref_src, atol=2e-6)
+  np.testing.assert_allclose(state.mean(), f @ f.T / np.outer(n, n), atol=2e-6)
+  # the choice matters: the two affinities differ by far more than the tolerance above
+  assert np.max(np.abs(ref_src - f @ f.T / np.outer(n, n))) > 1e-4
+
+
+# ----------------------------------------------------------------------------- affinity options
+
+_STEP_OPTS = jax.jit(G.grouping_step, static_argnums=(0, 3),
+                     static_argnames=("affinity_filter", "ema_decay"))
+
+
+def _w1_only(grads):
+  return {"w1": grads["w1"]}
+
+
+def _numpy_cos(f):
+  f = np.asarray(f, np.float64)
+  u = f / np.linalg.norm(f, axis=1, keepdims=True)
+  return u @ u.T
+
+
+def test_gradient_ema_affinity_matches_numpy():
+  """EMA m_s = b*m_{s-1} + (1-b)*g_s per task (m_0 = 0, every step); a recorded step adds
+  cos(m_s); the affinity is the mean over recorded steps. Checked against numpy on an MLP, with
+  a leaf filter, record every 2nd step, and against the plain (EMA off) mean of cosines."""
+  t, steps, decay, every = 4, 5, 0.6, 2
+  shared, heads, _, _ = _mlp_setup(t=t)
+  rng = np.random.default_rng(3)
+  batches = [(rng.standard_normal((t, 16, 7)).astype(np.float32),
+              rng.integers(0, 4, (t, 16)).astype(np.int32)) for _ in range(steps)]
+  size = G.affinity_size(shared, _w1_only)
+  assert size == 7 * 11 and G.affinity_size(shared) == 7 * 11 + 11 + 11 * 11
+  single = jax.jit(jax.grad(_mlp_task_loss))
+  params, opt_state, state = shared, _SGD.init(shared), G.AffinityState.zeros(t, size)
+  m, total, plain, count = np.zeros((t, size)), np.zeros((t, t)), np.zeros((t, t)), 0
+  for s, (x, y) in enumerate(batches):
+    g = np.stack([np.ravel(single(params, heads[i], x[i], y[i])["w1"]) for i in range(t)])
+    m = decay * m + (1 - decay) * g.astype(np.float64)
+    if s % every == 0:
+      total, plain, count = total + _numpy_cos(m), plain + _numpy_cos(g), count + 1
+    params, opt_state, state, metrics = _STEP_OPTS(
+        _mlp_task_loss, params, opt_state, _SGD, state, heads, x, y, record=(s % every == 0),
+        affinity_filter=_w1_only, ema_decay=decay)
+    np.testing.assert_allclose(metrics["affinity"], _numpy_cos(m), atol=2e-6)
+  assert count == 3 and int(state.count) == 3
+  np.testing.assert_allclose(state.ema, m, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(state.mean(), total / count, atol=2e-6)
+  assert np.max(np.abs(total - plain)) / count > 1e-2  # the EMA changes the affinity
+  # decay 0 is the plain per-step cosine, and the state then has no EMA leaf
+  st0 = G.AffinityState.zeros(t)
+  assert st0.ema is None and len(jax.tree_util.tree_leaves(st0)) == 2
+  x, y = batches[0]
+  _, _, st0, _ = _STEP_OPTS(_mlp_task_loss, shared, _SGD.init(shared), _SGD, st0, heads, x, y,
+                            affinity_filter=_w1_only)
+  g0 = np.stack([np.ravel(single(shared, heads[i], x[i], y[i])["w1"]) for i in range(t)])
+  np.testing.assert_allclose(st0.mean(), _numpy_cos(g0), atol=2e-6)
+  # the filter changes only what is compared, never the update (the mean over ALL leaves)
+  new_f, _, _, _ = _STEP_OPTS(_mlp_task_loss, shared, _SGD.init(shared), _SGD,
+                              G.AffinityState.zeros(t), heads, x, y, affinity_filter=_w1_only)
+  new_a, _, _, _ = _STEP_OPTS(_mlp_task_loss, shared, _SGD.init(shared), _SGD,
+                              G.AffinityState.zeros(t), heads, x, y)
+  for a, b in zip(jax.tree_util.tree_leaves(new_f), jax.tree_util.tree_leaves(new_a)):
+    np.testing.assert_array_equal(a, b)
+  assert not np.allclose(new_a["b1"], shared["b1"])  # b1 (not in the filter) was updated
+  with pytest.raises(ValueError, match="needs an ema"):
+    _STEP_OPTS(_mlp_task_loss, shared, _SGD.init(shared), _SGD, G.AffinityState.zeros(t),
+               heads, x, y, ema_decay=0.5)
+  with pytest.raises(ValueError, match="ema_decay"):
+    _STEP_OPTS(_mlp_task_loss, shared, _SGD.init(shared), _SGD, state, heads, x, y,
+               affinity_filter=_w1_only, ema_decay=1.0)
+
+
+def test_warmup_with_ema_recovers_planted_pairs():
+  classes, noise_dims, rules = 3, 3, [0, 1, 0, 1]
+  d = 2 * classes + noise_dims
+  params = {"w": 0.01 * jax.random.normal(jax.random.PRNGKey(0), (d, classes)),
+            "b": jnp.zeros((classes,))}
+  _, state, _ = G.warmup_affinity(_linear_task_loss, params, optax.sgd(0.5),
+                                  _planted_batches(rules, 6), ema_decay=0.7)
+  assert state.ema.shape == (4, d * classes + classes)
+  assert G.partition(np.asarray(state.mean()), num_groups=2) == ((0, 2), (1, 3))
+
+
+# ----------------------------------------------------------------------------- ablation modes
+
+def test_random_groups_are_seeded_balanced_and_uniform():
+  import collections
+  for t, k in [(4, 2), (5, 2), (7, 3), (6, 6), (6, 1), (1, 1)]:
+    for seed in range(12):
+      g = G.random_groups(t, k, seed)
+      assert len(g) == k and sorted(i for grp in g for i in grp) == list(range(t))
+      sizes = [len(grp) for grp in g]
+      assert max(sizes) - min(sizes) <= 1
+      assert g == G.random_groups(t, k, seed) == G.canonical_groups(g)
+  assert len({G.random_groups(7, 3, s) for s in range(12)}) > 1  # the seed matters
+  # uniform over the 3 balanced pairings of 4 tasks (expected 200 each, sd ~11.5)
+  draws = collections.Counter(G.random_groups(4, 2, s) for s in range(600))
+  assert set(draws) == {((0, 1), (2, 3)), ((0, 2), (1, 3)), ((0, 3), (1, 2))}
+  assert min(draws.values()) > 150, draws
+  # pinned: SHA-256 orders, so a seed's partition is the same on every numpy/JAX version
+  assert G.random_groups(6, 3, 0) == ((0, 2), (1, 5), (3, 4))
+  assert G.random_groups(5, 2, 2) == ((0, 4), (1, 2, 3))
+  for bad in (0, 5):
+    with pytest.raises(ValueError, match="num_groups"):
+      G.random_groups(4, bad, 0)
+  with pytest.raises(ValueError, match="seed"):
+    G.random_groups(4, 2, True)
+  assert G.all_in_one_groups(3) == ((0, 1, 2),)
+  assert G.one_per_task_groups(3) == ((0,), (1,), (2,))
+
+
+def _base_config(**groups):
+  from configs import common
+  c = common.base_config()
+  c.clip.path = "demo"
+  for k, v in groups.items():
+    with c.groups.ignore_type():
+      c.groups[k] = v
+  return c
+
+
+def test_ablation_groups_from_the_config():
+  from mmap_jax.train import grouping_run, setup
+  names = ["a", "b", "c", "d", "e"]
+  c = _base_config(mode="random", num_groups=2)
+  c.seed = 3
+  assert grouping_run.ablation_groups(c, 5, names) == G.random_groups(5, 2, 3)
+  c.groups.seed = 11  # groups.seed fixes the partition whatever the run seed
+  assert grouping_run.ablation_groups(c, 5, names) == G.random_groups(5, 2, 11)
+  assert grouping_run.settings(c) == {"mode": "random", "num_groups": 2, "seed": 11}
+  c.groups.num_groups = 6
+  with pytest.raises(setup.ConfigError, match=r"groups\.num_groups=6 must be in 1\.\.5"):
+    grouping_run.ablation_groups(c, 5, names)
+  assert grouping_run.ablation_groups(_base_config(mode="all_in_one"), 5, names) == \
+      ((0, 1, 2, 3, 4),)
+  assert grouping_run.ablation_groups(_base_config(mode="one_per_task"), 5, names) == \
+      tuple((i,) for i in range(5))
+  assert grouping_run.ablation_groups(_base_config(mode="explicit", explicit="a+c;b+d+e"), 5,
+                                      names) == ((0, 2), (1, 3, 4))
+
+
+@pytest.mark.parametrize("groups,needle", [
+    ({"mode": "auto"}, r"groups\.mode='auto' was renamed: use groups\.mode='gradient'"),
+    ({"mode": "magic"}, r"groups\.mode='magic'; allowed: \('gradient'"),
+    ({"affinity_params": "both"}, r"groups\.affinity_params='both'"),
+    ({"grad_ema": 1.0}, r"groups\.grad_ema=1\.0"),
+    ({"grad_ema": -0.5}, r"groups\.grad_ema=-0\.5"),
+    ({"mode": "random", "num_groups": 0}, r"groups\.num_groups=0 must be >= 1"),
+    ({"mode": "one_per_task", "init_from_warmup": True}, r"groups\.init_from_warmup=True needs"),
+    ({"mode": "explicit"}, r"groups\.explicit is required"),
+])
+def test_bad_grouping_fields_are_rejected_naming_the_field(groups, needle):
+  from mmap_jax.train import setup
+  with pytest.raises(setup.ConfigError, match=needle):
+    setup.validate(_base_config(**groups))
+
+
+def test_every_mode_validates():
+  from mmap_jax.train import setup
+  for mode in setup.GROUP_MODES:
+    setup.validate(_base_config(mode=mode, explicit="photo;clipart+sketch+painting"))
+  setup.validate(_base_config(grad_ema=0.9, affinity_params="all", init_from_warmup=True))
+
+
+# ----------------------------------------------------------------------------- diagnostics
+
+def test_ranked_partitions_match_brute_force():
+  rng = np.random.default_rng(8)
+  a = _random_affinity(rng, 5)
+  for k in (None, 2, 3):
+    ranked = G.ranked_partitions(a, num_groups=k, top=6)
+    assert len(ranked) == 6
+    assert ranked[0]["groups"] == G.partition(a, num_groups=k)
+    brute = sorted((_brute_score(a, p) for p in _set_partitions(list(range(5)))
+                    if k is None or len(p) == k), reverse=True)
+    np.testing.assert_allclose([r["objective"] for r in ranked], brute[:6], atol=1e-12)
+    for r in ranked:
+      assert r["objective"] == pytest.approx(G.partition_score(a, r["groups"]))
+      assert r["num_groups"] == len(r["groups"]) and (k is None or r["num_groups"] == k)
+      pairs = [_pair_mean(a, g) for g in r["groups"] if len(g) > 1]
+      assert r["min_group_affinity"] == (pytest.approx(min(pairs)) if pairs else None)
+  assert len({r["groups"] for r in G.ranked_partitions(a, top=52)}) == 52  # Bell(5): all
+  assert G.ranked_partitions(_random_affinity(rng, 11), num_groups=2) == []  # agglomerative
+
+
+def test_finalize_writes_alternatives_and_history(tmp_path):
+  a = _random_affinity(np.random.default_rng(9), 4)
+  history = np.stack([a, a * 0.5, a])
+  groups = G.finalize_grouping(tmp_path, NAMES, a, num_groups=2, history=history,
+                               alternatives=3, extra={"mode": "gradient"})
+  rec = json.loads((tmp_path / "groups.json").read_text())
+  assert rec["mode"] == "gradient" and rec["history_file"] == "affinity_history.npy"
+  assert rec["stable_from_step"] == G.stable_from_step(history, num_groups=2)
+  np.testing.assert_allclose(np.load(tmp_path / "affinity_history.npy"), history, atol=1e-7)
+  alts = rec["alternatives"]
+  assert len(alts) == 3 and alts[0]["groups"] == rec["groups"]
+  assert alts[0]["objective"] == pytest.approx(rec["objective"])
+  assert [x["objective"] for x in alts] == sorted((x["objective"] for x in alts), reverse=True)
+  assert G.load_groups(tmp_path) == groups
+  with pytest.raises(ValueError, match="history"):
+    G.finalize_grouping(tmp_path, NAMES, a, num_groups=2, history=history[:, :3])
+
+
+def test_stable_from_step():
+  def pairing(p, q, v=0.8):  # tasks p, q aligned at v, the other pair too, rest 0
+    a = np.eye(4)
+    others = [i for i in range(4) if i not in (p, q)]
+    for i, j in ((p, q), tuple(others)):
+      a[i, j] = a[j, i] = v
+    return a
+  early, late = pairing(0, 1), pairing(0, 2)
+  # running means over 2 early + n late steps: {0,1} leads while n < 2, n = 2 ties (ties go to
+  # the first label string, {0,1}), {0,2} wins from step 5 on
+  history = np.stack([early, early, late, late, late, late, late])
+  assert G.partition(history.mean(0), num_groups=2) == ((0, 2), (1, 3))
+  assert G.stable_from_step(history, num_groups=2) == 5
+  assert G.stable_from_step(np.stack([late] * 3 + [early]), num_groups=2) == 1
+  # every=2 records steps 0, 2, 4, 6 = early, late, late, late: a tie at step 3, {0,2} from 5
+  assert G.stable_from_step(history, every=2, num_groups=2) == 5
+  # threshold 0.5: no pair reaches 0.5 at steps 4-5 (0.4, 0.48: singletons), {0,2} from step 6
+  assert G.stable_from_step(history, threshold=0.5) == 6
+  with pytest.raises(ValueError, match="history"):
+    G.stable_from_step(history[0])
+
+
+# ----------------------------------------------------------------------------- init from warm-up
+
+def test_init_groups_from_shared_copies_into_every_group_only():
+  from mmap_jax.models.config import VARIANTS
+  from mmap_jax.prompts import PromptSpec, init_learned, multitask
+  cfg = VARIANTS["tiny"]
+  mt = PromptSpec(method="mmap_mt", length=2, depth=2, source_dim=16).validate(cfg)
+  sh = PromptSpec(method="mmap_shared", length=2, depth=2, source_dim=16).validate(cfg)
+  groups = ((0, 2), (1,), (3,))
+  learned = init_learned(jax.random.PRNGKey(1), cfg, mt, 4, groups)
+  warm = jax.tree.map(lambda x: x + 0.5, init_learned(jax.random.PRNGKey(2), cfg, sh, 4)["shared"])
+  out = multitask.init_groups_from_shared(learned, warm)
+  assert jax.tree.structure(out) == jax.tree.structure(learned)
+  for name, leaf in out["group"].items():
+    assert leaf.shape == learned["group"][name].shape and leaf.shape[0] == 3
+    for g in range(3):
+      np.testing.assert_array_equal(leaf[g], warm[name])
+  for name, leaf in out["task"].items():
+    np.testing.assert_array_equal(leaf, learned["task"][name])
+    assert not np.allclose(leaf[0], warm[name])
+  prompts = multitask.task_prompts(out, cfg, mt, groups)
+  from mmap_jax.prompts import mmap
+  warm_tokens = mmap.expand(warm, cfg, sh)
+  for t in range(4):  # every task's group half is the warm-up MmAP's prompt
+    np.testing.assert_allclose(prompts.text[t, :, :2], warm_tokens.text, rtol=1e-6)
+    np.testing.assert_allclose(prompts.visual[t, :, :2], warm_tokens.visual, rtol=1e-6)
+  other = PromptSpec(method="mmap_shared", length=4, depth=2, source_dim=16).validate(cfg)
+  with pytest.raises(ValueError, match="prompt config changed"):
+    multitask.init_groups_from_shared(
+        learned, init_learned(jax.random.PRNGKey(2), cfg, other, 4)["shared"])
+  with pytest.raises(ValueError, match="mmap_mt"):
+    multitask.init_groups_from_shared({"shared": warm}, warm)

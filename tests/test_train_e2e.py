@@ -197,9 +197,11 @@ def _final_learned(workdir: pathlib.Path, config) -> dict:
 def test_run_writes_everything(finished):
   workdir, result, *_ = finished
   names = ["photo", "clipart", "sketch", "painting"]
-  for f in ("affinity.npy", "affinity.png", "groups.json", "results.json", "results.md"):
+  for f in ("affinity.npy", "affinity.png", "groups.json", "results.json", "results.md",
+            "affinity_history.npy", "grouping_warmup.safetensors"):
     assert (workdir / f).is_file(), f
   groups = json.loads((workdir / "groups.json").read_text())
+  assert groups["mode"] == "gradient" and groups["alternatives"][0]["groups"] == groups["groups"]
   assert sorted(sum(groups["groups"], [])) == sorted(names)
   assert len(groups["groups"]) == 2
   saved = json.loads((workdir / "results.json").read_text())
@@ -269,6 +271,93 @@ def test_evaluate_reproduces_final_accuracy(env, finished):
   again = json.loads((out / "results.json").read_text())
   assert again["tasks"] == json.loads(json.dumps(result))["tasks"]
   assert "| **average** |" in proc.stdout
+
+
+def _fake_grouping_step(affinity):
+  """A stand-in for the compiled warm-up step (no CLIP compile): params += 0.25 per step and a
+  fixed affinity, so the host loop, the files and the init can be checked in seconds."""
+  import jax.numpy as jnp
+
+  def make(clip_cfg, spec, optimizer, **kwargs):
+    def step(gstate, clip_params, class_tokens, batch, record):
+      a = jnp.asarray(affinity, jnp.float32)
+      new = dict(gstate, params=jax.tree.map(lambda x: x + 0.25, gstate["params"]),
+                 affinity=gstate["affinity"].update(a, record))
+      return new, {"loss": jnp.float32(1.0), "mean_pairwise_affinity": jnp.float32(0.5),
+                   "affinity": a}
+    return step
+  return make
+
+
+def test_init_from_warmup_and_restart_before_first_checkpoint(env, tmp_path, monkeypatch):
+  """groups.init_from_warmup: every group-shared MmAP starts as the warm-up's shared MmAP (not
+  the task-specific ones). A restart before the first checkpoint reads the groups and the
+  warm-up MmAP back from the workdir (no second warm-up) and gets the identical init."""
+  from mmap_jax import grouping
+  from mmap_jax.prompts import multitask
+  from mmap_jax.train import grouping_run
+  from safetensors.numpy import load_file
+  planted = np.array([[1, .1, .2, .9], [.1, 1, .8, 0], [.2, .8, 1, .1], [.9, 0, .1, 1]])
+  monkeypatch.setattr(grouping_run, "make_grouping_step", _fake_grouping_step(planted))
+  c = fx.tiny_config(env["clip"], env["data"])
+  c.groups.init_from_warmup = True
+  workdir = tmp_path / "init"
+  first = loop._prepare(c, str(workdir))
+  first.ckpt.close()
+  assert first.groups == ((0, 3), (1, 2))
+  record = grouping.load_grouping(workdir)
+  assert record["mode"] == "gradient" and record["settings"]["affinity_params"] == "source"
+  assert np.load(workdir / grouping.HISTORY_FILE).shape == (2, 4, 4)
+  warm = load_file(workdir / grouping_run.WARMUP_FILE)
+  learned = jax.device_get(first.state["learned"])
+  fresh = multitask.init_learned(jax.random.key(c.seed), first.clip.cfg, first.spec, 4,
+                                 first.groups)
+  for name, leaf in learned["group"].items():
+    for g in range(2):
+      np.testing.assert_array_equal(leaf[g], warm[f"shared/{name}"])
+    assert not np.allclose(leaf[0], fresh["group"][name][0])
+  for name, leaf in learned["task"].items():
+    np.testing.assert_array_equal(leaf, fresh["task"][name])
+  # restart (no checkpoint yet): no warm-up may run; same groups, bit-identical init
+  monkeypatch.setattr(grouping_run, "make_grouping_step", None)
+  again = loop._prepare(c, str(workdir))
+  again.ckpt.close()
+  assert again.groups == first.groups
+  restarted = jax.device_get(again.state["learned"])
+  for x, y in zip(jax.tree.leaves(learned), jax.tree.leaves(restarted)):
+    np.testing.assert_array_equal(x, y)
+  # a grouping made with other settings is never reused silently
+  c.groups.affinity_params = "all"
+  with pytest.raises(setup.ConfigError, match="affinity_params: file 'source' vs config 'all'"):
+    loop._prepare(c, str(workdir))
+
+
+def test_ablation_mode_trains_without_a_warmup(env, tmp_path, monkeypatch):
+  """groups.mode=random: a seeded balanced partition, groups.json with the mode, no warm-up."""
+  from mmap_jax import grouping
+  from mmap_jax.train import grouping_run
+
+  def no_warmup(*args, **kwargs):
+    raise AssertionError("groups.mode=random must not run the grouping warm-up")
+  monkeypatch.setattr(grouping_run, "run_grouping", no_warmup)
+  c = fx.tiny_config(env["clip"], env["data"])
+  c.groups.mode, c.groups.seed = "random", 5
+  c.train.steps = c.train.ckpt_every = c.train.eval_every = 2
+  workdir = tmp_path / "random"
+  result = loop.train_and_evaluate(c, str(workdir))
+  names = ["photo", "clipart", "sketch", "painting"]
+  expected = grouping.random_groups(4, 2, 5)
+  record = grouping.load_grouping(workdir)
+  assert record["mode"] == "random" and record["settings"] == {"mode": "random", "num_groups": 2,
+                                                               "seed": 5}
+  assert grouping.load_groups(workdir, names) == expected and record["affinity"] is None
+  assert not (workdir / "affinity.npy").exists()
+  assert not (workdir / grouping_run.WARMUP_FILE).exists()
+  assert result["groups"] == [[names[i] for i in g] for g in expected]
+  ckpt = checkpointing.Checkpointer(str(workdir / "checkpoints"))
+  meta = ckpt.read_meta()
+  ckpt.close()
+  assert meta["groups"] == [list(g) for g in expected]
 
 
 @pytest.mark.parametrize("field,value,needle", [

@@ -54,6 +54,29 @@ def task_to_group(groups: Optional[Sequence[Sequence[int]]], num_tasks: int) -> 
   return idx
 
 
+def init_groups_from_shared(learned: Learned, shared: Any) -> Learned:
+  """mmap_mt `learned` with EVERY group-shared MmAP set to a copy of `shared` (the params of one
+  MmAP unit, e.g. the grouping warm-up's `{"shared": ...}["shared"]`); task-specific MmAPs are
+  kept. Starts each group from what all tasks learned together (`groups.init_from_warmup`)."""
+  if not isinstance(learned, dict) or set(learned) != {"group", "task"}:
+    got = sorted(learned) if isinstance(learned, dict) else type(learned).__name__
+    raise ValueError("init_groups_from_shared: `learned` must be an mmap_mt pytree with keys "
+                     f"['group', 'task'], got {got}")
+  if jax.tree.structure(shared) != jax.tree.structure(
+      jax.tree.map(lambda x: x[0], learned["group"])):
+    raise ValueError(f"init_groups_from_shared: `shared` has structure {jax.tree.structure(shared)}"
+                     f", the group MmAPs {jax.tree.structure(learned['group'])}")
+
+  def copy(group_leaf, shared_leaf):
+    shared_leaf = jnp.asarray(shared_leaf)
+    if tuple(shared_leaf.shape) != tuple(group_leaf.shape[1:]):
+      raise ValueError(f"init_groups_from_shared: a shared leaf has shape {shared_leaf.shape}, "
+                       f"a group MmAP's {tuple(group_leaf.shape[1:])} (prompt config changed?)")
+    return jnp.broadcast_to(shared_leaf.astype(group_leaf.dtype), group_leaf.shape)
+
+  return {"group": jax.tree.map(copy, learned["group"], shared), "task": learned["task"]}
+
+
 # ----------------------------------------------------------------------------- init / expand
 
 def _stacked_init(module, key: jax.Array, n: int, clip_cfg: ClipConfig, spec: PromptSpec,

@@ -1,20 +1,32 @@
-"""Gradient-driven task grouping on real data: warm up one shared MmAP, measure, partition.
+"""Task groups of an mmap_mt run: the gradient-driven warm-up, or an ablation partition.
 
-Each warm-up step takes one batch of every task, computes all per-task gradients of the shared
-MmAP in ONE vmap (so it costs about one training step), updates the shared MmAP with their mean
-and accumulates their pairwise cosine similarity. The partition and the files (affinity.npy,
-affinity.png, groups.json) land in the workdir; a finished grouping there is reused.
+`groups.mode`:
+  gradient      (the paper) warm up one shared MmAP on all tasks; each step computes all
+                per-task gradients in ONE vmap (about one training step), updates the shared
+                MmAP with their mean and accumulates the cosine affinity of the gradients named
+                by `groups.affinity_params` (optionally EMA'd, `groups.grad_ema`); then partition.
+  random        a seeded random partition into `groups.num_groups` balanced groups
+  all_in_one    one group of all tasks          one_per_task   T singleton groups
+  explicit      `groups.explicit`
+Only `gradient` runs the warm-up. Every mode writes groups.json (with "mode" and "settings");
+a groups.json already in the workdir is reused when its settings match the config, and is an
+error otherwise (a stale grouping is never applied silently). The warm-up also writes its
+trained shared MmAP (grouping_warmup.safetensors, before groups.json), so
+`groups.init_from_warmup` gives a restarted run exactly the init of an uninterrupted one.
 """
 from __future__ import annotations
 
 import os
 import time
-from typing import Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections as mlc
+import numpy as np
 from absl import logging
+from flax import traverse_util
+from safetensors.numpy import load_file, save_file
 
 from mmap_jax import grouping, heads, parallel
 from mmap_jax.data import pipeline, sources
@@ -23,64 +35,216 @@ from mmap_jax.prompts.spec import PromptSpec
 from mmap_jax.train import optim, setup
 
 Groups = tuple[tuple[int, ...], ...]
+WARMUP_FILE = "grouping_warmup.safetensors"  # the warm-up's trained {"shared": MmAP} pytree
+
+
+class GroupingResult(NamedTuple):
+  groups: Groups
+  warmup: Optional[Any]  # the warm-up's learned {"shared": MmAP params} (host arrays), or None
+
+
+# ----------------------------------------------------------------------------- affinity leaves
+
+def source_prompt_grads(grads: Any) -> Any:
+  """The per-task gradients of the shared MmAP's source prompts only ([T, J, L_s, d_s])."""
+  return {"source": grads["shared"]["source"]}
+
+
+def affinity_filter(which: str):
+  """`groups.affinity_params` -> the `grouping_step` filter ("all": None, every leaf)."""
+  if which == "source":
+    return source_prompt_grads
+  if which == "all":
+    return None
+  raise setup.ConfigError(f"groups.affinity_params={which!r}; allowed: {setup.AFFINITY_PARAMS}")
 
 
 def make_grouping_step(clip_cfg, spec: PromptSpec, optimizer, *, dtype=jnp.float32,
-                       remat: bool = False):
+                       remat: bool = False, filter_fn=None, ema_decay: float = 0.0):
   """jit(step)(gstate, clip_params, class_tokens, batch, record) -> (gstate, metrics)."""
 
   def step(gstate, clip_params, class_tokens, batch, record):
     loss_t = heads.per_task_loss_fn(clip_params, clip_cfg, spec, dtype=dtype, remat=remat)
     params, opt_state, aff, metrics = grouping.grouping_step(
         loss_t, gstate["params"], gstate["opt_state"], optimizer, gstate["affinity"],
-        class_tokens, batch["image"], batch["label"], record=record)
+        class_tokens, batch["image"], batch["label"], record=record,
+        affinity_filter=filter_fn, ema_decay=ema_decay)
     return {"params": params, "opt_state": opt_state, "affinity": aff}, metrics
 
   return jax.jit(step, donate_argnums=(0,))
 
 
-def run_grouping(config: mlc.ConfigDict, workdir: str, clip: setup.Clip,
-                 tasks: Sequence[sources.TaskData], mesh) -> Groups:
-  """Warm up, partition, write affinity.npy / affinity.png / groups.json; reuse if present."""
+# ----------------------------------------------------------------------------- settings / reuse
+
+def settings(config: mlc.ConfigDict, mode: Optional[str] = None) -> dict[str, Any]:
+  """What determines a mode's partition (recorded in groups.json, compared on reuse); `mode`
+  defaults to `groups.mode`."""
+  g, mode = config.groups, mode or config.groups.mode
+  if mode == "gradient":
+    return {"mode": mode, "affinity_params": g.affinity_params, "grad_ema": float(g.grad_ema),
+            "warmup_steps": int(g.warmup_steps), "every": int(g.every),
+            "num_groups": int(g.num_groups),
+            "threshold": None if g.num_groups else float(g.threshold), "seed": int(config.seed)}
+  if mode == "random":
+    return {"mode": mode, "num_groups": int(g.num_groups), "seed": random_seed(config)}
+  if mode == "explicit":
+    return {"mode": mode, "explicit": g.explicit}
+  return {"mode": mode}
+
+
+def random_seed(config: mlc.ConfigDict) -> int:
+  """`groups.seed`, or the run's seed when None (sweeping seeds then averages over partitions)."""
+  return int(config.seed if config.groups.seed is None else config.groups.seed)
+
+
+def _check_reuse(record: dict, want: dict, path: str) -> None:
+  have = record.get("settings") or {"mode": "gradient"}  # files before "settings": gradient only
+  bad = [k for k in want if k in have and have[k] != want[k]]
+  if bad:
+    diff = ", ".join(f"{k}: file {have[k]!r} vs config {want[k]!r}" for k in bad)
+    raise setup.ConfigError(
+        f"{path} holds a grouping made with other settings ({diff}); use a fresh workdir or "
+        f"delete {path} (and its affinity files) to regroup")
+
+
+def _existing(workdir: str, names: Sequence[str], want: dict) -> Optional[Groups]:
+  path = os.path.join(workdir, grouping.GROUPS_FILE)
+  if not os.path.exists(path):
+    return None
+  record = grouping.load_grouping(workdir)
+  _check_reuse(record, want, path)
+  return grouping.load_groups(workdir, names)
+
+
+# ----------------------------------------------------------------------------- warm-up params
+
+def save_warmup(workdir: str, learned: Any) -> str:
+  """The warm-up's learned pytree as safetensors ('/'-joined paths), written atomically."""
+  path = os.path.join(workdir, WARMUP_FILE)
+  flat = {k: np.ascontiguousarray(np.asarray(v)) for k, v in
+          traverse_util.flatten_dict(jax.device_get(learned), sep="/").items()}
+  tmp = path + ".tmp"
+  save_file(flat, tmp)
+  os.replace(tmp, path)
+  return path
+
+
+def load_warmup(workdir: str, expected: Any) -> Any:
+  """Read WARMUP_FILE and check it against `expected` (a pytree of arrays or shape structs)."""
+  path = os.path.join(workdir, WARMUP_FILE)
+  got = traverse_util.unflatten_dict(load_file(path), sep="/")
+  want = jax.tree.map(lambda x: (tuple(x.shape), np.dtype(x.dtype).name), expected)
+  have = jax.tree.map(lambda x: (tuple(x.shape), np.dtype(x.dtype).name), got)
+  if have != want:
+    raise setup.ConfigError(f"{path}: holds {have}, the configured prompt needs {want} (prompt "
+                            f"config changed since the warm-up? delete the grouping files)")
+  return got
+
+
+# ----------------------------------------------------------------------------- modes
+
+def ablation_groups(config: mlc.ConfigDict, num_tasks: int, names: Sequence[str]) -> Groups:
+  """The partition of a mode without a warm-up (random, all_in_one, one_per_task, explicit)."""
+  mode = config.groups.mode
+  if mode == "explicit":
+    return setup.explicit_groups(config.groups.explicit, names)
+  if mode == "all_in_one":
+    return grouping.all_in_one_groups(num_tasks)
+  if mode == "one_per_task":
+    return grouping.one_per_task_groups(num_tasks)
+  if mode == "random":
+    k = int(config.groups.num_groups)
+    if not 1 <= k <= num_tasks:
+      raise setup.ConfigError(f"groups.num_groups={k} must be in 1..{num_tasks} (the number of "
+                              "tasks) with groups.mode='random'")
+    return grouping.random_groups(num_tasks, k, random_seed(config))
+  raise setup.ConfigError(f"groups.mode={mode!r} has no fixed partition; allowed: "
+                          f"{setup.GROUP_MODES}")
+
+
+def task_groups(config: mlc.ConfigDict, workdir: str, clip: setup.Clip,
+                tasks: Sequence[sources.TaskData], mesh) -> GroupingResult:
+  """The groups of this run by `groups.mode` (+ the warm-up's MmAP for mode gradient)."""
+  if config.groups.mode == "gradient":
+    return run_grouping(config, workdir, clip, tasks, mesh)
   names = [t.info.name for t in tasks]
-  if os.path.exists(os.path.join(workdir, grouping.GROUPS_FILE)):
-    groups = grouping.load_groups(workdir, names)
-    logging.info("reusing the task grouping in %s: %s", workdir, groups)
-    return groups
+  want = settings(config)
+  groups = ablation_groups(config, len(tasks), names)
+  existing = _existing(workdir, names, want)
+  if existing is not None and existing != groups:
+    raise setup.ConfigError(f"{os.path.join(workdir, grouping.GROUPS_FILE)} holds groups "
+                            f"{existing}, groups.mode={config.groups.mode!r} gives {groups}")
+  if existing is None and jax.process_index() == 0:
+    grouping.save_grouping(workdir, names, None, groups, {"mode": want["mode"], "settings": want})
+  logging.info("task groups (%s): %s", want["mode"], [[names[i] for i in g] for g in groups])
+  return GroupingResult(groups, None)
+
+
+def run_grouping(config: mlc.ConfigDict, workdir: str, clip: setup.Clip,
+                 tasks: Sequence[sources.TaskData], mesh) -> GroupingResult:
+  """Warm up, partition, write the grouping files; reuse a matching groups.json if present."""
+  names = [t.info.name for t in tasks]
+  want = settings(config, "gradient")
+  num_groups = int(config.groups.num_groups) or None
+  if num_groups is not None and num_groups > len(tasks):
+    raise setup.ConfigError(f"groups.num_groups={num_groups} must be <= {len(tasks)} (the number "
+                            "of tasks)")
+  threshold = None if num_groups else float(config.groups.threshold)
   shared_config = mlc.ConfigDict(config.to_dict())
   shared_config.method = "mmap_shared"
   spec = setup.prompt_spec(shared_config, clip.cfg)
+  key = jax.random.key(config.seed + 7)
+  existing = _existing(workdir, names, want)
+  if existing is not None:
+    logging.info("reusing the task grouping in %s: %s", workdir, existing)
+    warmup = None
+    if os.path.exists(os.path.join(workdir, WARMUP_FILE)):
+      expected = jax.eval_shape(lambda: multitask.init_learned(key, clip.cfg, spec, len(tasks)))
+      warmup = load_warmup(workdir, expected)
+    elif config.groups.init_from_warmup:
+      raise setup.ConfigError(
+          f"groups.init_from_warmup=True but {workdir} has {grouping.GROUPS_FILE} without "
+          f"{WARMUP_FILE} (written by an older version?); delete {grouping.GROUPS_FILE} to rerun "
+          "the warm-up")
+    return GroupingResult(existing, warmup)
   steps, every = int(config.groups.warmup_steps), int(config.groups.every)
+  ema = float(config.groups.grad_ema)
+  filter_fn = affinity_filter(config.groups.affinity_params)
   dtype = setup.compute_dtype(config)
   class_tokens = parallel.replicate(setup.class_tokens(clip, spec, tasks), mesh)
   clip_params = parallel.replicate(clip.params, mesh)
   optimizer = optim.make_optimizer(setup.recipe(shared_config).recipe, steps)
-  learned = multitask.init_learned(jax.random.key(config.seed + 7), clip.cfg, spec, len(tasks))
+  learned = multitask.init_learned(key, clip.cfg, spec, len(tasks))
+  ema_size = grouping.affinity_size(learned, filter_fn) if ema else None
   gstate = parallel.replicate({"params": learned, "opt_state": optimizer.init(learned),
-                               "affinity": grouping.AffinityState.zeros(len(tasks))}, mesh)
-  step = make_grouping_step(clip.cfg, spec, optimizer, dtype=dtype, remat=config.clip.remat)
+                               "affinity": grouping.AffinityState.zeros(len(tasks), ema_size)},
+                              mesh)
+  step = make_grouping_step(clip.cfg, spec, optimizer, dtype=dtype, remat=config.clip.remat,
+                            filter_fn=filter_fn, ema_decay=ema)
   it = pipeline.train_iterator(
       tasks, batch_size=config.input.batch_size, image_size=clip.cfg.vision.image_size,
       seed=config.seed + 1, augment=setup.augment_config(config),
       sharding=mesh, worker_count=config.input.workers, num_steps=steps)
   t0 = time.perf_counter()
-  metrics = None
+  history = []  # device arrays; fetched once at the end, so the loop never waits on the device
   for i, batch in enumerate(it):
     gstate, metrics = step(gstate, clip_params, class_tokens, batch, jnp.asarray(i % every == 0))
+    history.append(metrics["affinity"])
     if (i + 1) % max(config.train.log_every, 1) == 0 or i + 1 == steps:
       logging.info("grouping warm-up %d/%d  loss %.4f  mean pairwise affinity %.3f", i + 1,
                    steps, float(metrics["loss"]), float(metrics["mean_pairwise_affinity"]))
   it.close() if hasattr(it, "close") else None
-  num_groups = int(config.groups.num_groups) or None
-  threshold = None if num_groups else float(config.groups.threshold)
-  groups = None
+  state = jax.device_get(gstate["affinity"])
+  affinity = np.asarray(grouping.AffinityState(state.total, state.count).mean())
+  warmup = jax.device_get(gstate["params"])
   if jax.process_index() == 0:
+    save_warmup(workdir, warmup)  # before groups.json, whose presence means "grouping done"
     groups = grouping.finalize_grouping(
-        workdir, names, jax.device_get(gstate["affinity"]), num_groups=num_groups,
-        threshold=threshold, steps=steps,
-        extra={"every": every, "seconds": round(time.perf_counter() - t0, 2)})
+        workdir, names, affinity, num_groups=num_groups, threshold=threshold, steps=steps,
+        history=np.stack(jax.device_get(history)), every=every,
+        extra={"mode": "gradient", "settings": want, "every": every,
+               "seconds": round(time.perf_counter() - t0, 2)})
   else:  # Same inputs on every process: the partition is deterministic, compute it locally.
-    groups = grouping.partition(jax.device_get(gstate["affinity"]).mean(),
-                                num_groups=num_groups, threshold=threshold)
+    groups = grouping.partition(affinity, num_groups=num_groups, threshold=threshold)
   logging.info("task groups: %s", [[names[i] for i in g] for g in groups])
-  return groups
+  return GroupingResult(groups, warmup)

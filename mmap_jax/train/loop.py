@@ -1,7 +1,7 @@
 """`train_and_evaluate(config, workdir)`: the whole run, wired from the other modules.
 
 Order: validate the config (before anything compiles) -> load the frozen CLIP -> build the tasks
--> task grouping (mmap_mt with groups.mode=auto) -> init or restore the learned state -> jitted
+-> task groups (mmap_mt: groups.mode, see grouping_run) -> init or restore the learned state -> jitted
 data-parallel steps with periodic logging, VALIDATION evaluation (every train.eval_every steps
 and at the last step) and checkpoints -> selection of the reported state (`selection`,
 train.select) -> the test split evaluated ONCE on that state, the accuracy table
@@ -68,18 +68,22 @@ class _Preemption:
 
 def _model(config: mlc.ConfigDict, workdir: str, clip: setup.Clip, tasks, mesh,
            groups_from_checkpoint: Optional[list] = None):
-  """(spec, groups) for this run; runs the grouping warm-up when the method asks for it."""
+  """(spec, groups, group_init) for this run; runs the grouping warm-up when groups.mode asks.
+
+  `group_init` (groups.init_from_warmup) is the warm-up's shared MmAP that every group-shared
+  MmAP starts from, else None. A checkpoint's groups win (its learned state replaces the init).
+  """
   spec = setup.prompt_spec(config, clip.cfg)
-  groups = None
+  groups, group_init = None, None
   if spec.method == "mmap_mt":
-    names = [t.info.name for t in tasks]
     if groups_from_checkpoint is not None:
       groups = tuple(tuple(g) for g in groups_from_checkpoint)
-    elif config.groups.mode == "explicit":
-      groups = setup.explicit_groups(config.groups.explicit, names)
     else:
-      groups = grouping_run.run_grouping(config, workdir, clip, tasks, mesh)
-  return spec, groups
+      result = grouping_run.task_groups(config, workdir, clip, tasks, mesh)
+      groups = result.groups
+      if config.groups.init_from_warmup:
+        group_init = result.warmup["shared"]
+  return spec, groups, group_init
 
 
 def _loss_fn(clip_cfg, spec, groups, dtype, remat):
@@ -188,7 +192,7 @@ def _prepare(config: mlc.ConfigDict, workdir: str, *, step: Optional[int] = None
     raise FileNotFoundError(f"no checkpoint in {ckpt.directory}; train first or evaluate "
                             "with method=zeroshot")
   meta = ckpt.read_meta(step) if step is not None else {}
-  spec, groups = _model(config, workdir, clip, tasks, mesh, meta.get("groups"))
+  spec, groups, group_init = _model(config, workdir, clip, tasks, mesh, meta.get("groups"))
   if meta.get("method") not in (None, spec.method):
     raise setup.ConfigError(f"method={spec.method!r} but the checkpoint in {ckpt.directory} "
                             f"was trained with {meta['method']!r}")
@@ -201,6 +205,8 @@ def _prepare(config: mlc.ConfigDict, workdir: str, *, step: Optional[int] = None
   optimizer = optim.make_optimizer(recipe.recipe, max(total, 1))
   learned = multitask.init_learned(jax.random.key(config.seed), clip.cfg, spec, len(tasks),
                                    groups, clip_params=clip.params, tokenizer=clip.tokenizer)
+  if group_init is not None:
+    learned = multitask.init_groups_from_shared(learned, group_init)
   return _Run(mesh=mesh, clip=clip, tasks=tasks, names=[t.info.name for t in tasks], ckpt=ckpt,
               step=step, spec=spec, groups=groups, summary=summary,
               dtype=setup.compute_dtype(config),
@@ -389,5 +395,5 @@ def group_tasks(config: mlc.ConfigDict, workdir: str) -> list[list[str]]:
   clip = setup.load_clip(config)
   tasks = setup.build_tasks(config)
   names = [t.info.name for t in tasks]
-  groups = grouping_run.run_grouping(config, workdir, clip, tasks, mesh)
+  groups = grouping_run.run_grouping(config, workdir, clip, tasks, mesh).groups
   return [[names[i] for i in g] for g in groups]

@@ -25,7 +25,8 @@ from mmap_jax.train import recipes
 
 DATASETS = ("demo_domains", "office_home", "mini_domainnet", "domainnet", "image_folder")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-GROUP_MODES = ("auto", "explicit")
+GROUP_MODES = ("gradient", "random", "all_in_one", "one_per_task", "explicit")
+AFFINITY_PARAMS = ("source", "all")  # which warm-up gradients the task affinity compares
 DEMO_CLIP = "demo"   # clip.path value: the demo's own pretrained CLIP (mmap_jax/assets/demo_clip)
 
 
@@ -85,17 +86,37 @@ def validate(config: mlc.ConfigDict, num_devices: Optional[int] = None) -> None:
   need(config.train.steps >= 0, f"train.steps={config.train.steps} must be >= 0")
   for f in ("log_every", "eval_every", "ckpt_every", "keep_checkpoints"):
     need(config.train[f] >= 1, f"train.{f}={config.train[f]} must be >= 1")
-  need(config.groups.mode in GROUP_MODES, f"groups.mode={config.groups.mode!r}; allowed: {GROUP_MODES}")
+  if config.groups.mode == "auto":
+    errors.append("groups.mode='auto' was renamed: use groups.mode='gradient' (the gradient-driven "
+                  "grouping); the ablations are 'random', 'all_in_one', 'one_per_task'")
+  else:
+    need(config.groups.mode in GROUP_MODES,
+         f"groups.mode={config.groups.mode!r}; allowed: {GROUP_MODES}")
+  need(config.groups.affinity_params in AFFINITY_PARAMS,
+       f"groups.affinity_params={config.groups.affinity_params!r}; allowed: {AFFINITY_PARAMS}")
+  ema = config.groups.grad_ema
+  need(not isinstance(ema, bool) and isinstance(ema, (int, float)) and (ema == 0 or 0 < ema < 1),
+       f"groups.grad_ema={ema!r} must be 0 (off) or a decay in (0, 1)")
+  need(isinstance(config.groups.init_from_warmup, bool),
+       f"groups.init_from_warmup={config.groups.init_from_warmup!r} must be true or false")
   if config.method == "mmap_mt":
-    if config.groups.mode == "explicit":
+    mode = config.groups.mode
+    if mode == "explicit":
       need(bool(config.groups.explicit),
            "groups.explicit is required with groups.mode='explicit' (e.g. 'Art+Product;Clipart')")
-    else:
+    elif mode == "gradient":
       need(config.groups.warmup_steps >= 1,
-           f"groups.warmup_steps={config.groups.warmup_steps} must be >= 1 for automatic grouping")
+           f"groups.warmup_steps={config.groups.warmup_steps} must be >= 1 for gradient grouping")
       need(config.groups.every >= 1, f"groups.every={config.groups.every} must be >= 1")
       need(config.groups.num_groups >= 0,
            f"groups.num_groups={config.groups.num_groups} must be >= 0 (0: use groups.threshold)")
+    elif mode == "random":
+      need(config.groups.num_groups >= 1,
+           f"groups.num_groups={config.groups.num_groups} must be >= 1 with groups.mode='random' "
+           "(the ablation keeps the number of groups; there is no affinity to threshold)")
+    need(not config.groups.init_from_warmup or mode == "gradient",
+         f"groups.init_from_warmup=True needs groups.mode='gradient' (only it runs the warm-up "
+         f"whose shared MmAP it copies), got groups.mode={mode!r}")
   try:
     PromptSpec.from_config(config.prompt, config.method)
   except (ValueError, TypeError) as e:
