@@ -8,8 +8,8 @@ Writes results.json / results.md (the per-task accuracy table) into --out (defau
 from absl import app, flags
 from ml_collections import config_flags
 
+from launch import distributed_flags
 from mmap_jax import host_runtime
-from mmap_jax import parallel
 from mmap_jax.train import loop
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:args].",
@@ -23,7 +23,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  parallel.maybe_initialize_distributed()
+  distributed_flags.initialize()
   loop.evaluate_workdir(_CONFIG.value, _WORKDIR.value, step=_STEP.value, out=_OUT.value)
 
 

@@ -10,8 +10,9 @@ atomically. The library call is `mmap_jax.pretrain.launch`.
 from absl import app, flags
 from ml_collections import config_flags
 
+from launch import distributed_flags
 from mmap_jax import host_runtime
-from mmap_jax import parallel, pretrain
+from mmap_jax import pretrain
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Pretraining config file[:args].",
                                           lock_config=False)
@@ -24,7 +25,7 @@ flags.mark_flags_as_required(["config", "workdir", "vocab"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  parallel.maybe_initialize_distributed()
+  distributed_flags.initialize()
   out = pretrain.launch(_CONFIG.value, workdir=_WORKDIR.value, vocab=_VOCAB.value, out=_OUT.value)
   print(f"pretrained CLIP written to {out}")
 

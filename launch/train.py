@@ -14,8 +14,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from launch import distributed_flags
 from mmap_jax import host_runtime
-from mmap_jax import parallel
 from mmap_jax.train import loop
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:args].",
@@ -27,7 +27,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  parallel.maybe_initialize_distributed()
+  distributed_flags.initialize()
   out = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   if out.get("preempted"):   # checkpoint saved; the same command resumes
     sys.exit(loop.PREEMPTED_EXIT_CODE)

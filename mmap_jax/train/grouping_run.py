@@ -43,8 +43,12 @@ def run_grouping(config: mlc.ConfigDict, workdir: str, clip: setup.Clip,
                  tasks: Sequence[sources.TaskData], mesh) -> Groups:
   """Warm up, partition, write affinity.npy / affinity.png / groups.json; reuse if present."""
   names = [t.info.name for t in tasks]
-  if os.path.exists(os.path.join(workdir, grouping.GROUPS_FILE)):
-    groups = grouping.load_groups(workdir, names)
+  # Process 0 alone reads and writes the grouping files; the others get its groups broadcast.
+  if parallel.broadcast_from_process0(os.path.exists(os.path.join(workdir, grouping.GROUPS_FILE))):
+    groups = None
+    if jax.process_index() == 0:
+      groups = [list(g) for g in grouping.load_groups(workdir, names)]
+    groups = tuple(tuple(g) for g in parallel.broadcast_from_process0(groups))
     logging.info("reusing the task grouping in %s: %s", workdir, groups)
     return groups
   shared_config = mlc.ConfigDict(config.to_dict())
@@ -74,13 +78,12 @@ def run_grouping(config: mlc.ConfigDict, workdir: str, clip: setup.Clip,
   num_groups = int(config.groups.num_groups) or None
   threshold = None if num_groups else float(config.groups.threshold)
   groups = None
-  if jax.process_index() == 0:
+  if jax.process_index() == 0:  # Writes the files; its partition is broadcast to the others.
     groups = grouping.finalize_grouping(
         workdir, names, jax.device_get(gstate["affinity"]), num_groups=num_groups,
         threshold=threshold, steps=steps,
         extra={"every": every, "seconds": round(time.perf_counter() - t0, 2)})
-  else:  # Same inputs on every process: the partition is deterministic, compute it locally.
-    groups = grouping.partition(jax.device_get(gstate["affinity"]).mean(),
-                                num_groups=num_groups, threshold=threshold)
+    groups = [list(g) for g in groups]
+  groups = tuple(tuple(g) for g in parallel.broadcast_from_process0(groups))
   logging.info("task groups: %s", [[names[i] for i in g] for g in groups])
   return groups
