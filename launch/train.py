@@ -7,7 +7,9 @@ r"""Train (and evaluate) one experiment.
 Runs task grouping first when the method asks for it, resumes from the workdir's latest
 checkpoint, evaluates periodically and at the end. A preempted run (SIGTERM) saves a checkpoint and
 exits with loop.PREEMPTED_EXIT_CODE (143), so a restarting scheduler reruns it. On a TPU pod start the same command on every
-worker (launch/tpu_pod.sh).
+worker (launch/tpu_pod.sh). On GPU / CPU clusters start one process per host with
+--coordinator_address=host0:29876 --num_processes=N --process_id=i (or JAX_COORDINATOR_ADDRESS,
+JAX_NUM_PROCESSES, JAX_PROCESS_ID); see launch/distributed_flags.py.
 """
 import sys
 

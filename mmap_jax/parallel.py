@@ -38,8 +38,16 @@ class DistributedArgs:
     return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
 
+# Set to "auto" (launch/tpu_pod.sh does) to let JAX's cluster detection start a multi-process
+# run where no variable below gives the cluster away: Cloud TPU VM pods find their peers through
+# the GCE metadata server, which is not worth querying on every laptop run.
+ENV_AUTO = "MMAP_JAX_DISTRIBUTED"
+
+
 def detected_cluster(env: Mapping[str, str]) -> Optional[str]:
   """The multi-process cluster JAX can describe by itself (TPU pod, SLURM, Open MPI, k8s)."""
+  if env.get(ENV_AUTO, "").lower() == "auto":
+    return "auto"
   if "," in env.get("TPU_WORKER_HOSTNAMES", ""):
     return "tpu_pod"
   if _int_env(env, "SLURM_NTASKS", 1) > 1:

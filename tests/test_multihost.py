@@ -13,6 +13,7 @@ import collections
 import json
 import os
 import pathlib
+import shutil
 import signal
 import socket
 import subprocess
@@ -73,9 +74,32 @@ def _proc_env(devices: int, logs: pathlib.Path, tag: str, extra: dict) -> dict:
   return e | extra
 
 
-def launch(cmd: list[str], logs: pathlib.Path, *, processes: int, devices: int,
-           via: str = "env", extra_env: dict | None = None, port: int | None = None,
-           kill_survivors_after: float | None = None) -> list[subprocess.CompletedProcess]:
+# XLA's gloo collectives give peers a fixed 30 s to meet when a collective first runs (no flag
+# raises it); on an oversubscribed test host one process can be that far behind the other.
+_GLOO_SETUP_ERROR = "Gloo context initialization failed"
+
+
+def launch(cmd: list[str], logs: pathlib.Path, *, fresh: pathlib.Path | None = None,
+           **kw) -> list[subprocess.CompletedProcess]:
+  """`_launch`, run once more if gloo's start-up rendezvous timed out (only that error).
+
+  `fresh`: the run's workdir, removed with the logs before the retry so it starts over; None
+  (a resume) retries on top of what the failed attempt left, as a restarted job would.
+  """
+  results = _launch(cmd, logs, **kw)
+  if any(r.returncode not in (0, -9) and _GLOO_SETUP_ERROR in r.stderr for r in results):
+    print(f"retrying {cmd[2]} after a gloo start-up timeout", flush=True)
+    if fresh is not None:
+      shutil.rmtree(fresh, ignore_errors=True)
+      shutil.rmtree(logs, ignore_errors=True)
+    kw.pop("port", None)
+    results = _launch(cmd, logs, **kw)
+  return results
+
+
+def _launch(cmd: list[str], logs: pathlib.Path, *, processes: int, devices: int,
+            via: str = "env", extra_env: dict | None = None, port: int | None = None,
+            kill_survivors_after: float | None = None) -> list[subprocess.CompletedProcess]:
   """Runs `cmd` as `processes` processes x `devices` CPU devices; returns them in id order.
 
   via="env": JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID; via="flags":
@@ -172,7 +196,7 @@ def _reads(logs: pathlib.Path, tag: str) -> list[dict]:
 def one(env):
   """1 process x 4 devices: the reference run."""
   workdir, logs = env["root"] / "one", env["root"] / "logs_one"
-  _ok(launch(_cmd(env, "launch.train", workdir), logs, processes=1, devices=4))
+  _ok(launch(_cmd(env, "launch.train", workdir), logs, fresh=workdir, processes=1, devices=4))
   return workdir, logs
 
 
@@ -180,7 +204,8 @@ def one(env):
 def two(env):
   """2 processes x 2 devices, started the documented way (JAX_* environment variables)."""
   workdir, logs = env["root"] / "two", env["root"] / "logs_two"
-  _ok(launch(_cmd(env, "launch.train", workdir), logs, processes=2, devices=2, via="env"))
+  _ok(launch(_cmd(env, "launch.train", workdir), logs, fresh=workdir, processes=2, devices=2,
+             via="env"))
   return workdir, logs
 
 
@@ -275,7 +300,7 @@ def test_killed_two_process_run_resumes_to_the_uninterrupted_result(env, two):
   workdir, logs = env["root"] / "killed", env["root"] / "logs_killed"
   cmd = _cmd(env, "launch.train", workdir)
   port = _free_port()
-  killed = launch(cmd, logs, processes=2, devices=2, port=port,
+  killed = launch(cmd, logs, fresh=workdir, processes=2, devices=2, port=port,
                   extra_env={"MMAP_JAX_SIGNAL_AT_STEP": "4:SIGKILL"}, kill_survivors_after=5)
   assert [r.returncode for r in killed] == [-9, -9], [r.stderr[-2000:] for r in killed]
   assert not (workdir / "results.json").exists()
@@ -295,8 +320,8 @@ def test_group_and_evaluate_in_two_processes_agree_with_one(env, one):
   w1, _ = one
   # launch.group, started with the flags this time.
   gdir, glogs = env["root"] / "group2", env["root"] / "logs_group2"
-  results = _ok(launch(_cmd(env, "launch.group", gdir), glogs, processes=2, devices=2,
-                       via="flags"))
+  results = _ok(launch(_cmd(env, "launch.group", gdir), glogs, fresh=gdir, processes=2,
+                       devices=2, via="flags"))
   assert json.loads((gdir / "groups.json").read_text())["groups"] == json.loads(
       (w1 / "groups.json").read_text())["groups"]
   np.testing.assert_allclose(np.load(gdir / "affinity.npy"), np.load(w1 / "affinity.npy"),
@@ -305,7 +330,8 @@ def test_group_and_evaluate_in_two_processes_agree_with_one(env, one):
   assert not _writes(glogs, "p1", gdir)
   # launch.evaluate of the 1-process run's checkpoint, in 2 processes.
   out, elogs = env["root"] / "eval2", env["root"] / "logs_eval2"
-  _ok(launch(_cmd(env, "launch.evaluate", w1, f"--out={out}"), elogs, processes=2, devices=2))
+  _ok(launch(_cmd(env, "launch.evaluate", w1, f"--out={out}"), elogs, fresh=out, processes=2,
+             devices=2))
   again = json.loads((out / "results.json").read_text())
   assert again["tasks"] == json.loads((w1 / "results.json").read_text())["tasks"]
   assert not _writes(elogs, "p1", out)
@@ -323,6 +349,8 @@ def test_group_and_evaluate_in_two_processes_agree_with_one(env, one):
     ({"process_id": 1}, {"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2",
                          "JAX_PROCESS_ID": "1"}, parallel.DistributedArgs("h:1", 2, 1)),
     ({}, {"TPU_WORKER_HOSTNAMES": "a,b"}, parallel.DistributedArgs()),
+    ({}, {"MMAP_JAX_DISTRIBUTED": "auto"}, parallel.DistributedArgs()),  # launch/tpu_pod.sh
+    ({}, {"TPU_WORKER_HOSTNAMES": "a"}, None),   # one TPU VM host: single-process
     ({}, {"SLURM_NTASKS": "4"}, parallel.DistributedArgs()),
     ({}, {"OMPI_COMM_WORLD_SIZE": "2"}, parallel.DistributedArgs()),
     ({"coordinator_address": "h:1"}, {"SLURM_NTASKS": "4"}, parallel.DistributedArgs("h:1")),
