@@ -178,11 +178,26 @@ def broadcast_from_process0(value: Any) -> Any:
   return json.loads(out.tobytes().decode())
 
 
-def sync(name: str) -> None:
-  """All processes wait here (e.g. until process 0 has written a file the others read)."""
-  if jax.process_count() > 1:
+_SYNC_COUNT = [0]
+
+
+def sync(name: str, timeout_s: int = 4 * 3600) -> None:
+  """All processes wait here (e.g. until process 0 has built the data or written a file).
+
+  A barrier of the coordination service (what orbax uses), not a device collective: process 0
+  may take an hour to build a dataset, far past gloo's collective timeouts. Every process calls
+  the same syncs in the same order; the counter keeps the barrier ids distinct.
+  """
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed  # the client jax.distributed.initialize started
+  _SYNC_COUNT[0] += 1
+  client = distributed.global_state.client
+  if client is None:  # a runtime that started processes without jax.distributed
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(name)
+    return
+  client.wait_at_barrier(f"mmap_jax:{name}:{_SYNC_COUNT[0]}", timeout_in_ms=timeout_s * 1000)
 
 
 def data_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
