@@ -13,7 +13,7 @@ accuracy table; `split`, `step` and `evaluated_state` say what was evaluated) in
 from absl import app, flags
 from ml_collections import config_flags
 
-from mmap_jax import parallel
+from launch import distributed_flags
 from mmap_jax.train import loop
 from launch import entry
 
@@ -31,7 +31,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  parallel.maybe_initialize_distributed()
+  distributed_flags.initialize()
   loop.evaluate_workdir(_CONFIG.value, _WORKDIR.value, step=_STEP.value, out=_OUT.value,
                         split=_SPLIT.value, state=_STATE.value)
 

@@ -8,7 +8,7 @@ Writes affinity.npy, affinity.png (labelled heatmap) and groups.json into the wo
 from absl import app, flags
 from ml_collections import config_flags
 
-from mmap_jax import parallel
+from launch import distributed_flags
 from mmap_jax.train import loop
 from launch import entry
 
@@ -21,7 +21,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  parallel.maybe_initialize_distributed()
+  distributed_flags.initialize()
   groups = loop.group_tasks(_CONFIG.value, _WORKDIR.value)
   print("groups:", "; ".join(" + ".join(g) for g in groups), flush=True)
 

@@ -10,7 +10,8 @@ atomically. The library call is `mmap_jax.pretrain.launch`.
 from absl import app, flags
 from ml_collections import config_flags
 
-from mmap_jax import parallel, pretrain, resources
+from launch import distributed_flags
+from mmap_jax import pretrain, resources
 from launch import entry
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Pretraining config file[:args].",
@@ -25,7 +26,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  parallel.maybe_initialize_distributed()
+  distributed_flags.initialize()
   out = pretrain.launch(_CONFIG.value, workdir=_WORKDIR.value, vocab=_VOCAB.value or resources.clip_bpe_path(), out=_OUT.value)
   print(f"pretrained CLIP written to {out}")
 

@@ -25,6 +25,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from launch import distributed_flags
 from mmap_jax import sweep
 from launch import entry
 
@@ -55,8 +56,7 @@ def main(argv):
   if _PRINT_ONLY.value:
     print("\n".join(sweep.commands(settings, _WORKDIR.value)), flush=True)
     return
-  from mmap_jax import parallel  # pylint: disable=g-import-not-at-top
-  parallel.maybe_initialize_distributed()
+  distributed_flags.initialize()
   out = sweep.run(settings, _WORKDIR.value, log=lambda s: print(s, flush=True))
   if out.get("preempted"):
     from mmap_jax.train import loop  # pylint: disable=g-import-not-at-top

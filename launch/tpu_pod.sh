@@ -3,8 +3,11 @@
 #
 #   launch/tpu_pod.sh NAME ZONE -- python -m launch.train --config=configs/office_home.py:clip=/ckpt/vit_b16 --workdir=gs://b/run
 #
-# Each worker runs `jax.distributed.initialize()` (launch.* do it when they see a multi-host
-# TPU environment), reads its own shard of every task's data, and joins the global batch.
+# Each worker runs `jax.distributed.initialize()` with no arguments (launch.* do it when they see
+# MMAP_JAX_DISTRIBUTED=auto, set below: JAX finds the pod's workers, process count and ids from
+# the TPU metadata), reads its own slice of every task's batch, and joins the global batch; only
+# worker 0 writes results, tables, plots and TensorBoard files. Use a shared --workdir (gs://...)
+# and prepare the TFDS data once first (or give each worker the same local data_dir).
 # The repository must be at the same path on every worker (first run syncs it with scp).
 set -euo pipefail
 if [ $# -lt 4 ] || [ "$3" != "--" ]; then
@@ -15,4 +18,4 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 remote=\~/mmap-jax
 gcloud compute tpus tpu-vm scp --recurse --zone="$zone" --worker=all "$repo"/. "$name":"$remote" >/dev/null
 gcloud compute tpus tpu-vm ssh "$name" --zone="$zone" --worker=all --command \
-  "cd $remote && python3 -m pip install -q -r requirements.txt 'jax[tpu]==0.10.2' && $(printf '%q ' "$@")"
+  "cd $remote && python3 -m pip install -q -r requirements.txt 'jax[tpu]==0.10.2' && MMAP_JAX_DISTRIBUTED=auto $(printf '%q ' "$@")"

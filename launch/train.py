@@ -7,14 +7,16 @@ r"""Train (and evaluate) one experiment.
 Runs task grouping first when the method asks for it, resumes from the workdir's latest
 checkpoint, evaluates periodically and at the end. A preempted run (SIGTERM) saves a checkpoint and
 exits with loop.PREEMPTED_EXIT_CODE (143), so a restarting scheduler reruns it. On a TPU pod start the same command on every
-worker (launch/tpu_pod.sh).
+worker (launch/tpu_pod.sh). On GPU / CPU clusters start one process per host with
+--coordinator_address=host0:29876 --num_processes=N --process_id=i (or JAX_COORDINATOR_ADDRESS,
+JAX_NUM_PROCESSES, JAX_PROCESS_ID); see launch/distributed_flags.py.
 """
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from mmap_jax import parallel
+from launch import distributed_flags
 from mmap_jax.train import loop
 from launch import entry
 
@@ -27,7 +29,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  parallel.maybe_initialize_distributed()
+  distributed_flags.initialize()
   out = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   if out.get("preempted"):   # checkpoint saved; the same command resumes
     sys.exit(loop.PREEMPTED_EXIT_CODE)

@@ -6,8 +6,10 @@ their per-task batch axis. (pmap is in maintenance mode; jit + NamedSharding is 
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
@@ -17,29 +19,185 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 DATA_AXIS = "data"
 
 
-def maybe_initialize_distributed(force: Optional[bool] = None) -> None:
-  """Call `jax.distributed.initialize()` on multi-process launches (TPU pods, multi-GPU hosts).
+ENV_ADDRESS, ENV_NUM_PROCESSES, ENV_PROCESS_ID = (
+    "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 
-  On Cloud TPU VMs JAX discovers the coordinator itself; on GPU clusters set
-  JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID (or run under SLURM/Open MPI).
-  `force=None` decides from the environment so a laptop run never waits for a coordinator.
-  """
-  if force is None:
-    env = os.environ
-    force = ("JAX_COORDINATOR_ADDRESS" in env
-             or "," in env.get("TPU_WORKER_HOSTNAMES", "")
-             or int(env.get("SLURM_NTASKS", "1")) > 1
-             or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1)
-  if not force:
-    return
+
+class DistributedConfigError(ValueError):
+  """The multi-process start-up values (flags / environment) cannot describe one cluster."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedArgs:
+  """What `jax.distributed.initialize` gets; None fields are left to JAX's cluster detection."""
+  coordinator_address: Optional[str] = None
+  num_processes: Optional[int] = None
+  process_id: Optional[int] = None
+
+  def kwargs(self) -> dict:
+    return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+# Set to "auto" (launch/tpu_pod.sh does) to let JAX's cluster detection start a multi-process
+# run where no variable below gives the cluster away: Cloud TPU VM pods find their peers through
+# the GCE metadata server, which is not worth querying on every laptop run.
+ENV_AUTO = "MMAP_JAX_DISTRIBUTED"
+
+
+def detected_cluster(env: Mapping[str, str]) -> Optional[str]:
+  """The multi-process cluster JAX can describe by itself (TPU pod, SLURM, Open MPI, k8s)."""
+  if env.get(ENV_AUTO, "").lower() == "auto":
+    return "auto"
+  if "," in env.get("TPU_WORKER_HOSTNAMES", ""):
+    return "tpu_pod"
+  if _int_env(env, "SLURM_NTASKS", 1) > 1:
+    return "slurm"
+  if _int_env(env, "OMPI_COMM_WORLD_SIZE", 1) > 1:
+    return "openmpi"
+  if env.get("JOB_COMPLETION_INDEX") is not None and env.get("KUBERNETES_SERVICE_HOST"):
+    return "kubernetes"   # an indexed k8s Job (JAX's K8sCluster reads the pod's job)
+  return None
+
+
+def _int_env(env: Mapping[str, str], name: str, default: int) -> int:
   try:
-    jax.distributed.initialize()
+    return int(env.get(name, default))
+  except ValueError:
+    return default
+
+
+def distributed_args(coordinator_address: Optional[str] = None,
+                     num_processes: Optional[int] = None, process_id: Optional[int] = None,
+                     env: Optional[Mapping[str, str]] = None) -> Optional[DistributedArgs]:
+  """Merge the flags with JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID.
+
+  None: a single-process run (nothing set, no cluster detected; a laptop never waits for a
+  coordinator). Otherwise the values for `jax.distributed.initialize`; all None means "let JAX
+  detect the cluster". Raises DistributedConfigError, naming the flag and the variable, when a
+  flag and its variable disagree, a value is malformed or out of range, or an address comes
+  without a process count and id outside a detected cluster.
+  """
+  env = os.environ if env is None else env
+  address = _merge("coordinator_address", ENV_ADDRESS, coordinator_address, env, str)
+  count = _merge("num_processes", ENV_NUM_PROCESSES, num_processes, env, int)
+  pid = _merge("process_id", ENV_PROCESS_ID, process_id, env, int)
+  cluster = detected_cluster(env)
+  if address is None and count is None and pid is None:
+    return DistributedArgs() if cluster else None
+  if count is not None and count < 1:
+    raise DistributedConfigError(f"--num_processes / ${ENV_NUM_PROCESSES}={count} must be >= 1")
+  if pid is not None and count is not None and not 0 <= pid < count:
+    raise DistributedConfigError(
+        f"--process_id / ${ENV_PROCESS_ID}={pid} is out of range for --num_processes / "
+        f"${ENV_NUM_PROCESSES}={count}: ids are 0..{count - 1}")
+  if pid is not None and pid < 0:
+    raise DistributedConfigError(f"--process_id / ${ENV_PROCESS_ID}={pid} must be >= 0")
+  if cluster is None:
+    missing = [f"--{flag} (or ${var})" for flag, var, v in (
+        ("coordinator_address", ENV_ADDRESS, address), ("num_processes", ENV_NUM_PROCESSES, count),
+        ("process_id", ENV_PROCESS_ID, pid)) if v is None]
+    if missing:
+      raise DistributedConfigError(
+          "a multi-process run needs all of --coordinator_address, --num_processes and "
+          f"--process_id (or their JAX_* variables); missing: {', '.join(missing)}. Outside "
+          "TPU pods / SLURM / Open MPI / Kubernetes JAX cannot infer them.")
+  if address is not None and ":" not in address:
+    raise DistributedConfigError(
+        f"--coordinator_address / ${ENV_ADDRESS}={address!r} must be HOST:PORT")
+  return DistributedArgs(address, count, pid)
+
+
+def _merge(flag: str, var: str, value: Any, env: Mapping[str, str], kind: type) -> Any:
+  raw = env.get(var)
+  if raw is not None and raw.strip() != "":
+    try:
+      from_env = kind(raw.strip())
+    except ValueError:
+      raise DistributedConfigError(f"${var}={raw!r} is not a valid {kind.__name__}") from None
+    if value is not None and value != from_env:
+      raise DistributedConfigError(
+          f"--{flag}={value!r} disagrees with ${var}={from_env!r}; set one of them")
+    return from_env
+  return value
+
+
+def _select_cpu_collectives() -> None:
+  """Cross-process collectives on CPU devices (a CPU cluster, the test suite) go through gloo.
+
+  Must precede `jax.distributed.initialize`; an explicit choice (e.g. "mpi") is kept. GPU and
+  TPU devices use their own collectives (NCCL, ICI), so this only matters for CPU arrays.
+  """
+  if jax.config.jax_cpu_collectives_implementation in (None, "", "none"):
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+
+
+def maybe_initialize_distributed(coordinator_address: Optional[str] = None,
+                                 num_processes: Optional[int] = None,
+                                 process_id: Optional[int] = None) -> bool:
+  """Start `jax.distributed` when the flags, the JAX_* variables or a cluster ask for it.
+
+  Call before anything touches a device. Returns whether this is a multi-process run. Errors in
+  the values are raised here, before JAX connects or compiles anything.
+  """
+  args = distributed_args(coordinator_address, num_processes, process_id)
+  if args is None:
+    return False
+  _select_cpu_collectives()
+  try:
+    jax.distributed.initialize(**args.kwargs())
   except RuntimeError as e:  # Already initialised (e.g. a notebook re-running a cell).
     if "already" not in str(e).lower():
       raise
+  if args.num_processes is not None and jax.process_count() != args.num_processes:
+    raise DistributedConfigError(
+        f"--num_processes={args.num_processes} but JAX started {jax.process_count()} processes")
+  counts = np.asarray(broadcast_from_process0(jax.local_device_count()))
+  if int(counts) != jax.local_device_count():
+    raise DistributedConfigError(
+        f"process {jax.process_index()} has {jax.local_device_count()} devices, process 0 "
+        f"{int(counts)}: every process must bring the same number")
   logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count())
+  return True
+
+
+def broadcast_from_process0(value: Any) -> Any:
+  """Process 0's value of a JSON-serialisable Python object, on every process.
+
+  For decisions read from the shared filesystem (is there a checkpoint? a groups.json?) so
+  every process takes the same branch, whatever each one's view of the directory.
+  """
+  if jax.process_count() == 1:
+    return value
+  from jax.experimental import multihost_utils
+  data = np.frombuffer(json.dumps(value).encode(), np.uint8)
+  size = int(multihost_utils.broadcast_one_to_all(np.asarray(data.size, np.int32)))
+  buf = data if jax.process_index() == 0 else np.zeros(size, np.uint8)
+  out = np.asarray(multihost_utils.broadcast_one_to_all(buf), np.uint8)
+  return json.loads(out.tobytes().decode())
+
+
+_SYNC_COUNT = [0]
+
+
+def sync(name: str, timeout_s: int = 4 * 3600) -> None:
+  """All processes wait here (e.g. until process 0 has built the data or written a file).
+
+  A barrier of the coordination service (what orbax uses), not a device collective: process 0
+  may take an hour to build a dataset, far past gloo's collective timeouts. Every process calls
+  the same syncs in the same order; the counter keeps the barrier ids distinct.
+  """
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed  # the client jax.distributed.initialize started
+  _SYNC_COUNT[0] += 1
+  client = distributed.global_state.client
+  if client is None:  # a runtime that started processes without jax.distributed
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+    return
+  client.wait_at_barrier(f"mmap_jax:{name}:{_SYNC_COUNT[0]}", timeout_in_ms=timeout_s * 1000)
 
 
 def data_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:

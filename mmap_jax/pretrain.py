@@ -566,7 +566,9 @@ def pretrain(config: mlc.ConfigDict, workdir: str | os.PathLike, *,
   }
   logging.info("pretrain done in %.0f s: final loss %s, zero-shot %s (average %.3f, chance %.3f)",
                report["time_seconds"], report["final_loss"], _fmt_acc(acc), average, chance)
-  _write_output(out, cfg, params, tokenizer, report)
+  if jax.process_index() == 0:  # one writer on a shared filesystem; the others wait for it
+    _write_output(out, cfg, params, tokenizer, report)
+  parallel.sync("mmap_jax:pretrain_output")
   return str(out)
 
 

@@ -385,6 +385,8 @@ def run(settings: Sequence[Setting], workdir: str, *, run_fn: Optional[RunFn] = 
       log(f"sweep: {r.name} was preempted; stopping (re-run the sweep to resume)")
       preempted = r.name
       break
+  from mmap_jax import parallel  # Multi-process: process 0 has written every results.json.
+  parallel.sync("mmap_jax:sweep_outputs")
   summary = write_outputs(settings, workdir, log=log)
   if failed:
     raise SweepError("runs failed: " + "; ".join(f"{n} ({type(e).__name__}: {e})"

@@ -10,6 +10,8 @@ arguments and the seed; see `mmap_jax.data.pipeline` for the why.
 from __future__ import annotations
 
 import collections
+import json
+import os
 import threading
 from typing import Sequence
 
@@ -20,6 +22,16 @@ from mmap_jax.data import preprocess
 
 _SHUFFLE_TAG = 0x5F1E
 _AUGMENT_TAG = 0xA065
+
+# Test hook: a file path; every record read is appended to it as a JSON line (kind, seed, step or
+# batch, task, this process's slice start, record indices), so the multi-process tests can check
+# that no record is read by two processes within a step. Unset in real runs.
+_READ_LOG = os.environ.get("MMAP_JAX_READ_LOG")
+
+
+def _log_reads(**entry) -> None:
+  with open(_READ_LOG, "a") as f:  # one short line per write: O_APPEND keeps lines whole
+    f.write(json.dumps(entry) + "\n")
 
 
 class TrainStepLoader:
@@ -103,6 +115,9 @@ class TrainStepLoader:
         out["label"][t, b] = record["label"]
       if self.with_index:
         out["index"][t] = indices
+      if _READ_LOG:
+        _log_reads(kind="train", seed=self.seed, step=step, task=self.task_ids[t],
+                   start=self.local_start, indices=indices.tolist())
     return out
 
 
@@ -139,6 +154,9 @@ class EvalBatchLoader:
     if self.with_index:
       out["index"] = np.where(mask, indices, -1).astype(np.int32)
     records = source.__getitems__(indices[mask].tolist()) if mask.any() else []
+    if _READ_LOG:
+      _log_reads(kind="eval", batch=j, task=self.task_ids[t], start=self.local_start,
+                 indices=indices[mask].tolist())
     for b, record in enumerate(records):
       image = images.decode_rgb(record["image"])
       preprocess.normalize_into(preprocess.eval_pixels(image, size), out["image"][b])

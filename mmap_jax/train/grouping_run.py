@@ -108,12 +108,24 @@ def _check_reuse(record: dict, want: dict, path: str) -> None:
 
 
 def _existing(workdir: str, names: Sequence[str], want: dict) -> Optional[Groups]:
-  path = os.path.join(workdir, grouping.GROUPS_FILE)
-  if not os.path.exists(path):
-    return None
-  record = grouping.load_grouping(workdir)
-  _check_reuse(record, want, path)
-  return grouping.load_groups(workdir, names)
+  """The groups of a matching groups.json in the workdir, None if there is none.
+
+  Process 0 alone reads the file and its answer (or error) is broadcast, so every process takes
+  the same branch whatever its view of the shared filesystem.
+  """
+  found, error = None, None
+  if jax.process_index() == 0:
+    path = os.path.join(workdir, grouping.GROUPS_FILE)
+    try:
+      if os.path.exists(path):
+        _check_reuse(grouping.load_grouping(workdir), want, path)
+        found = [list(g) for g in grouping.load_groups(workdir, names)]
+    except setup.ConfigError as e:
+      error = str(e)
+  found, error = parallel.broadcast_from_process0([found, error])
+  if error:
+    raise setup.ConfigError(error)
+  return None if found is None else tuple(tuple(g) for g in found)
 
 
 # ----------------------------------------------------------------------------- warm-up params
@@ -198,7 +210,7 @@ def run_grouping(config: mlc.ConfigDict, workdir: str, clip: setup.Clip,
   if existing is not None:
     logging.info("reusing the task grouping in %s: %s", workdir, existing)
     warmup = None
-    if os.path.exists(os.path.join(workdir, WARMUP_FILE)):
+    if parallel.broadcast_from_process0(os.path.exists(os.path.join(workdir, WARMUP_FILE))):
       expected = jax.eval_shape(lambda: multitask.init_learned(key, clip.cfg, spec, len(tasks)))
       warmup = load_warmup(workdir, expected)
     elif config.groups.init_from_warmup:
@@ -237,14 +249,15 @@ def run_grouping(config: mlc.ConfigDict, workdir: str, clip: setup.Clip,
   state = jax.device_get(gstate["affinity"])
   affinity = np.asarray(grouping.AffinityState(state.total, state.count).mean())
   warmup = jax.device_get(gstate["params"])
-  if jax.process_index() == 0:
+  groups = None
+  if jax.process_index() == 0:  # Writes the files; its partition is broadcast to the others.
     save_warmup(workdir, warmup)  # before groups.json, whose presence means "grouping done"
     groups = grouping.finalize_grouping(
         workdir, names, affinity, num_groups=num_groups, threshold=threshold, steps=steps,
         history=np.stack(jax.device_get(history)), every=every,
         extra={"mode": "gradient", "settings": want, "every": every,
                "seconds": round(time.perf_counter() - t0, 2)})
-  else:  # Same inputs on every process: the partition is deterministic, compute it locally.
-    groups = grouping.partition(affinity, num_groups=num_groups, threshold=threshold)
+    groups = [list(g) for g in groups]
+  groups = tuple(tuple(g) for g in parallel.broadcast_from_process0(groups))
   logging.info("task groups: %s", [[names[i] for i in g] for g in groups])
   return GroupingResult(groups, warmup)

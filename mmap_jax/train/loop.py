@@ -187,7 +187,8 @@ def _prepare(config: mlc.ConfigDict, workdir: str, *, step: Optional[int] = None
                                       f"{t.info.num_train} train / {t.info.num_val} val / "
                                       f"{t.info.num_test} test)" for t in tasks))
   ckpt = _checkpointer(config, workdir)
-  step = ckpt.latest_step() if step is None else step
+  # Process 0's view of the shared directory decides, so every process restores the same step.
+  step = parallel.broadcast_from_process0(ckpt.latest_step()) if step is None else step
   if step is None and require_checkpoint:
     raise FileNotFoundError(f"no checkpoint in {ckpt.directory}; train first or evaluate "
                             "with method=zeroshot")

@@ -42,15 +42,23 @@ def write_results(workdir: str, *, task_names: Sequence[str], accuracy: Mapping[
   }
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-      json.dump(result, f, indent=2)
     split = result.get("split", "test")
     notes = [f"selection: {result['selection']['reason']}"] if result.get("selection") else []
-    with open(os.path.join(workdir, "results.md"), "w") as f:
-      f.write(accuracy_table(task_names, accuracy, trainable_params, trainable_percent,
-                             title=f"{method} @ step {step} ({split} accuracy)") + "\n"
-              + "".join(f"\n{n}\n" for n in notes))
+    # results.md first, results.json last and atomically: launch.sweep takes a results.json as
+    # "this setting finished", so a run killed mid-write must not leave half of one.
+    _write_atomic(os.path.join(workdir, "results.md"),
+                  accuracy_table(task_names, accuracy, trainable_params, trainable_percent,
+                                 title=f"{method} @ step {step} ({split} accuracy)") + "\n"
+                  + "".join(f"\n{n}\n" for n in notes))
+    _write_atomic(os.path.join(workdir, "results.json"), json.dumps(result, indent=2))
   return result
+
+
+def _write_atomic(path: str, text: str) -> None:
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
 
 
 class ScalarWriter:

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
 
-from mmap_jax import heads
+from mmap_jax import heads, parallel
 from mmap_jax.checkpoints import store
 from mmap_jax.data import preprocess, sources
 from mmap_jax.models.config import ClipConfig
@@ -83,6 +83,9 @@ def validate(config: mlc.ConfigDict, num_devices: Optional[int] = None) -> None:
          f"input.batch_size={config.input.batch_size} (/ optim.accum_steps="
          f"{config.optim.accum_steps}) must be a multiple of the {num_devices} devices, so every "
          "device gets the same share of each task's batch")
+    need(config.input.eval_batch_size % num_devices == 0,
+         f"input.eval_batch_size={config.input.eval_batch_size} must be a multiple of the "
+         f"{num_devices} devices (all processes together), so each test batch splits evenly")
   need(config.train.steps >= 0, f"train.steps={config.train.steps} must be >= 0")
   for f in ("log_every", "eval_every", "ckpt_every", "keep_checkpoints"):
     need(config.train[f] >= 1, f"train.{f}={config.train[f]} must be >= 1")
@@ -173,6 +176,18 @@ def _csv(value: Optional[str]) -> Optional[list[str]]:
 
 
 def build_tasks(config: mlc.ConfigDict) -> list[sources.TaskData]:
+  """Opens the tasks, preparing missing TFDS data first; multi-process: process 0 builds first.
+
+  Concurrent TFDS builds into one shared data_dir race; after process 0's build the others find
+  the data prepared (a host with its own local data_dir builds its copy then).
+  """
+  if jax.process_index() == 0:
+    tasks = _build_tasks(config)
+  parallel.sync("mmap_jax:build_tasks")
+  return tasks if jax.process_index() == 0 else _build_tasks(config)
+
+
+def _build_tasks(config: mlc.ConfigDict) -> list[sources.TaskData]:
   d = config.data
   return sources.build_tasks(
       d.name, root=d.root, data_dir=d.data_dir, domains=_csv(d.domains),
