@@ -84,8 +84,19 @@ def test_flop_count_of_one_matmul():
 
 
 def test_matmul_peak_and_memory_helpers():
-  peak = benchmark.measure_matmul_peak(n=128, runs=2)
-  assert peak["flops"] == 2 * 128 ** 3 and peak["flops_per_s_best"] >= peak["flops_per_s_median"] > 0
+  peak = benchmark.measure_matmul_peak(sizes=(96, 128), runs=3, warmup_s=0.05)
+  # Every size x both XLA:CPU dots, each with all its samples; best >= median per variant.
+  assert set(peak["variants"]) == {f"{n}/{impl}" for n in (96, 128)
+                                   for impl in ("xla_dot", "ynnpack_dot")}
+  for v in peak["variants"].values():
+    assert v["flops"] == 2 * v["n"] ** 3 and len(v["all_s"]) == 3
+    assert v["flops_per_s_best"] == pytest.approx(v["flops"] / min(v["all_s"]))
+    assert v["flops_per_s_best"] >= v["flops_per_s_median"] > 0
+  assert peak["flops_per_s_best"] == max(v["flops_per_s_best"] for v in peak["variants"].values())
+  assert peak["flops_per_s_median"] == max(v["flops_per_s_median"]
+                                           for v in peak["variants"].values())
+  assert peak["flops_per_s_best"] >= peak["flops_per_s_median"] and peak["warmup_calls"] >= 4
+  assert set(peak["best_by_implementation"]) == {"xla_dot", "ynnpack_dot"}
   with benchmark.PeakMemory() as mem:
     x = np.ones((64, 1024, 1024), np.uint8)      # 64 MiB touched inside the window
     inside = benchmark.rss_bytes()
@@ -191,7 +202,7 @@ def test_benchmark_command_writes_json(bpe_path, tmp_path):
   env["XLA_FLAGS"] = ""                     # one CPU device, not the suite's simulated pod
   env["JAX_PLATFORMS"] = "cpu"
   cmd = [sys.executable, "-m", "launch.benchmark",
-         f"--config=configs/benchmark.py:tiny,vocab={bpe_path},vs_torch",
+         f"--config=configs/benchmark.py:tiny,vocab={bpe_path},vs_torch,steps_per_call=2",
          "--config.xla_opt_level=0", f"--out={out}"]
   proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -215,6 +226,25 @@ def test_benchmark_command_writes_json(bpe_path, tmp_path):
   assert result["environment"]["xla_flags"].split() == list(host_runtime.CPU_FAST_XLA_FLAGS)
   expected_allocator = host_runtime.find_tcmalloc() or "system"
   assert result["environment"]["allocator"] == expected_allocator
-  train = result["train_step"]
-  assert len(train["page_faults"]) == train["runs"] and min(train["page_faults"]) >= 0
-  assert train["temp_bytes"] > 0
+  # steps_per_call=2: the top-level step is the scanned one (per step = per call / 2), with the
+  # single step timed in the same invocation; FLOPs per step are the single step's.
+  train, single = result["train_step"], result["train_step_single"]
+  assert result["steps_per_call"] == train["steps_per_call"] == 2 and single["steps_per_call"] == 1
+  assert train["steps_timed"] == 2 * train["runs"] == 2 * len(train["call_s"])
+  assert train["all_s"] == pytest.approx([t / 2 for t in train["call_s"]], abs=1e-3)
+  assert train["flops"] == single["flops"] == result["flops_per_step"]
+  assert result["steps_per_call_speedup"] == pytest.approx(single["s_median"] / train["s_median"])
+  for t in (train, single):
+    assert len(t["page_faults"]) == t["runs"] and min(t["page_faults"]) >= 0
+    assert t["temp_bytes"] > 0 and t["finite"]
+  assert train["page_faults"] == [f / 2 for f in train["page_faults_per_call"]]
+  # The peak probe ran before and after the steps, every sample kept; fractions against both.
+  for when in ("before", "after"):
+    probe = result["matmul_peak"][when]
+    assert probe["sizes"] == [128, 256] and len(probe["variants"]) == 4
+  assert result["peak_flops_per_s"] == max(result["matmul_peak"][w]["flops_per_s_best"]
+                                           for w in ("before", "after"))
+  assert result["fraction_of_peak"] == pytest.approx(
+      result["achieved_flops_per_s"] / result["peak_flops_per_s"])
+  assert result["fraction_of_peak_median"] == pytest.approx(
+      result["achieved_flops_per_s"] / result["peak_flops_per_s_median"])
