@@ -7,14 +7,17 @@ once, then times
 
   train step       the real jitted step of `mmap_jax.train.step` (loss + grads w.r.t. the prompts
                    only, SGD update, NaN guard, donated state), batches prefetched to the device
-                   while the previous step computes, no host round-trip inside the loop;
+                   while the previous step computes, no host round-trip inside the loop; with
+                   `steps_per_call` K > 1 the trainer's K-step call (`make_train_steps`), per-step
+                   time = call time / K, next to the single step timed in the same invocation;
   parts            grouping_step (vmapped per-task gradients, `train.grouping_run`), text_encoder
                    (all tasks' class features, forward), image_encoder (the step's T x B images,
                    forward), eval (the evaluator's per-batch function: images/s);
 
 and reports XLA's FLOP count of each compiled executable, the achieved FLOP/s, the machine's
-measured float32 matmul peak (`measure_matmul_peak`, same process, so clock drift between runs
-cancels in the ratio) and the peak memory (host RSS high-water mark on CPU, device memory stats
+measured float32 matmul peak (`measure_matmul_peak`: several sizes x both XLA:CPU dots, warmed
+up, interleaved, before and after the steps, every sample kept; the step's fraction of the best
+and of the best median) and the peak memory (host RSS high-water mark on CPU, device memory stats
 on GPU/TPU). With `vs_torch` the PyTorch reference (benchmarks/torch_reference.py) runs the same
 step in a subprocess of the same invocation and the speedup is reported.
 
@@ -464,7 +467,8 @@ def bench_train_step(w: Workload, config, clip_params, device_ct, pl: Placement,
   """The training step timed as the trainer runs it: `steps_per_call` steps per jitted call.
 
   K = 1: `train.step.make_train_step`, one step per timed call. K > 1: `make_train_steps`
-  (a lax.scan over K stacked batches); `config.runs` timed calls, and every per-step figure
+  (a lax.scan over K stacked batches); max(2, ceil(runs / K)) timed calls (`config.warmup`
+  untimed ones first), and every per-step figure
   (`all_s`, `s_median`, `page_faults`) is the call's divided by K (`call_s`,
   `page_faults_per_call` keep the raw ones). FLOPs per step come from the single-step program
   (`single_flops`): XLA's cost analysis counts a while loop's body once, whatever its trip count.
@@ -492,9 +496,9 @@ def bench_train_step(w: Workload, config, clip_params, device_ct, pl: Placement,
   temp_bytes = int(analysis.temp_size_in_bytes) if analysis is not None else None
   faults: list[int] = []
   with PeakMemory() as mem:
+    calls = int(config.runs) if k == 1 else max(2, -(-int(config.runs) // k))
     state, metrics, call_times = timed_loop(lambda st, bt: compiled(st, frozen, bt), state,
-                                            batches, int(config.runs), int(config.warmup),
-                                            sharding, faults)
+                                            batches, calls, int(config.warmup), sharding, faults)
   metrics = jax.device_get(metrics)               # the only host read, after the loop
   losses = np.asarray(metrics["loss"]).reshape(-1)
   s = summarize([t / k for t in call_times])
@@ -625,6 +629,22 @@ def _load_average() -> Optional[list[float]]:
     return None
 
 
+def set_compiler_options(config: mlc.ConfigDict) -> None:
+  """The per-compile XLA options of this benchmark's programs (tests: a fast opt level)."""
+  _COMPILER_OPTIONS.clear()
+  if int(config.get("xla_opt_level", -1)) >= 0:   # tests: fast compiles of the tiny workload
+    _COMPILER_OPTIONS["xla_backend_optimization_level"] = int(config.xla_opt_level)
+
+
+def environment() -> dict[str, Any]:
+  """Versions, device, flags and allocator of this process (recorded with every result)."""
+  return {"jax": jax.__version__, "python": platform.python_version(),
+          "cpu_count": os.cpu_count(), "device_kind": jax.devices()[0].device_kind,
+          "xla_flags": os.environ.get("XLA_FLAGS", ""),
+          "allocator": host_runtime.allocator_in_use(),
+          "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
 def _peak_probe(config, log, when: str) -> dict[str, Any]:
   sizes = [int(x) for x in str(config.peak_sizes).replace("|", ",").split(",") if x.strip()]
   peak = measure_matmul_peak(sizes, int(config.peak_runs), float(config.peak_warmup_s))
@@ -658,9 +678,7 @@ def single_step_flops(w: Workload, config, clip_params, device_ct, pl: Placement
 def run(config: mlc.ConfigDict, *, log: Callable[[str], None] = print) -> dict[str, Any]:
   """Runs the benchmark described by `config` (configs/benchmark.py); returns the JSON dict."""
   t_start = time.perf_counter()
-  _COMPILER_OPTIONS.clear()
-  if int(config.get("xla_opt_level", -1)) >= 0:   # tests: fast compiles of the tiny workload
-    _COMPILER_OPTIONS["xla_backend_optimization_level"] = int(config.xla_opt_level)
+  set_compiler_options(config)
   w = build_workload(config)
   devices = jax.devices()
   backend = jax.default_backend()
@@ -680,6 +698,8 @@ def run(config: mlc.ConfigDict, *, log: Callable[[str], None] = print) -> dict[s
   device_ct = pl.put(w.class_tokens)
 
   k = int(config.get("steps_per_call", 1))
+  if k < 1:
+    raise ValueError(f"steps_per_call={k} must be >= 1")
   single = None
   if k == 1 or config.get("single", True):
     single = bench_train_step(w, config, clip_params, device_ct, pl)
@@ -745,14 +765,8 @@ def run(config: mlc.ConfigDict, *, log: Callable[[str], None] = print) -> dict[s
           "dtype": config.dtype, "remat": w.remat, "share_prefix": w.share_prefix,
           "truncate": bool(config.truncate), "weights": "random",
       },
-      "environment": {
-          "jax": jax.__version__, "python": platform.python_version(),
-          "cpu_count": os.cpu_count(), "device_kind": devices[0].device_kind,
-          "xla_flags": os.environ.get("XLA_FLAGS", ""),
-          "allocator": host_runtime.allocator_in_use(),
-          "load_average_before": load_before, "load_average_after": _load_average(),
-          "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      },
+      "environment": {**environment(), "load_average_before": load_before,
+                      "load_average_after": _load_average()},
   }
   if k > 1 and single is not None:
     result["train_step_single"] = single

@@ -248,3 +248,69 @@ def test_benchmark_command_writes_json(bpe_path, tmp_path):
       result["achieved_flops_per_s"] / result["peak_flops_per_s"])
   assert result["fraction_of_peak_median"] == pytest.approx(
       result["achieved_flops_per_s"] / result["peak_flops_per_s_median"])
+
+
+# ----------------------------------------------------------------------------- accelerator sweep
+
+def test_accelerator_script_runs_the_tiny_sweep_on_cpu(bpe_path, tmp_path):
+  """benchmarks/accelerator.sh unchanged on CPU: every dtype x remat row, MFU against the probe."""
+  out = tmp_path / "accel.json"
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = ""
+  env["JAX_PLATFORMS"] = "cpu"
+  proc = subprocess.run(["bash", "benchmarks/accelerator.sh", str(out),
+                         f"tiny,max_batch=2,vocab={bpe_path}", "--config.xla_opt_level=0"],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(out.read_text())
+  assert result["backend"] == "cpu" and result["known_device"] is None
+  assert [(r["dtype"], r["remat"], r["batch_size_per_task"]) for r in result["rows"]] == [
+      ("bfloat16", False, 2), ("bfloat16", True, 2), ("float32", False, 2), ("float32", True, 2)]
+  for dtype in ("bfloat16", "float32"):
+    probe = result["matmul_probe"][dtype]
+    assert probe["dtype"] == dtype and result["peaks"][dtype]["source"].startswith("probe")
+    assert result["peaks"][dtype]["flops_per_s"] == probe["flops_per_s_best"] > 0
+  for r in result["rows"]:
+    assert r["step_s_median"] > 0 and r["finite"] and r["flops_per_step"] > 0
+    assert r["images_per_s"] == pytest.approx(r["images_per_step"] / r["step_s_median"])
+    assert r["mfu"] == pytest.approx(r["achieved_flops_per_s"]
+                                     / (result["peaks"][r["dtype"]]["flops_per_s"] * r["devices"]))
+    assert r["memory"]["bytes"] > 0 and r["temp_bytes"] > 0
+  assert set(result["best"]) == {"bfloat16", "float32"}
+  assert "| dtype | remat | batch/task |" in proc.stderr and "MFU" in proc.stderr
+
+
+def test_accelerator_sweep_doubles_the_batch_until_out_of_memory():
+  from mmap_jax import accelerator
+  config = benchmark_config.get_config("tiny,vocab=none,sweep_dtypes=float32,max_batch=64")
+  config.peak_sizes, config.peak_runs = "64", 1
+  seen = []
+
+  def row_fn(w, c, clip_params, device_ct, pl, peak, k):
+    seen.append((c.dtype, c.remat, w.batch_size))
+    if w.batch_size > 4 and not c.remat:
+      raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1 bytes")
+    return {"mfu": 0.5 if c.remat else 0.25, "images_per_s": 1.0, "step_s_median": 1.0,
+            "device_memory": {}, "memory": {"bytes": 1}, "temp_bytes": 1}
+
+  result = accelerator.run_sweep(config, log=lambda s: None, row_fn=row_fn)
+  assert seen == [("float32", False, 2), ("float32", False, 4), ("float32", False, 8)] + [
+      ("float32", True, b) for b in (2, 4, 8, 16, 32, 64)]        # max_batch ends this one
+  assert [r.get("oom", False) for r in result["rows"]][:3] == [False, False, True]
+  assert result["best"]["float32"]["remat"] is True
+
+  def other_failure(*args):
+    raise ValueError("not a memory problem")
+  with pytest.raises(ValueError, match="not a memory problem"):
+    accelerator.run_sweep(config, log=lambda s: None, row_fn=other_failure)
+
+
+def test_known_accelerator_peaks():
+  from mmap_jax import accelerator
+  for kind, name in [("NVIDIA H100 80GB HBM3", "H100 SXM"), ("NVIDIA H100 PCIe", "H100 PCIe"),
+                     ("NVIDIA H200", "H200 SXM"), ("NVIDIA A100-SXM4-40GB", "A100"),
+                     ("TPU v4", "TPU v4"), ("TPU v5 lite", "TPU v5e"), ("TPU v5", "TPU v5p"),
+                     ("TPU v6 lite", "TPU v6e")]:
+    assert accelerator.known_peak(kind).name == name, kind
+  assert accelerator.known_peak("cpu") is None
+  assert accelerator.known_peak("NVIDIA H100 80GB HBM3").bfloat16 == pytest.approx(989.4e12)
