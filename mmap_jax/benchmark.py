@@ -717,6 +717,8 @@ def run(config: mlc.ConfigDict, *, log: Callable[[str], None] = print) -> dict[s
     if name == "grouping_step":
       parts[name] = bench_grouping_step(w, config, clip_params, pl)
       parts[name]["ratio_to_train_step"] = parts[name]["s_median"] / train["s_median"]
+      if single is not None and single is not train:
+        parts[name]["ratio_to_single_train_step"] = parts[name]["s_median"] / single["s_median"]
     elif name == "text_encoder":
       parts[name] = bench_text_encoder(w, config, clip_params, device_ct, pl)
     elif name == "image_encoder":

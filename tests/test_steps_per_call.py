@@ -104,3 +104,10 @@ def test_chunk_plan_ends_at_every_boundary():
   assert _check_plan(0, 100, 8, (5, 7, 11), max_lengths=2)
   with pytest.raises(ValueError, match="steps_per_call"):
     loop.chunks.plan_chunks(0, 10, 0, (2,))
+
+
+def test_the_host_names_the_first_non_finite_inner_step():
+  chunk = {"finite": np.asarray([True, False, False]), "loss": np.asarray([1.0, np.inf, 2.0])}
+  assert loop.first_non_finite(chunk, 5) == (6, np.inf)       # chunk of steps 5, 6, 7
+  assert loop.first_non_finite({"finite": np.asarray([True] * 3), "loss": np.ones(3)}, 5) is None
+  assert loop.first_non_finite({"finite": np.asarray(False), "loss": np.asarray(np.nan)}, 4)[0] == 4

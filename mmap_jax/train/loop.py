@@ -229,6 +229,16 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict:
   return run.write_results(config, workdir, accuracy, run.total)
 
 
+def first_non_finite(metrics: dict, first: int) -> Optional[tuple[int, float]]:
+  """(step, loss) of the first non-finite step of a call's metrics (scalars for one step,
+  stacked [n] for a chunk whose first step is `first`), or None when all were finite."""
+  finite = np.asarray(metrics["finite"]).reshape(-1)
+  if finite.all():
+    return None
+  i = int(np.argmin(finite))
+  return first + i, float(np.asarray(metrics["loss"]).reshape(-1)[i])
+
+
 def _train(config, run: _Run, it, meta, writer, start, preempt, run_eval):
   """The step loop; `run.state` always holds the newest good state.
 
@@ -256,12 +266,11 @@ def _train(config, run: _Run, it, meta, writer, start, preempt, run_eval):
   pending = None  # The previous call's metrics: checked one call late so the device never idles.
 
   def check(metrics, first):
-    finite = np.asarray(metrics["finite"]).reshape(-1)
-    if not finite.all():
-      i = int(np.argmin(finite))
-      loss = float(np.asarray(metrics["loss"]).reshape(-1)[i])
+    bad = first_non_finite(metrics, first)
+    if bad is not None:
+      step, loss = bad
       raise NonFiniteError(
-          f"non-finite loss or gradient at step {first + i} (loss={loss}); the "
+          f"non-finite loss or gradient at step {step} (loss={loss}); the "
           f"update was not applied; last good checkpoint: step {ckpt.latest_step()} in "
           f"{ckpt.directory}. Lower optim.lr, enable optim.grad_clip, or use clip.dtype=float32.")
 
