@@ -37,23 +37,28 @@ def test_scanned_steps_equal_single_steps_bit_for_bit(bpe_path):
   learned = multitask.init_learned(jax.random.key(1), w.clip_cfg, w.spec, w.num_tasks, w.groups)
   batches = benchmark.host_batches(w, 4, seed=3)
   loss_fn = benchmark.train_loss_fn(w)
-  for accum in (1, 2):
+  for accum, chunks in ((1, (3, 1)), (2, (2,))):          # K=3 then a chunk of 1; accumulation
+    batches_used = batches[:sum(chunks)]
     single = train_step.make_train_step(loss_fn, opt, accum_steps=accum, donate=False)
     multi = train_step.make_train_steps(loss_fn, opt, accum_steps=accum, donate=False)
     state = train_step.init_state(learned, opt)
     ref_metrics = []
-    for b in batches:
+    for b in batches_used:
       state, m = single(state, frozen, b)
       ref_metrics.append(m)
     ref = jax.device_get(state)
     stacked = lambda bs: jax.tree.map(lambda *x: np.stack(x), *bs)
     got = train_step.init_state(learned, opt)
     metrics = []
-    for chunk in (batches[:3], batches[3:]):            # K=3, then a chunk of 1
+    ends = np.cumsum((0,) + chunks)
+    for chunk in [batches_used[a:b] for a, b in zip(ends[:-1], ends[1:])]:
       got, m = multi(got, frozen, stacked(chunk))
       metrics += [jax.tree.map(lambda x, i=i: x[i], m) for i in range(len(chunk))]
+    if accum == 1:  # One execution's temporaries serve all K steps (not K x one step's).
+      temp = lambda fn, b: fn.lower(state, frozen, b).compile().memory_analysis().temp_size_in_bytes
+      assert temp(multi, stacked(batches[:3])) < 1.5 * temp(single, batches[0])
     got = jax.device_get(got)
-    assert int(got["step"]) == int(ref["step"]) == 4
+    assert int(got["step"]) == int(ref["step"]) == len(batches_used)
     jax.tree.map(np.testing.assert_array_equal, got, ref)
     for a, b in zip(metrics, ref_metrics):
       jax.tree.map(np.testing.assert_array_equal, jax.device_get(a), jax.device_get(b))
