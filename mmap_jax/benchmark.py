@@ -510,10 +510,13 @@ def bench_train_step(w: Workload, config, clip_params, device_ct, pl: Placement,
           "finite": bool(np.all(metrics["finite"]))}
 
 
-def bench_grouping_step(w: Workload, config, clip_params, pl: Placement) -> dict[str, Any]:
-  """The grouping warm-up step of `train.grouping_run` (mmap_shared, per-task grads in a vmap)."""
+def bench_grouping_step(w: Workload, config, clip_params, pl: Placement,
+                        steps_per_call: int = 1) -> dict[str, Any]:
+  """The grouping warm-up step of `train.grouping_run` (mmap_shared, per-task grads in a vmap),
+  `steps_per_call` steps per call as the warm-up runs it (per-step time = call time / K)."""
   from mmap_jax import grouping
   from mmap_jax.train import grouping_run
+  k = int(steps_per_call)
   spec = dataclasses.replace(w.spec, method="mmap_shared").validate(w.clip_cfg)
   device_ct_shared = pl.put(class_tokens_for(w, spec))
   optimizer = _optimizer(config)
@@ -521,17 +524,28 @@ def bench_grouping_step(w: Workload, config, clip_params, pl: Placement) -> dict
                                    w.num_tasks)
   gstate = pl.put({"params": learned, "opt_state": optimizer.init(learned),
                    "affinity": grouping.AffinityState.zeros(w.num_tasks)})
-  step = grouping_run.make_grouping_step(w.clip_cfg, spec, optimizer, dtype=w.dtype,
-                                         remat=w.remat)
-  batches = host_batches(w, 2, config.seed + 1)
+  make = grouping_run.make_grouping_step if k == 1 else grouping_run.make_grouping_steps
+  step = make(w.clip_cfg, spec, optimizer, dtype=w.dtype, remat=w.remat)
+  batches = host_batches(w, 2 * k, config.seed + 1)
+  sharding = pl.batch
   record = pl.put(jnp.asarray(True))
+  if k > 1:
+    batches = [_stack(batches[:k]), _stack(batches[k:])]
+    record = pl.put(jnp.ones((k,), bool))
+    if pl.batch is not None:
+      from jax.sharding import NamedSharding, PartitionSpec as P
+      sharding = NamedSharding(pl.batch.mesh, P(None, *pl.batch.spec))
   compiled, compile_s = _compile(step, gstate, clip_params, device_ct_shared,
-                                 pl.put(batches[0], "batch"), record)
+                                 jax.device_put(batches[0], sharding), record)
+  calls = int(config.grouping_runs) if k == 1 else max(2, -(-int(config.grouping_runs) // k))
   with PeakMemory() as mem:
     gstate, _, times = timed_loop(
         lambda gs, bt: compiled(gs, clip_params, device_ct_shared, bt, record), gstate, batches,
-        int(config.grouping_runs), int(config.part_warmup), pl.batch)
-  return {**summarize(times), "compile_s": compile_s, "flops": cost_flops(compiled),
+        calls, int(config.part_warmup), sharding)
+  flops = cost_flops(compiled)
+  return {**summarize([t / k for t in times]), "steps_per_call": k,
+          "call_s": [round(t, 4) for t in times], "compile_s": compile_s,
+          "flops": flops if k == 1 else None, "program_flops_cost_analysis": flops,
           "memory": mem.as_dict()}
 
 
@@ -715,7 +729,7 @@ def run(config: mlc.ConfigDict, *, log: Callable[[str], None] = print) -> dict[s
   wanted = [p.strip() for p in str(config.parts).split(",") if p.strip()]
   for name in wanted:
     if name == "grouping_step":
-      parts[name] = bench_grouping_step(w, config, clip_params, pl)
+      parts[name] = bench_grouping_step(w, config, clip_params, pl, k)
       parts[name]["ratio_to_train_step"] = parts[name]["s_median"] / train["s_median"]
       if single is not None and single is not train:
         parts[name]["ratio_to_single_train_step"] = parts[name]["s_median"] / single["s_median"]

@@ -219,8 +219,14 @@ def test_benchmark_command_writes_json(bpe_path, tmp_path):
   assert result["speedup_vs_torch"] == pytest.approx(
       result["torch_step_s_median"] / result["step_s_median"])
   assert set(result["parts"]) == {"grouping_step", "text_encoder", "image_encoder", "eval"}
-  for part in result["parts"].values():
-    assert part["s_median"] > 0 and part["flops"] > 0
+  for name, part in result["parts"].items():
+    assert part["s_median"] > 0
+    assert (part["program_flops_cost_analysis"] if name == "grouping_step" else part["flops"]) > 0
+  grouping = result["parts"]["grouping_step"]        # also K steps per call, per step = call / K
+  assert grouping["steps_per_call"] == 2
+  assert grouping["all_s"] == pytest.approx([t / 2 for t in grouping["call_s"]], abs=1e-3)
+  assert grouping["ratio_to_train_step"] == pytest.approx(
+      grouping["s_median"] / result["step_s_median"])
   assert result["workload"]["class_tokens"].startswith("bpe:")
   # The launcher's host settings are applied and recorded (tcmalloc only where it is installed).
   assert result["environment"]["xla_flags"].split() == list(host_runtime.CPU_FAST_XLA_FLAGS)

@@ -116,3 +116,31 @@ def test_the_host_names_the_first_non_finite_inner_step():
   assert loop.first_non_finite(chunk, 5) == (6, np.inf)       # chunk of steps 5, 6, 7
   assert loop.first_non_finite({"finite": np.asarray([True] * 3), "loss": np.ones(3)}, 5) is None
   assert loop.first_non_finite({"finite": np.asarray(False), "loss": np.asarray(np.nan)}, 4)[0] == 4
+
+
+def test_scanned_grouping_steps_equal_single_grouping_steps(bpe_path):
+  """The grouping warm-up's K-step call == K single grouping steps (affinity included), exactly."""
+  import dataclasses
+  from mmap_jax import grouping
+  from mmap_jax.train import grouping_run
+  w = _tiny(bpe_path)
+  spec = dataclasses.replace(w.spec, method="mmap_shared").validate(w.clip_cfg)
+  config = benchmark_config.get_config("tiny")
+  config.vocab = str(bpe_path)
+  ct = jax.tree.map(jnp.asarray, benchmark.class_tokens_for(w, spec))
+  params = benchmark.random_clip_params(w.clip_cfg, 0)
+  opt = _optimizer()
+  learned = multitask.init_learned(jax.random.key(2), w.clip_cfg, spec, w.num_tasks)
+  init = lambda: {"params": learned, "opt_state": opt.init(learned),
+                  "affinity": grouping.AffinityState.zeros(w.num_tasks)}
+  batches = benchmark.host_batches(w, 3, seed=4)
+  records = [True, False, True]
+  single = grouping_run.make_grouping_step(w.clip_cfg, spec, opt)
+  ref = jax.tree.map(jnp.array, init())
+  for b, r in zip(batches, records):
+    ref, _ = single(ref, params, ct, b, jnp.asarray(r))
+  multi = grouping_run.make_grouping_steps(w.clip_cfg, spec, opt)
+  got, metrics = multi(jax.tree.map(jnp.array, init()), params, ct,
+                       jax.tree.map(lambda *x: np.stack(x), *batches), jnp.asarray(records))
+  assert metrics["loss"].shape == (3,)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(got), jax.device_get(ref))

@@ -216,10 +216,9 @@ def test_non_finite_step_keeps_the_previous_state():
 # ------------------------------------------------------------------ train.steps_per_call
 
 def _spc_config(env, steps_per_call: int):
-  """7 steps, boundaries at 3 (ckpt), 5 (log), 6 (ckpt + eval), 7 (end): K=3 calls [3, 2, 1, 1]."""
+  """7 steps, boundaries at 3 (ckpt), 5 (log), 6 (ckpt + eval), 7 (end): K=3 calls [3, 2, 1, 1];
+  the automatic grouping's 2 warm-up steps run as one call of 2."""
   c = fx.tiny_config(env["clip"], env["data"])
-  c.groups.mode = "explicit"
-  c.groups.explicit = "photo+painting;clipart+sketch"
   c.train.steps, c.train.log_every, c.train.ckpt_every, c.train.eval_every = 7, 5, 3, 6
   c.train.steps_per_call = steps_per_call
   return c
@@ -273,6 +272,10 @@ def test_steps_per_call_matches_single_steps_at_every_boundary(env, single_step_
   result, writes = _recorded_run(monkeypatch, _spc_config(env, 3), workdir)
   assert [s for s, _ in ref_writes] == [5, 6, 7, 7]     # log 5, eval 6, log 7, final eval 7
   assert writes == ref_writes                           # exact floats, same steps, same order
+  # The scanned grouping warm-up: the same affinity matrix, bit for bit, and the same groups.
+  np.testing.assert_array_equal(np.load(workdir / "affinity.npy"), np.load(ref_dir / "affinity.npy"))
+  assert (json.loads((workdir / "groups.json").read_text())["groups"]
+          == json.loads((ref_dir / "groups.json").read_text())["groups"])
   assert _ckpt_steps(workdir) == _ckpt_steps(ref_dir) == [3, 6, 7]
   _assert_same_learned(ref_dir, workdir)
   assert result["tasks"] == ref_result["tasks"]
