@@ -3,7 +3,7 @@
 # per-step page-fault storm of XLA:CPU's temporaries under glibc? The benchmark's train step
 # (parts=none) under glibc (MMAP_JAX_ALLOCATOR=system: a fresh machine without tcmalloc) for each
 # K; every invocation also times K = 1 in the same process. One JSON per K in $OUT_DIR, then a
-# table (per-step figures = per call / K).
+# table (per-step figures = per call / K). About 20 min for the default K = 2 4 8 on 2 cores.
 #
 #   bash benchmarks/steps_per_call.sh [OUT_DIR] [K ...]   # default benchmarks/results/steps_per_call, 2 4 8
 #   BENCH_ARGS=tiny,vocab=none bash benchmarks/steps_per_call.sh /tmp/spc 2   # smoke run, seconds
@@ -16,7 +16,7 @@ mkdir -p "$out"
 for k in $ks; do
   echo "== glibc, steps_per_call=$k" >&2
   MMAP_JAX_ALLOCATOR=system python3 -m launch.benchmark \
-    --config="configs/benchmark.py:parts=none,steps_per_call=$k,runs=$((2 * k))${BENCH_ARGS:+,$BENCH_ARGS}" \
+    --config="configs/benchmark.py:parts=none,steps_per_call=$k${BENCH_ARGS:+,$BENCH_ARGS}" \
     --out="$out/glibc_k$k.json" >/dev/null
 done
 python3 - "$out" <<'PY'
