@@ -19,7 +19,6 @@ from typing import Any, Callable, Optional
 
 import jax
 import ml_collections as mlc
-import numpy as np
 
 from mmap_jax import benchmark
 
