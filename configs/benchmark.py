@@ -14,7 +14,10 @@ Arguments (after the colon, comma separated): tiny (a seconds-long smoke workloa
 num_tasks=, num_groups=, batch_size=, num_classes=, dtype=float32|bfloat16, remat, runs=,
 warmup=, part_runs=, parts=all|none|a|b (a subset of grouping_step|text_encoder|image_encoder|eval
 separated by '|'; none: the train step only), vocab=auto|none|<bpe.txt.gz>, share_prefix=, truncate=, vs_torch,
-torch_runs=, torch_warmup=. Anything else: --config.<field>=... on the command line.
+torch_runs=, torch_warmup=, steps_per_call= (K train steps per jitted call: max(2, ceil(runs/K))
+timed calls), single= (with K > 1 also time K = 1; default true), peak_sizes=1024|2048|3072,
+peak_runs=, peak_warmup_s=; accelerator (the GPU/TPU sweep of benchmarks/accelerator.sh),
+sweep_dtypes=bfloat16|float32, sweep_remat=false|true, batch_start=, max_batch=. Anything else: --config.<field>=... on the command line.
 """
 from __future__ import annotations
 
@@ -29,7 +32,10 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   a = parse_arg(arg, tiny=False, model="ViT-B/16", num_tasks=4, num_groups=2, batch_size=8,
                 num_classes=65, dtype="float32", remat=False, runs=5, warmup=1, part_runs=2,
                 parts="all", vocab="auto", share_prefix=True,
-                truncate=True, vs_torch=False, torch_runs=3, torch_warmup=1)
+                truncate=True, vs_torch=False, torch_runs=3, torch_warmup=1, steps_per_call=1,
+                single=True, peak_sizes="1024|2048|3072", peak_runs=7, peak_warmup_s=2.0,
+                accelerator=False, sweep_dtypes="bfloat16|float32", sweep_remat="false|true",
+                batch_start=0, max_batch=1024)
   c = mlc.ConfigDict()
   c.model = a.model                   # a key of mmap_jax.models.config.VARIANTS
   c.method = "mmap_mt"
@@ -49,16 +55,29 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.vocab = a.vocab                   # auto: ../shared BPE if present, else synthetic token ids
   c.seed = 0
 
-  c.runs = a.runs                     # measured train steps (after `warmup` unmeasured ones)
+  c.runs = a.runs                     # measured train steps (after `warmup` unmeasured calls;
+                                      # steps_per_call=K: max(2, ceil(runs / K)) calls)
   c.warmup = a.warmup
+  c.steps_per_call = a.steps_per_call # K steps per jitted call (train.steps_per_call): the
+                                      # per-step figures are per call / K
+  c.single = a.single                 # with K > 1, also time K = 1 in the same invocation
   c.parts = {"all": ALL_PARTS, "none": ""}.get(a.parts, a.parts.replace("|", ","))
   c.part_runs = a.part_runs           # measured calls per part
   c.part_warmup = 1
   c.grouping_runs = a.part_runs
   c.eval_batch_size = 32              # images per evaluator call
   c.xla_opt_level = -1                # >= 0: XLA backend optimisation level (tests use 0); -1: XLA's
-  c.peak_n = 2048                     # matmul-peak probe: an n^3 float32 jnp.dot ...
-  c.peak_runs = 7                     # ... timed this many times (best is reported)
+  c.peak_sizes = a.peak_sizes.replace("|", ",")  # matmul-peak probe: n^3 float32 dots of these
+  c.peak_runs = a.peak_runs           # sizes x both XLA:CPU dots, interleaved rounds (best, median)
+  c.peak_warmup_s = a.peak_warmup_s   # round-robin warm-up of all variants before timing
+
+  c.accelerator = a.accelerator       # the GPU/TPU sweep (mmap_jax/accelerator.py) instead:
+  c.sweep_dtypes = a.sweep_dtypes.replace("|", ",")   # these compute dtypes x
+  c.sweep_remat = a.sweep_remat.replace("|", ",")     # these remat settings x per-task batches
+  c.batch_start = a.batch_start or a.batch_size       # doubling from here until out of memory
+  c.max_batch = a.max_batch                           # or past this
+  if a.accelerator and a.peak_sizes == "1024|2048|3072":
+    c.peak_sizes = "2048,4096,8192"   # accelerators reach their peak only on large products
 
   c.vs_torch = a.vs_torch             # also run benchmarks/torch_reference.py (subprocess)
   c.torch_runs = a.torch_runs
@@ -81,8 +100,10 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     c.grouping_runs = 1
     c.part_warmup = 0
     c.eval_batch_size = 4
-    c.peak_n = 256
+    c.peak_sizes = "128,256"
+    c.batch_start = a.batch_start or c.batch_size
     c.peak_runs = 3
+    c.peak_warmup_s = 0.05
     c.torch_runs = min(a.torch_runs, 1)
     c.torch_warmup = 0
   return c

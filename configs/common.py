@@ -141,6 +141,10 @@ def base_config(*, method: str = "mmap_mt", runlocal: bool = False) -> mlc.Confi
   c.train.select = "best_val"   # reported state: best_val (highest mean val accuracy) | last
   c.train.ckpt_every = 200
   c.train.keep_checkpoints = 3
+  # Optimizer steps per jitted call (a lax.scan; same result as 1): one execution's host
+  # temporaries serve K steps and the host dispatches once per K. Calls end at every
+  # log/eval/checkpoint step, so those stay exact; each distinct call length compiles once.
+  c.train.steps_per_call = 1
   return c
 
 

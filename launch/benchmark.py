@@ -3,6 +3,8 @@ r"""Time the MmAP-MT training step (and its parts) on the fixed benchmark worklo
   python -m launch.benchmark --config=configs/benchmark.py --out=benchmarks/results/cpu_DATE.json
   python -m launch.benchmark --config=configs/benchmark.py --vs_torch     # + PyTorch, same run
   python -m launch.benchmark --config=configs/benchmark.py:tiny           # smoke run, seconds
+  python -m launch.benchmark --config=configs/benchmark.py:steps_per_call=4  # K steps per call
+  python -m launch.benchmark --config=configs/benchmark.py:accelerator    # GPU/TPU sweep + MFU
 
 Prints one line per measurement and the JSON (top-level keys: mmap_jax.benchmark.RESULT_KEYS,
 plus TORCH_KEYS with --vs_torch). See configs/benchmark.py for the workload and its arguments.
@@ -31,7 +33,12 @@ def main(argv):
   config = _CONFIG.value
   if _VS_TORCH.value is not None:
     config.vs_torch = _VS_TORCH.value
-  result = benchmark.run(config, log=lambda s: print(s, file=sys.stderr, flush=True))
+  log = lambda s: print(s, file=sys.stderr, flush=True)
+  if config.accelerator:
+    from mmap_jax import accelerator  # pylint: disable=g-import-not-at-top
+    result = accelerator.run_sweep(config, log=log)
+  else:
+    result = benchmark.run(config, log=log)
   print(benchmark.write_json(result, _OUT.value), flush=True)
 
 

@@ -7,14 +7,17 @@ once, then times
 
   train step       the real jitted step of `mmap_jax.train.step` (loss + grads w.r.t. the prompts
                    only, SGD update, NaN guard, donated state), batches prefetched to the device
-                   while the previous step computes, no host round-trip inside the loop;
+                   while the previous step computes, no host round-trip inside the loop; with
+                   `steps_per_call` K > 1 the trainer's K-step call (`make_train_steps`), per-step
+                   time = call time / K, next to the single step timed in the same invocation;
   parts            grouping_step (vmapped per-task gradients, `train.grouping_run`), text_encoder
                    (all tasks' class features, forward), image_encoder (the step's T x B images,
                    forward), eval (the evaluator's per-batch function: images/s);
 
 and reports XLA's FLOP count of each compiled executable, the achieved FLOP/s, the machine's
-measured float32 matmul peak (`measure_matmul_peak`, same process, so clock drift between runs
-cancels in the ratio) and the peak memory (host RSS high-water mark on CPU, device memory stats
+measured float32 matmul peak (`measure_matmul_peak`: several sizes x both XLA:CPU dots, warmed
+up, interleaved, before and after the steps, every sample kept; the step's fraction of the best
+and of the best median) and the peak memory (host RSS high-water mark on CPU, device memory stats
 on GPU/TPU). With `vs_torch` the PyTorch reference (benchmarks/torch_reference.py) runs the same
 step in a subprocess of the same invocation and the speedup is reported.
 
@@ -107,34 +110,68 @@ def time_calls(fn: Callable[[], Any], runs: int, warmup: int = 0) -> list[float]
   return times
 
 
-def measure_matmul_peak(n: int = 2048, runs: int = 7, dtype=jnp.float32) -> dict[str, Any]:
-  """The machine's measured matmul FLOP/s: an n^3 jnp.dot timed `runs` times; best and median.
+def _dot_implementations() -> dict[str, Optional[dict[str, str]]]:
+  """Per-compile XLA options of each matmul implementation the probe measures.
 
-  On CPU the dot is compiled twice, with the process's XLA settings and with YNNPACK's dot
-  (runs interleaved), and the faster is the peak: the best matmul this machine can do, whatever
-  the flags the benchmarked code runs with.
+  CPU: XLA's own dot (YNNPACK fusions off, what host_runtime.CPU_FAST_XLA_FLAGS selects) and
+  YNNPACK's dot, both set per compile so the process's flags do not matter. Else: XLA's default.
+  """
+  if jax.default_backend() != "cpu":
+    return {"default": None}
+  return {"xla_dot": {"xla_cpu_experimental_ynn_fusion_type": ""}, "ynnpack_dot": YNN_DOT}
+
+
+def measure_matmul_peak(sizes: Sequence[int] = (1024, 2048, 3072), runs: int = 7,
+                        warmup_s: float = 2.0, dtype=jnp.float32) -> dict[str, Any]:
+  """The machine's measured matmul FLOP/s: n^3 dots of several sizes and implementations.
+
+  Every (size, implementation) is compiled, called twice, then all are called round-robin for
+  `warmup_s` seconds (threads spun up, clocks settled) before `runs` timed rounds, each timing
+  every variant once (interleaved, so drift hits all alike). Reported: per variant the best and
+  median FLOP/s and every sample; overall `flops_per_s_best` (the fastest single call of any
+  variant) and `flops_per_s_median` (the variant with the highest median): the best matmul this
+  machine can do, whatever flags the benchmarked code runs with.
   """
   rng = np.random.default_rng(0)
-  a = jnp.asarray(rng.standard_normal((n, n), np.float32), dtype)
-  b = jnp.asarray(rng.standard_normal((n, n), np.float32), dtype)
-  variants = {"default": None}
-  if jax.default_backend() == "cpu":
-    variants["ynnpack_dot"] = YNN_DOT
-  compiled = {k: jax.jit(jnp.dot).lower(a, b).compile(compiler_options=o)
-              for k, o in variants.items()}
-  flops = cost_flops(compiled["default"]) or 2.0 * n ** 3
-  times: dict[str, list[float]] = {k: [] for k in compiled}
-  for k, c in compiled.items():
-    time_calls(lambda: c(a, b), 0, warmup=2)
-  for _ in range(runs):
-    for k, c in compiled.items():
-      times[k] += time_calls(lambda: c(a, b), 1)
-  best = {k: flops / min(t) for k, t in times.items()}
-  top = max(best, key=best.get)
-  return {"n": n, "dtype": jnp.dtype(dtype).name, "flops": flops,
-          "flops_per_s_best": best[top], "flops_per_s_median": flops / statistics.median(times[top]),
-          "implementation": top, "best_by_implementation": best,
-          "all_s": {k: [round(x, 5) for x in t] for k, t in times.items()}}
+  variants: dict[str, dict[str, Any]] = {}
+  for n in sorted(set(int(x) for x in sizes)):
+    a = jnp.asarray(rng.standard_normal((n, n), np.float32), dtype)
+    b = jnp.asarray(rng.standard_normal((n, n), np.float32), dtype)
+    for impl, options in _dot_implementations().items():
+      compiled = jax.jit(jnp.dot).lower(a, b).compile(compiler_options=options)
+      call = (lambda c, x, y: lambda: c(x, y))(compiled, a, b)
+      variants[f"{n}/{impl}"] = {"n": n, "implementation": impl, "call": call,
+                                 "flops": cost_flops(compiled) or 2.0 * n ** 3, "all_s": []}
+  for v in variants.values():
+    time_calls(v["call"], 0, warmup=2)
+  t_end, warm_calls = time.perf_counter() + float(warmup_s), 0
+  while time.perf_counter() < t_end:
+    for v in variants.values():
+      jax.block_until_ready(v["call"]())
+      warm_calls += 1
+  for _ in range(int(runs)):
+    for v in variants.values():
+      v["all_s"] += time_calls(v["call"], 1)
+  out_variants = {}
+  for key, v in variants.items():
+    out_variants[key] = {"n": v["n"], "implementation": v["implementation"], "flops": v["flops"],
+                         "flops_per_s_best": v["flops"] / min(v["all_s"]),
+                         "flops_per_s_median": v["flops"] / statistics.median(v["all_s"]),
+                         "all_s": list(v["all_s"])}
+  best = max(out_variants, key=lambda k: out_variants[k]["flops_per_s_best"])
+  median = max(out_variants, key=lambda k: out_variants[k]["flops_per_s_median"])
+  by_impl: dict[str, float] = {}
+  for v in out_variants.values():
+    by_impl[v["implementation"]] = max(by_impl.get(v["implementation"], 0.0),
+                                       v["flops_per_s_best"])
+  return {"dtype": jnp.dtype(dtype).name, "sizes": sorted(set(int(x) for x in sizes)),
+          "runs": int(runs), "warmup_s": float(warmup_s), "warmup_calls": warm_calls,
+          "flops_per_s_best": out_variants[best]["flops_per_s_best"], "best_variant": best,
+          "flops_per_s_median": out_variants[median]["flops_per_s_median"],
+          "median_variant": median,
+          "n": out_variants[best]["n"], "flops": out_variants[best]["flops"],
+          "implementation": out_variants[best]["implementation"],
+          "best_by_implementation": by_impl, "variants": out_variants}
 
 
 def _proc_status(field: str) -> Optional[int]:
@@ -420,34 +457,66 @@ def _compile(fn, *args):
 
 # ----------------------------------------------------------------------------- timed pieces
 
-def bench_train_step(w: Workload, config, clip_params, device_ct, pl: Placement) -> dict[str, Any]:
+def _stack(batches: Sequence[dict]) -> dict:
+  return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+
+
+def bench_train_step(w: Workload, config, clip_params, device_ct, pl: Placement,
+                     steps_per_call: int = 1, single_flops: Optional[float] = None
+                     ) -> dict[str, Any]:
+  """The training step timed as the trainer runs it: `steps_per_call` steps per jitted call.
+
+  K = 1: `train.step.make_train_step`, one step per timed call. K > 1: `make_train_steps`
+  (a lax.scan over K stacked batches); max(2, ceil(runs / K)) timed calls (`config.warmup`
+  untimed ones first), and every per-step figure
+  (`all_s`, `s_median`, `page_faults`) is the call's divided by K (`call_s`,
+  `page_faults_per_call` keep the raw ones). FLOPs per step come from the single-step program
+  (`single_flops`): XLA's cost analysis counts a while loop's body once, whatever its trip count.
+  """
   from mmap_jax.train import step as train_step
+  k = int(steps_per_call)
   optimizer = _optimizer(config)
   learned = multitask.init_learned(jax.random.key(config.seed, impl="rbg"), w.clip_cfg, w.spec,
                                    w.num_tasks, w.groups)
   state = pl.put(train_step.init_state(learned, optimizer))
   frozen = {"clip": clip_params, "class_tokens": device_ct}
-  step = train_step.make_train_step(train_loss_fn(w), optimizer, donate=True)
-  batches = host_batches(w, 2, config.seed)
-  compiled, compile_s = _compile(step, state, frozen, pl.put(batches[0], "batch"))
-  flops = cost_flops(compiled)
+  make = train_step.make_train_step if k == 1 else train_step.make_train_steps
+  step = make(train_loss_fn(w), optimizer, donate=True)
+  batches = host_batches(w, 2 * k, config.seed)
+  sharding = pl.batch
+  if k > 1:
+    batches = [_stack(batches[:k]), _stack(batches[k:])]
+    if pl.batch is not None:
+      from jax.sharding import NamedSharding, PartitionSpec as P
+      sharding = NamedSharding(pl.batch.mesh, P(None, *pl.batch.spec))
+  compiled, compile_s = _compile(step, state, frozen, jax.device_put(batches[0], sharding))
+  program_flops = cost_flops(compiled)
+  flops = program_flops if k == 1 else single_flops
   analysis = compiled.memory_analysis()           # XLA's per-execution scratch (None if unknown)
   temp_bytes = int(analysis.temp_size_in_bytes) if analysis is not None else None
   faults: list[int] = []
   with PeakMemory() as mem:
-    state, metrics, times = timed_loop(lambda st, bt: compiled(st, frozen, bt), state, batches,
-                                       int(config.runs), int(config.warmup), pl.batch, faults)
-  loss = float(metrics["loss"])                       # the only host read, after the loop
-  s = summarize(times)
-  return {**s, "compile_s": compile_s, "flops": flops, "memory": mem.as_dict(),
-          "page_faults": faults, "temp_bytes": temp_bytes, "final_loss": loss,
-          "finite": bool(metrics["finite"])}
+    calls = int(config.runs) if k == 1 else max(2, -(-int(config.runs) // k))
+    state, metrics, call_times = timed_loop(lambda st, bt: compiled(st, frozen, bt), state,
+                                            batches, calls, int(config.warmup), sharding, faults)
+  metrics = jax.device_get(metrics)               # the only host read, after the loop
+  losses = np.asarray(metrics["loss"]).reshape(-1)
+  s = summarize([t / k for t in call_times])
+  return {**s, "steps_per_call": k, "steps_timed": k * len(call_times),
+          "call_s": [round(t, 4) for t in call_times], "compile_s": compile_s, "flops": flops,
+          "program_flops_cost_analysis": program_flops, "memory": mem.as_dict(),
+          "page_faults": [f / k for f in faults], "page_faults_per_call": faults,
+          "temp_bytes": temp_bytes, "final_loss": float(losses[-1]),
+          "finite": bool(np.all(metrics["finite"]))}
 
 
-def bench_grouping_step(w: Workload, config, clip_params, pl: Placement) -> dict[str, Any]:
-  """The grouping warm-up step of `train.grouping_run` (mmap_shared, per-task grads in a vmap)."""
+def bench_grouping_step(w: Workload, config, clip_params, pl: Placement,
+                        steps_per_call: int = 1) -> dict[str, Any]:
+  """The grouping warm-up step of `train.grouping_run` (mmap_shared, per-task grads in a vmap),
+  `steps_per_call` steps per call as the warm-up runs it (per-step time = call time / K)."""
   from mmap_jax import grouping
   from mmap_jax.train import grouping_run
+  k = int(steps_per_call)
   spec = dataclasses.replace(w.spec, method="mmap_shared").validate(w.clip_cfg)
   device_ct_shared = pl.put(class_tokens_for(w, spec))
   optimizer = _optimizer(config)
@@ -455,17 +524,28 @@ def bench_grouping_step(w: Workload, config, clip_params, pl: Placement) -> dict
                                    w.num_tasks)
   gstate = pl.put({"params": learned, "opt_state": optimizer.init(learned),
                    "affinity": grouping.AffinityState.zeros(w.num_tasks)})
-  step = grouping_run.make_grouping_step(w.clip_cfg, spec, optimizer, dtype=w.dtype,
-                                         remat=w.remat)
-  batches = host_batches(w, 2, config.seed + 1)
+  make = grouping_run.make_grouping_step if k == 1 else grouping_run.make_grouping_steps
+  step = make(w.clip_cfg, spec, optimizer, dtype=w.dtype, remat=w.remat)
+  batches = host_batches(w, 2 * k, config.seed + 1)
+  sharding = pl.batch
   record = pl.put(jnp.asarray(True))
+  if k > 1:
+    batches = [_stack(batches[:k]), _stack(batches[k:])]
+    record = pl.put(jnp.ones((k,), bool))
+    if pl.batch is not None:
+      from jax.sharding import NamedSharding, PartitionSpec as P
+      sharding = NamedSharding(pl.batch.mesh, P(None, *pl.batch.spec))
   compiled, compile_s = _compile(step, gstate, clip_params, device_ct_shared,
-                                 pl.put(batches[0], "batch"), record)
+                                 jax.device_put(batches[0], sharding), record)
+  calls = int(config.grouping_runs) if k == 1 else max(2, -(-int(config.grouping_runs) // k))
   with PeakMemory() as mem:
     gstate, _, times = timed_loop(
         lambda gs, bt: compiled(gs, clip_params, device_ct_shared, bt, record), gstate, batches,
-        int(config.grouping_runs), int(config.part_warmup), pl.batch)
-  return {**summarize(times), "compile_s": compile_s, "flops": cost_flops(compiled),
+        calls, int(config.part_warmup), sharding)
+  flops = cost_flops(compiled)
+  return {**summarize([t / k for t in times]), "steps_per_call": k,
+          "call_s": [round(t, 4) for t in times], "compile_s": compile_s,
+          "flops": flops if k == 1 else None, "program_flops_cost_analysis": flops,
           "memory": mem.as_dict()}
 
 
@@ -563,12 +643,56 @@ def _load_average() -> Optional[list[float]]:
     return None
 
 
-def run(config: mlc.ConfigDict, *, log: Callable[[str], None] = print) -> dict[str, Any]:
-  """Runs the benchmark described by `config` (configs/benchmark.py); returns the JSON dict."""
-  t_start = time.perf_counter()
+def set_compiler_options(config: mlc.ConfigDict) -> None:
+  """The per-compile XLA options of this benchmark's programs (tests: a fast opt level)."""
   _COMPILER_OPTIONS.clear()
   if int(config.get("xla_opt_level", -1)) >= 0:   # tests: fast compiles of the tiny workload
     _COMPILER_OPTIONS["xla_backend_optimization_level"] = int(config.xla_opt_level)
+
+
+def environment() -> dict[str, Any]:
+  """Versions, device, flags and allocator of this process (recorded with every result)."""
+  return {"jax": jax.__version__, "python": platform.python_version(),
+          "cpu_count": os.cpu_count(), "device_kind": jax.devices()[0].device_kind,
+          "xla_flags": os.environ.get("XLA_FLAGS", ""),
+          "allocator": host_runtime.allocator_in_use(),
+          "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def _peak_probe(config, log, when: str) -> dict[str, Any]:
+  sizes = [int(x) for x in str(config.peak_sizes).replace("|", ",").split(",") if x.strip()]
+  peak = measure_matmul_peak(sizes, int(config.peak_runs), float(config.peak_warmup_s))
+  log(f"matmul peak ({when}): best {peak['flops_per_s_best'] / 1e9:.1f} GFLOP/s "
+      f"({peak['best_variant']}), best median {peak['flops_per_s_median'] / 1e9:.1f} GFLOP/s "
+      f"({peak['median_variant']}); {peak['runs']} rounds over sizes {peak['sizes']} float32")
+  return peak
+
+
+def _log_train(log, t: dict[str, Any]) -> None:
+  log(f"train step (steps_per_call={t['steps_per_call']}): median {t['s_median']:.3f}s per step "
+      f"(min {t['s_min']:.3f}, max {t['s_max']:.3f}), compile {t['compile_s']:.1f}s, "
+      f"{t['flops'] / 1e9:.1f} GFLOP/step, {t['flops'] / t['s_median'] / 1e9:.1f} GFLOP/s, "
+      f"{statistics.median(t['page_faults']):.0f} host page faults/step "
+      f"(allocator: {host_runtime.allocator_in_use()})")
+
+
+def single_step_flops(w: Workload, config, clip_params, device_ct, pl: Placement) -> float:
+  """FLOPs of one training step (the single-step program's cost analysis; compiled, not run)."""
+  from mmap_jax.train import step as train_step
+  optimizer = _optimizer(config)
+  learned = multitask.init_learned(jax.random.key(config.seed, impl="rbg"), w.clip_cfg, w.spec,
+                                   w.num_tasks, w.groups)
+  state = pl.put(train_step.init_state(learned, optimizer))
+  step = train_step.make_train_step(train_loss_fn(w), optimizer, donate=True)
+  batch = pl.put(host_batches(w, 1, config.seed)[0], "batch")
+  compiled, _ = _compile(step, state, {"clip": clip_params, "class_tokens": device_ct}, batch)
+  return cost_flops(compiled)
+
+
+def run(config: mlc.ConfigDict, *, log: Callable[[str], None] = print) -> dict[str, Any]:
+  """Runs the benchmark described by `config` (configs/benchmark.py); returns the JSON dict."""
+  t_start = time.perf_counter()
+  set_compiler_options(config)
   w = build_workload(config)
   devices = jax.devices()
   backend = jax.default_backend()
@@ -576,9 +700,7 @@ def run(config: mlc.ConfigDict, *, log: Callable[[str], None] = print) -> dict[s
       f"{w.num_tasks} tasks / {len(w.groups or ())} groups; {w.batch_size} images per task; "
       f"class tokens {tuple(np.asarray(w.class_tokens.ids).shape)} ({w.class_tokens_source})")
   load_before = _load_average()
-  peak = measure_matmul_peak(int(config.peak_n), int(config.peak_runs))
-  log(f"matmul peak {peak['flops_per_s_best'] / 1e9:.1f} GFLOP/s (best of {config.peak_runs}, "
-      f"{peak['n']}^3 float32)")
+  peak = _peak_probe(config, log, "before the steps")
   ref = None
   if config.vs_torch:   # first, while this process is small: both fit in memory side by side
     log("running the PyTorch reference (subprocess) ...")
@@ -589,19 +711,28 @@ def run(config: mlc.ConfigDict, *, log: Callable[[str], None] = print) -> dict[s
   clip_params = pl.put(random_clip_params(w.clip_cfg, int(config.seed)))
   device_ct = pl.put(w.class_tokens)
 
-  train = bench_train_step(w, config, clip_params, device_ct, pl)
-  log(f"train step: median {train['s_median']:.3f}s (min {train['s_min']:.3f}, max "
-      f"{train['s_max']:.3f}), compile {train['compile_s']:.1f}s, "
-      f"{train['flops'] / 1e9:.1f} GFLOP/step, {train['flops'] / train['s_median'] / 1e9:.1f} GFLOP/s, "
-      f"{statistics.median(train['page_faults']):.0f} host page faults/step "
-      f"(allocator: {host_runtime.allocator_in_use()})")
+  k = int(config.get("steps_per_call", 1))
+  if k < 1:
+    raise ValueError(f"steps_per_call={k} must be >= 1")
+  single = None
+  if k == 1 or config.get("single", True):
+    single = bench_train_step(w, config, clip_params, device_ct, pl)
+    _log_train(log, single)
+  if k == 1:
+    train = single
+  else:
+    flops = single["flops"] if single else single_step_flops(w, config, clip_params, device_ct, pl)
+    train = bench_train_step(w, config, clip_params, device_ct, pl, k, flops)
+    _log_train(log, train)
 
   parts: dict[str, Any] = {}
   wanted = [p.strip() for p in str(config.parts).split(",") if p.strip()]
   for name in wanted:
     if name == "grouping_step":
-      parts[name] = bench_grouping_step(w, config, clip_params, pl)
+      parts[name] = bench_grouping_step(w, config, clip_params, pl, k)
       parts[name]["ratio_to_train_step"] = parts[name]["s_median"] / train["s_median"]
+      if single is not None and single is not train:
+        parts[name]["ratio_to_single_train_step"] = parts[name]["s_median"] / single["s_median"]
     elif name == "text_encoder":
       parts[name] = bench_text_encoder(w, config, clip_params, device_ct, pl)
     elif name == "image_encoder":
@@ -613,8 +744,9 @@ def run(config: mlc.ConfigDict, *, log: Callable[[str], None] = print) -> dict[s
                        "image_encoder, eval")
     log(f"{name}: median {parts[name]['s_median']:.3f}s "
         f"(compile {parts[name]['compile_s']:.1f}s)")
-  peak_after = measure_matmul_peak(int(config.peak_n), int(config.peak_runs))
+  peak_after = _peak_probe(config, log, "after the steps")
   peak_best = max(peak["flops_per_s_best"], peak_after["flops_per_s_best"])
+  peak_median = max(peak["flops_per_s_median"], peak_after["flops_per_s_median"])
 
   achieved = train["flops"] / train["s_median"] if train["flops"] else None
   result: dict[str, Any] = {
@@ -627,12 +759,17 @@ def run(config: mlc.ConfigDict, *, log: Callable[[str], None] = print) -> dict[s
       "achieved_flops_per_s": achieved,
       "peak_flops_per_s": peak_best,
       "fraction_of_peak": achieved / peak_best if achieved else None,
+      "peak_flops_per_s_median": peak_median,
+      "fraction_of_peak_median": achieved / peak_median if achieved else None,
+      "steps_per_call": k,
       "peak_memory_bytes": train["memory"]["bytes"],
       "backend": backend,
       "devices": pl.devices,
       "parts": parts,
       "train_step": train,
-      "matmul_peak": {"before": peak, "after": peak_after},
+      "matmul_peak": {"before": peak, "after": peak_after,
+                      "after_over_before_best": peak_after["flops_per_s_best"]
+                      / peak["flops_per_s_best"]},
       "workload": {
           "model": config.model, "method": w.spec.method, "num_tasks": w.num_tasks,
           "groups": [list(g) for g in w.groups or ()], "batch_size_per_task": w.batch_size,
@@ -644,15 +781,13 @@ def run(config: mlc.ConfigDict, *, log: Callable[[str], None] = print) -> dict[s
           "dtype": config.dtype, "remat": w.remat, "share_prefix": w.share_prefix,
           "truncate": bool(config.truncate), "weights": "random",
       },
-      "environment": {
-          "jax": jax.__version__, "python": platform.python_version(),
-          "cpu_count": os.cpu_count(), "device_kind": devices[0].device_kind,
-          "xla_flags": os.environ.get("XLA_FLAGS", ""),
-          "allocator": host_runtime.allocator_in_use(),
-          "load_average_before": load_before, "load_average_after": _load_average(),
-          "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      },
+      "environment": {**environment(), "load_average_before": load_before,
+                      "load_average_after": _load_average()},
   }
+  if k > 1 and single is not None:
+    result["train_step_single"] = single
+    result["steps_per_call_speedup"] = single["s_median"] / train["s_median"]
+    log(f"steps_per_call={k}: {result['steps_per_call_speedup']:.3f}x the single-step median")
   if ref is not None:
     result["torch_step_s_median"] = ref["step_s_median"]
     result["torch_peak_memory_bytes"] = ref["peak_memory_bytes"]

@@ -84,8 +84,19 @@ def test_flop_count_of_one_matmul():
 
 
 def test_matmul_peak_and_memory_helpers():
-  peak = benchmark.measure_matmul_peak(n=128, runs=2)
-  assert peak["flops"] == 2 * 128 ** 3 and peak["flops_per_s_best"] >= peak["flops_per_s_median"] > 0
+  peak = benchmark.measure_matmul_peak(sizes=(96, 128), runs=3, warmup_s=0.05)
+  # Every size x both XLA:CPU dots, each with all its samples; best >= median per variant.
+  assert set(peak["variants"]) == {f"{n}/{impl}" for n in (96, 128)
+                                   for impl in ("xla_dot", "ynnpack_dot")}
+  for v in peak["variants"].values():
+    assert v["flops"] == 2 * v["n"] ** 3 and len(v["all_s"]) == 3
+    assert v["flops_per_s_best"] == pytest.approx(v["flops"] / min(v["all_s"]))
+    assert v["flops_per_s_best"] >= v["flops_per_s_median"] > 0
+  assert peak["flops_per_s_best"] == max(v["flops_per_s_best"] for v in peak["variants"].values())
+  assert peak["flops_per_s_median"] == max(v["flops_per_s_median"]
+                                           for v in peak["variants"].values())
+  assert peak["flops_per_s_best"] >= peak["flops_per_s_median"] and peak["warmup_calls"] >= 4
+  assert set(peak["best_by_implementation"]) == {"xla_dot", "ynnpack_dot"}
   with benchmark.PeakMemory() as mem:
     x = np.ones((64, 1024, 1024), np.uint8)      # 64 MiB touched inside the window
     inside = benchmark.rss_bytes()
@@ -191,7 +202,7 @@ def test_benchmark_command_writes_json(bpe_path, tmp_path):
   env["XLA_FLAGS"] = ""                     # one CPU device, not the suite's simulated pod
   env["JAX_PLATFORMS"] = "cpu"
   cmd = [sys.executable, "-m", "launch.benchmark",
-         f"--config=configs/benchmark.py:tiny,vocab={bpe_path},vs_torch",
+         f"--config=configs/benchmark.py:tiny,vocab={bpe_path},vs_torch,steps_per_call=2",
          "--config.xla_opt_level=0", f"--out={out}"]
   proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -208,13 +219,104 @@ def test_benchmark_command_writes_json(bpe_path, tmp_path):
   assert result["speedup_vs_torch"] == pytest.approx(
       result["torch_step_s_median"] / result["step_s_median"])
   assert set(result["parts"]) == {"grouping_step", "text_encoder", "image_encoder", "eval"}
-  for part in result["parts"].values():
-    assert part["s_median"] > 0 and part["flops"] > 0
+  for name, part in result["parts"].items():
+    assert part["s_median"] > 0
+    assert (part["program_flops_cost_analysis"] if name == "grouping_step" else part["flops"]) > 0
+  grouping = result["parts"]["grouping_step"]        # also K steps per call, per step = call / K
+  assert grouping["steps_per_call"] == 2
+  assert grouping["all_s"] == pytest.approx([t / 2 for t in grouping["call_s"]], abs=1e-3)
+  assert grouping["ratio_to_train_step"] == pytest.approx(
+      grouping["s_median"] / result["step_s_median"])
   assert result["workload"]["class_tokens"].startswith("bpe:")
   # The launcher's host settings are applied and recorded (tcmalloc only where it is installed).
   assert result["environment"]["xla_flags"].split() == list(host_runtime.CPU_FAST_XLA_FLAGS)
   expected_allocator = host_runtime.find_tcmalloc() or "system"
   assert result["environment"]["allocator"] == expected_allocator
-  train = result["train_step"]
-  assert len(train["page_faults"]) == train["runs"] and min(train["page_faults"]) >= 0
-  assert train["temp_bytes"] > 0
+  # steps_per_call=2: the top-level step is the scanned one (per step = per call / 2), with the
+  # single step timed in the same invocation; FLOPs per step are the single step's.
+  train, single = result["train_step"], result["train_step_single"]
+  assert result["steps_per_call"] == train["steps_per_call"] == 2 and single["steps_per_call"] == 1
+  assert train["steps_timed"] == 2 * train["runs"] == 2 * len(train["call_s"])
+  assert train["all_s"] == pytest.approx([t / 2 for t in train["call_s"]], abs=1e-3)
+  assert train["flops"] == single["flops"] == result["flops_per_step"]
+  assert result["steps_per_call_speedup"] == pytest.approx(single["s_median"] / train["s_median"])
+  for t in (train, single):
+    assert len(t["page_faults"]) == t["runs"] and min(t["page_faults"]) >= 0
+    assert t["temp_bytes"] > 0 and t["finite"]
+  assert train["page_faults"] == [f / 2 for f in train["page_faults_per_call"]]
+  # The peak probe ran before and after the steps, every sample kept; fractions against both.
+  for when in ("before", "after"):
+    probe = result["matmul_peak"][when]
+    assert probe["sizes"] == [128, 256] and len(probe["variants"]) == 4
+  assert result["peak_flops_per_s"] == max(result["matmul_peak"][w]["flops_per_s_best"]
+                                           for w in ("before", "after"))
+  assert result["fraction_of_peak"] == pytest.approx(
+      result["achieved_flops_per_s"] / result["peak_flops_per_s"])
+  assert result["fraction_of_peak_median"] == pytest.approx(
+      result["achieved_flops_per_s"] / result["peak_flops_per_s_median"])
+
+
+# ----------------------------------------------------------------------------- accelerator sweep
+
+def test_accelerator_script_runs_the_tiny_sweep_on_cpu(bpe_path, tmp_path):
+  """benchmarks/accelerator.sh unchanged on CPU: every dtype x remat row, MFU against the probe."""
+  out = tmp_path / "accel.json"
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = ""
+  env["JAX_PLATFORMS"] = "cpu"
+  proc = subprocess.run(["bash", "benchmarks/accelerator.sh", str(out),
+                         f"tiny,max_batch=2,vocab={bpe_path}", "--config.xla_opt_level=0"],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(out.read_text())
+  assert result["backend"] == "cpu" and result["known_device"] is None
+  assert [(r["dtype"], r["remat"], r["batch_size_per_task"]) for r in result["rows"]] == [
+      ("bfloat16", False, 2), ("bfloat16", True, 2), ("float32", False, 2), ("float32", True, 2)]
+  for dtype in ("bfloat16", "float32"):
+    probe = result["matmul_probe"][dtype]
+    assert probe["dtype"] == dtype and result["peaks"][dtype]["source"].startswith("probe")
+    assert result["peaks"][dtype]["flops_per_s"] == probe["flops_per_s_best"] > 0
+  for r in result["rows"]:
+    assert r["step_s_median"] > 0 and r["finite"] and r["flops_per_step"] > 0
+    assert r["images_per_s"] == pytest.approx(r["images_per_step"] / r["step_s_median"])
+    assert r["mfu"] == pytest.approx(r["achieved_flops_per_s"]
+                                     / (result["peaks"][r["dtype"]]["flops_per_s"] * r["devices"]))
+    assert r["memory"]["bytes"] > 0 and r["temp_bytes"] > 0
+  assert set(result["best"]) == {"bfloat16", "float32"}
+  assert "| dtype | remat | batch/task |" in proc.stderr and "MFU" in proc.stderr
+
+
+def test_accelerator_sweep_doubles_the_batch_until_out_of_memory():
+  from mmap_jax import accelerator
+  config = benchmark_config.get_config("tiny,vocab=none,sweep_dtypes=float32,max_batch=64")
+  config.peak_sizes, config.peak_runs = "64", 1
+  seen = []
+
+  def row_fn(w, c, clip_params, device_ct, pl, peak, k):
+    seen.append((c.dtype, c.remat, w.batch_size))
+    if w.batch_size > 4 and not c.remat:
+      raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1 bytes")
+    return {"mfu": 0.5 if c.remat else 0.25, "images_per_s": 1.0, "step_s_median": 1.0,
+            "device_memory": {}, "memory": {"bytes": 1}, "temp_bytes": 1}
+
+  result = accelerator.run_sweep(config, log=lambda s: None, row_fn=row_fn)
+  assert seen == [("float32", False, 2), ("float32", False, 4), ("float32", False, 8)] + [
+      ("float32", True, b) for b in (2, 4, 8, 16, 32, 64)]        # max_batch ends this one
+  assert [r.get("oom", False) for r in result["rows"]][:3] == [False, False, True]
+  assert result["best"]["float32"]["remat"] is True
+
+  def other_failure(*args):
+    raise ValueError("not a memory problem")
+  with pytest.raises(ValueError, match="not a memory problem"):
+    accelerator.run_sweep(config, log=lambda s: None, row_fn=other_failure)
+
+
+def test_known_accelerator_peaks():
+  from mmap_jax import accelerator
+  for kind, name in [("NVIDIA H100 80GB HBM3", "H100 SXM"), ("NVIDIA H100 PCIe", "H100 PCIe"),
+                     ("NVIDIA H200", "H200 SXM"), ("NVIDIA A100-SXM4-40GB", "A100"),
+                     ("TPU v4", "TPU v4"), ("TPU v5 lite", "TPU v5e"), ("TPU v5", "TPU v5p"),
+                     ("TPU v6 lite", "TPU v6e")]:
+    assert accelerator.known_peak(kind).name == name, kind
+  assert accelerator.known_peak("cpu") is None
+  assert accelerator.known_peak("NVIDIA H100 80GB HBM3").bfloat16 == pytest.approx(989.4e12)

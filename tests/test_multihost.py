@@ -267,9 +267,15 @@ def test_no_record_is_read_by_two_processes_within_a_step(one, two):
   (_, logs1), (_, logs2) = one, two
 
   def by_key(entries):
-    out = {}
+    """Training reads keyed by (seed, step, task): each read once. Evaluations (validation at
+    every eval step, test once at the end) read the same batch numbers again: their key also
+    holds the occurrence, matched in order between the runs."""
+    out, seen = {}, {}
     for e in entries:
       key = (e["kind"], e.get("seed"), e.get("step", e.get("batch")), e["task"])
+      if e["kind"] == "eval":
+        seen[key] = seen.get(key, -1) + 1
+        key += (seen[key],)
       assert key not in out, f"{key} read twice"
       out[key] = e
     return out

@@ -458,3 +458,114 @@ def test_non_finite_step_keeps_the_previous_state():
   assert not bool(m["finite"])
   jax.tree.map(np.testing.assert_array_equal, bad["learned"], good["learned"])
   jax.tree.map(np.testing.assert_array_equal, bad["opt_state"], good["opt_state"])
+
+
+# ------------------------------------------------------------------ train.steps_per_call
+
+def _spc_config(env, steps_per_call: int):
+  """7 steps, boundaries at 3 (ckpt), 5 (log), 6 (ckpt + eval), 7 (end): K=3 calls [3, 2, 1, 1];
+  the automatic grouping's 2 warm-up steps run as one call of 2."""
+  c = fx.tiny_config(env["clip"], env["data"])
+  c.train.steps, c.train.log_every, c.train.ckpt_every, c.train.eval_every = 7, 5, 3, 6
+  c.train.steps_per_call = steps_per_call
+  return c
+
+
+def _recorded_run(monkeypatch, config, workdir):
+  """train_and_evaluate, recording every TensorBoard write (step, tag -> value) in order."""
+  from mmap_jax.train import report
+  writes = []
+  original = report.ScalarWriter.scalars
+
+  def record(self, step, values):
+    writes.append((int(step), dict(values)))
+    return original(self, step, values)
+  monkeypatch.setattr(report.ScalarWriter, "scalars", record)
+  result = loop.train_and_evaluate(config, str(workdir))
+  return result, writes
+
+
+def _ckpt_steps(workdir) -> list[int]:
+  return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def _assert_same_learned(workdir_a, workdir_b):
+  step_a, a = _final_learned(workdir_a, None)
+  step_b, b = _final_learned(workdir_b, None)
+  assert step_a == step_b
+  flat_a, flat_b = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert len(flat_a) == len(flat_b) > 0
+  for x, y in zip(flat_a, flat_b):
+    np.testing.assert_array_equal(x, y)
+
+
+@pytest.fixture(scope="module")
+def single_step_run(env):
+  from _pytest.monkeypatch import MonkeyPatch
+  mp = MonkeyPatch()
+  try:
+    workdir = env["root"] / "spc1"
+    result, writes = _recorded_run(mp, _spc_config(env, 1), workdir)
+  finally:
+    mp.undo()
+  return workdir, result, writes
+
+
+def test_steps_per_call_matches_single_steps_at_every_boundary(env, single_step_run, monkeypatch):
+  """K=3 over 7 steps: the same logged losses, evaluations and checkpoints at the same steps,
+  and bit-identical final prompts, as one step per call."""
+  ref_dir, ref_result, ref_writes = single_step_run
+  workdir = env["root"] / "spc3"
+  result, writes = _recorded_run(monkeypatch, _spc_config(env, 3), workdir)
+  assert [s for s, _ in ref_writes] == [5, 6, 7, 7]     # log 5, eval 6, log 7, final eval 7
+  assert writes == ref_writes                           # exact floats, same steps, same order
+  # The scanned grouping warm-up: the same affinity matrix, bit for bit, and the same groups.
+  np.testing.assert_array_equal(np.load(workdir / "affinity.npy"), np.load(ref_dir / "affinity.npy"))
+  assert (json.loads((workdir / "groups.json").read_text())["groups"]
+          == json.loads((ref_dir / "groups.json").read_text())["groups"])
+  assert _ckpt_steps(workdir) == _ckpt_steps(ref_dir) == [3, 6, 7]
+  _assert_same_learned(ref_dir, workdir)
+  assert result["tasks"] == ref_result["tasks"]
+
+
+def test_steps_per_call_resumes_from_any_checkpoint(env, single_step_run, monkeypatch):
+  """A K=3 run resumed from the K=1 run's step-3 checkpoint ends with the same state."""
+  import shutil
+  ref_dir, ref_result, ref_writes = single_step_run
+  workdir = env["root"] / "spc3_resumed"
+  shutil.copytree(ref_dir / "checkpoints", workdir / "checkpoints")
+  for step in (6, 7):
+    shutil.rmtree(workdir / "checkpoints" / str(step))
+  result, writes = _recorded_run(monkeypatch, _spc_config(env, 3), workdir)
+  assert writes == ref_writes                           # steps 4..7: calls [2, 1, 1]
+  assert _ckpt_steps(workdir) == [3, 6, 7]
+  _assert_same_learned(ref_dir, workdir)
+  assert result["tasks"] == ref_result["tasks"]
+
+
+def test_stacked_batches_equal_single_batches_and_keep_the_sharding(env):
+  from jax.sharding import PartitionSpec as P
+  from mmap_jax import parallel
+  from mmap_jax.data import pipeline
+  c = _spc_config(env, 3)
+  tasks = setup.build_tasks(c)
+  mesh = parallel.data_mesh()
+  make = lambda: pipeline.train_iterator(tasks, batch_size=8, image_size=32, seed=0,
+                                         augment=setup.augment_config(c), sharding=mesh)
+  with make() as single, make() as stacked:
+    first = [next(single) for _ in range(3)]
+    got = stacked.next_steps(3)
+    assert stacked.get_state() == single.get_state()
+    assert got["image"].sharding.spec == P(None, None, parallel.DATA_AXIS)
+    assert got["image"].shape[:3] == (3, len(tasks), 8) and got["task"].shape == (3, len(tasks))
+    for i, b in enumerate(first):
+      for key in b:
+        np.testing.assert_array_equal(np.asarray(got[key][i]), np.asarray(b[key]))
+    np.testing.assert_array_equal(np.asarray(stacked.next_steps(1)["label"][0]),
+                                  np.asarray(next(single)["label"]))
+
+
+def test_invalid_steps_per_call_is_rejected(env, tmp_path):
+  c = _spc_config(env, 0)
+  with pytest.raises(setup.ConfigError, match=r"train\.steps_per_call"):
+    loop.train_and_evaluate(c, str(tmp_path / "bad"))

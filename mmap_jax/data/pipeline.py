@@ -126,18 +126,24 @@ class _Assembler:
     self.batch_size = batch_size
 
   def __call__(self, local: Mapping[str, np.ndarray],
-               replicated_keys: Sequence[str]) -> dict[str, Any]:
+               replicated_keys: Sequence[str], lead: int = 0) -> dict[str, Any]:
+    """`lead` extra leading (unsharded) axes precede the usual layout, e.g. [K, T, B, ...]."""
     if self.sharding is None:
       return dict(local)
+    batched = self.batched
+    if lead:
+      batched = jax.sharding.NamedSharding(
+          batched.mesh, jax.sharding.PartitionSpec(*([None] * lead), *batched.spec))
+    batch_dim = self.batch_dim + lead
     out = {}
     for key, value in local.items():
-      if key in replicated_keys or np.ndim(value) <= self.batch_dim:
+      if key in replicated_keys or np.ndim(value) <= batch_dim:
         out[key] = value if np.ndim(value) == 0 else jax.make_array_from_process_local_data(
             self.replicated, value, np.shape(value))
       else:
         shape = list(value.shape)
-        shape[self.batch_dim] = self.batch_size
-        out[key] = jax.make_array_from_process_local_data(self.batched, value, tuple(shape))
+        shape[batch_dim] = self.batch_size
+        out[key] = jax.make_array_from_process_local_data(batched, value, tuple(shape))
     return out
 
 
@@ -185,16 +191,35 @@ class TrainIterator:
   def __iter__(self) -> "TrainIterator":
     return self
 
-  def __next__(self) -> dict[str, Any]:
-    if self._num_steps is not None and self._step >= self._num_steps:
-      raise StopIteration
+  def _start(self) -> None:
     if self._it is None:
       stop = self._num_steps if self._num_steps is not None else 2**62
       self._it = _grain_iterator(grain.MapDataset.range(self._step, stop).map(self._loader),
                                  self._worker_count, self._num_threads)
+
+  def __next__(self) -> dict[str, Any]:
+    if self._num_steps is not None and self._step >= self._num_steps:
+      raise StopIteration
+    self._start()
     local = next(self._it)
     self._step += 1
     return self._assemble(local, replicated_keys=("task",))
+
+  def next_steps(self, k: int) -> dict[str, Any]:
+    """The next `k` step batches stacked on a new leading axis ([k, T, B, ...]; 'task' [k, T]).
+
+    Batch i is exactly what the i-th `next()` would return; the leading axis is not sharded
+    (P(None, None, 'data') for images and labels), each process stacks its own slices.
+    """
+    if k < 1:
+      raise ValueError(f"next_steps(k={k}): k must be >= 1")
+    if self._num_steps is not None and self._step + k > self._num_steps:
+      raise StopIteration
+    self._start()
+    local = [next(self._it) for _ in range(k)]
+    self._step += k
+    stacked = {key: np.stack([b[key] for b in local]) for key in local[0]}
+    return self._assemble(stacked, replicated_keys=("task",), lead=1)
 
   def get_state(self) -> dict[str, Any]:
     return {"version": _STATE_VERSION, "step": self._step, "fingerprint": self._fingerprint}

@@ -32,7 +32,7 @@ from mmap_jax import grouping, heads, parallel
 from mmap_jax.data import pipeline, sources
 from mmap_jax.prompts import multitask
 from mmap_jax.prompts.spec import PromptSpec
-from mmap_jax.train import optim, setup
+from mmap_jax.train import chunks, optim, setup
 
 Groups = tuple[tuple[int, ...], ...]
 WARMUP_FILE = "grouping_warmup.safetensors"  # the warm-up's trained {"shared": MmAP} pytree
@@ -59,10 +59,8 @@ def affinity_filter(which: str):
   raise setup.ConfigError(f"groups.affinity_params={which!r}; allowed: {setup.AFFINITY_PARAMS}")
 
 
-def make_grouping_step(clip_cfg, spec: PromptSpec, optimizer, *, dtype=jnp.float32,
-                       remat: bool = False, filter_fn=None, ema_decay: float = 0.0):
-  """jit(step)(gstate, clip_params, class_tokens, batch, record) -> (gstate, metrics)."""
-
+def _grouping_step_fn(clip_cfg, spec: PromptSpec, optimizer, dtype, remat, filter_fn=None,
+                      ema_decay: float = 0.0):
   def step(gstate, clip_params, class_tokens, batch, record):
     loss_t = heads.per_task_loss_fn(clip_params, clip_cfg, spec, dtype=dtype, remat=remat)
     params, opt_state, aff, metrics = grouping.grouping_step(
@@ -70,8 +68,28 @@ def make_grouping_step(clip_cfg, spec: PromptSpec, optimizer, *, dtype=jnp.float
         class_tokens, batch["image"], batch["label"], record=record,
         affinity_filter=filter_fn, ema_decay=ema_decay)
     return {"params": params, "opt_state": opt_state, "affinity": aff}, metrics
+  return step
 
-  return jax.jit(step, donate_argnums=(0,))
+
+def make_grouping_step(clip_cfg, spec: PromptSpec, optimizer, *, dtype=jnp.float32,
+                       remat: bool = False, filter_fn=None, ema_decay: float = 0.0):
+  """jit(step)(gstate, clip_params, class_tokens, batch, record) -> (gstate, metrics)."""
+  return jax.jit(_grouping_step_fn(clip_cfg, spec, optimizer, dtype, remat, filter_fn, ema_decay),
+                 donate_argnums=(0,))
+
+
+def make_grouping_steps(clip_cfg, spec: PromptSpec, optimizer, *, dtype=jnp.float32,
+                        remat: bool = False, filter_fn=None, ema_decay: float = 0.0):
+  """K grouping steps per call (train.steps_per_call), a lax.scan of the same step:
+  jit(steps)(gstate, clip_params, class_tokens, batches [K, T, B, ...], records [K]) ->
+  (gstate, metrics stacked [K, ...]); equal to K calls of `make_grouping_step`."""
+  step = _grouping_step_fn(clip_cfg, spec, optimizer, dtype, remat, filter_fn, ema_decay)
+
+  def steps(gstate, clip_params, class_tokens, batches, records):
+    return jax.lax.scan(lambda gs, xs: step(gs, clip_params, class_tokens, *xs), gstate,
+                        (batches, records))
+
+  return jax.jit(steps, donate_argnums=(0,))
 
 
 # ----------------------------------------------------------------------------- settings / reuse
@@ -231,20 +249,35 @@ def run_grouping(config: mlc.ConfigDict, workdir: str, clip: setup.Clip,
   gstate = parallel.replicate({"params": learned, "opt_state": optimizer.init(learned),
                                "affinity": grouping.AffinityState.zeros(len(tasks), ema_size)},
                               mesh)
-  step = make_grouping_step(clip.cfg, spec, optimizer, dtype=dtype, remat=config.clip.remat,
-                            filter_fn=filter_fn, ema_decay=ema)
+  k = int(config.train.get("steps_per_call", 1))
+  kw = dict(dtype=dtype, remat=config.clip.remat, filter_fn=filter_fn, ema_decay=ema)
+  if k == 1:
+    step = make_grouping_step(clip.cfg, spec, optimizer, **kw)
+  else:
+    multi = make_grouping_steps(clip.cfg, spec, optimizer, **kw)
   it = pipeline.train_iterator(
       tasks, batch_size=config.input.batch_size, image_size=clip.cfg.vision.image_size,
       seed=config.seed + 1, augment=setup.augment_config(config),
       sharding=mesh, worker_count=config.input.workers, num_steps=steps)
   t0 = time.perf_counter()
   history = []  # device arrays; fetched once at the end, so the loop never waits on the device
-  for i, batch in enumerate(it):
-    gstate, metrics = step(gstate, clip_params, class_tokens, batch, jnp.asarray(i % every == 0))
-    history.append(metrics["affinity"])
-    if (i + 1) % max(config.train.log_every, 1) == 0 or i + 1 == steps:
-      logging.info("grouping warm-up %d/%d  loss %.4f  mean pairwise affinity %.3f", i + 1,
-                   steps, float(metrics["loss"]), float(metrics["mean_pairwise_affinity"]))
+  log_every = max(config.train.log_every, 1)
+  done = 0
+  for n in chunks.plan_chunks(0, steps, k, (log_every,)):  # k == 1: one step per call
+    if k == 1:
+      gstate, metrics = step(gstate, clip_params, class_tokens, next(it),
+                             jnp.asarray(done % every == 0))
+      last = metrics
+      history.append(metrics["affinity"])
+    else:
+      records = jnp.asarray([(done + j) % every == 0 for j in range(n)])
+      gstate, metrics = multi(gstate, clip_params, class_tokens, it.next_steps(n), records)
+      last = jax.tree.map(lambda x: x[-1], metrics)
+      history.extend(metrics["affinity"][j] for j in range(n))
+    done += n
+    if done % log_every == 0 or done == steps:
+      logging.info("grouping warm-up %d/%d  loss %.4f  mean pairwise affinity %.3f", done,
+                   steps, float(last["loss"]), float(last["mean_pairwise_affinity"]))
   it.close() if hasattr(it, "close") else None
   state = jax.device_get(gstate["affinity"])
   affinity = np.asarray(grouping.AffinityState(state.total, state.count).mean())

@@ -30,7 +30,7 @@ from mmap_jax import heads, parallel
 from mmap_jax.data import pipeline
 from mmap_jax.prompts import multitask
 from mmap_jax.train import checkpointing, evaluate as evaluation, grouping_run, optim, report
-from mmap_jax.train import selection as selection_lib, setup, step as train_step
+from mmap_jax.train import chunks, selection as selection_lib, setup, step as train_step
 
 
 # Fault injection for the resume tests: "STEP:SIGNAL" (e.g. "4:SIGKILL", "3:SIGTERM") sends the
@@ -293,39 +293,70 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict:
   return run.write_results(config, workdir, accuracy, step, val_accuracy=val, selection=record)
 
 
+def first_non_finite(metrics: dict, first: int) -> Optional[tuple[int, float]]:
+  """(step, loss) of the first non-finite step of a call's metrics (scalars for one step,
+  stacked [n] for a chunk whose first step is `first`), or None when all were finite."""
+  finite = np.asarray(metrics["finite"]).reshape(-1)
+  if finite.all():
+    return None
+  i = int(np.argmin(finite))
+  return first + i, float(np.asarray(metrics["loss"]).reshape(-1)[i])
+
+
 def _train(config, run: _Run, it, meta, writer, start, preempt, run_eval):
-  """The step loop; `run.state` always holds the newest good state."""
+  """The step loop; `run.state` always holds the newest good state.
+
+  With train.steps_per_call = K > 1 each jitted call runs a chunk of up to K steps
+  (`chunks.plan_chunks`: chunks end at every log / checkpoint / eval step and at the end), so
+  logging, checkpoints, evaluation, SIGTERM and resumption happen at the same steps as with K=1.
+  """
   total, ckpt = run.total, run.ckpt
-  step_fn = train_step.make_train_step(
-      _loss_fn(run.clip.cfg, run.spec, run.groups, run.dtype, config.clip.remat),
-      run.optimizer, accum_steps=config.optim.accum_steps)
+  k = int(config.train.get("steps_per_call", 1))
+  loss_fn = _loss_fn(run.clip.cfg, run.spec, run.groups, run.dtype, config.clip.remat)
+  if k == 1:
+    single = train_step.make_train_step(loss_fn, run.optimizer,
+                                        accum_steps=config.optim.accum_steps)
+    call = lambda n: single(run.state, run.frozen, next(it))
+    plan = [1] * (total - start)
+  else:
+    multi = train_step.make_train_steps(loss_fn, run.optimizer,
+                                        accum_steps=config.optim.accum_steps)
+    call = lambda n: multi(run.state, run.frozen, it.next_steps(n))
+    plan = chunks.plan_chunks(start, total, k, (config.train.log_every, config.train.ckpt_every,
+                                                config.train.eval_every))
+    logging.info("steps_per_call=%d: %d calls of lengths %s", k, len(plan), sorted(set(plan)))
   schedule = optim.learning_rate_schedule(run.recipe.recipe, max(total, 1))
   progress = report.Progress(total, config.input.batch_size * len(run.tasks), first_step=start)
-  pending = None  # The previous step's metrics: checked one step late so the device never idles.
+  pending = None  # The previous call's metrics: checked one call late so the device never idles.
 
-  def check(metrics, step):
-    if not bool(metrics["finite"]):
+  def check(metrics, first):
+    bad = first_non_finite(metrics, first)
+    if bad is not None:
+      step, loss = bad
       raise NonFiniteError(
-          f"non-finite loss or gradient at step {step} (loss={float(metrics['loss'])}); the "
+          f"non-finite loss or gradient at step {step} (loss={loss}); the "
           f"update was not applied; last good checkpoint: step {ckpt.latest_step()} in "
           f"{ckpt.directory}. Lower optim.lr, enable optim.grad_clip, or use clip.dtype=float32.")
 
-  for step in range(start, total):
-    batch = next(it)
-    run.state, metrics = step_fn(run.state, run.frozen, batch)
+  done = start
+  for n in plan:
+    run.state, metrics = call(n)
     if pending is not None:
       check(*pending)
-    pending = (metrics, step + 1)
-    done = step + 1
+    pending = (metrics, done + 1)
+    done += n
     if done % config.train.log_every == 0 or done == total:
       check(*pending)
-      loss = float(metrics["loss"])
+      last = jax.device_get(metrics)
+      if k > 1:  # stacked [n, ...]: the chunk's last step is the step being logged
+        last = jax.tree.map(lambda x: x[-1], last)
+      loss = float(last["loss"])
       lr = float(schedule(done - 1))
       progress.line(done, loss, lr)
       writer.scalars(done, {"train/loss": loss, "train/lr": lr,
-                            "train/grad_norm": float(metrics["grad_norm"])}
+                            "train/grad_norm": float(last["grad_norm"])}
                      | {f"train/task_loss/{name}": float(v) for name, v in
-                        zip(run.names, np.asarray(metrics["per_task_loss"]))})
+                        zip(run.names, np.asarray(last["per_task_loss"]))})
     if done % config.train.eval_every == 0 or done == total:
       check(*pending)
       run_eval(done)  # Validation, before the save: the checkpoint then holds its record.
@@ -333,7 +364,7 @@ def _train(config, run: _Run, it, meta, writer, start, preempt, run_eval):
     if saved:
       check(*pending)
       run.save(done, it.get_state(), meta)
-    if _SIGNAL_AT_STEP and done == int(_SIGNAL_AT_STEP.split(":")[0]):
+    if _SIGNAL_AT_STEP and done - n < int(_SIGNAL_AT_STEP.split(":")[0]) <= done:
       os.kill(os.getpid(), getattr(signal, _SIGNAL_AT_STEP.split(":")[1]))
     if preempt.requested:
       if not saved:

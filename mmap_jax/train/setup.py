@@ -89,6 +89,9 @@ def validate(config: mlc.ConfigDict, num_devices: Optional[int] = None) -> None:
   need(config.train.steps >= 0, f"train.steps={config.train.steps} must be >= 0")
   for f in ("log_every", "eval_every", "ckpt_every", "keep_checkpoints"):
     need(config.train[f] >= 1, f"train.{f}={config.train[f]} must be >= 1")
+  spc = config.train.get("steps_per_call", 1)
+  need(isinstance(spc, int) and not isinstance(spc, bool) and spc >= 1,
+       f"train.steps_per_call={spc!r} must be an integer >= 1")
   if config.groups.mode == "auto":
     errors.append("groups.mode='auto' was renamed: use groups.mode='gradient' (the gradient-driven "
                   "grouping); the ablations are 'random', 'all_in_one', 'one_per_task'")

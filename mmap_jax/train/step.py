@@ -59,9 +59,8 @@ def value_and_grad_accumulated(loss_fn: LossFn, learned, frozen, batch, accum_st
       lambda x: x * scale, grads)
 
 
-def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
-                    accum_steps: int = 1, donate: bool = True):
-  """Returns jit(step)(state, frozen, batch) -> (state, metrics)."""
+def _step_fn(loss_fn: LossFn, optimizer: optax.GradientTransformation, accum_steps: int):
+  """The un-jitted step(state, frozen, batch) -> (state, metrics) both entry points share."""
 
   def step(state, frozen, batch):
     (loss, aux), grads = value_and_grad_accumulated(loss_fn, state["learned"], frozen, batch,
@@ -76,4 +75,30 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
     metrics = {"loss": loss, "finite": finite, "grad_norm": optax.tree.norm(grads), **aux}
     return new_state, metrics
 
-  return jax.jit(step, donate_argnums=(0,) if donate else ())
+  return step
+
+
+def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
+                    accum_steps: int = 1, donate: bool = True):
+  """Returns jit(step)(state, frozen, batch) -> (state, metrics)."""
+  return jax.jit(_step_fn(loss_fn, optimizer, accum_steps),
+                 donate_argnums=(0,) if donate else ())
+
+
+def make_train_steps(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
+                     accum_steps: int = 1, donate: bool = True):
+  """Returns jit(steps)(state, frozen, batches) -> (state, metrics): K optimizer steps per call.
+
+  `batches` is K step batches stacked on a new leading axis ([K, T, B, ...]); the K steps run as
+  a `lax.scan` of the same step as `make_train_step`, so the result equals K single-step calls,
+  while XLA allocates one execution's temporaries for all K steps and the host dispatches once.
+  Every metric comes back stacked ([K, ...]): the NaN guard acts per inner step (a non-finite
+  step keeps the previous state; `metrics["finite"][i]` tells the host which step it was).
+  One program is compiled per distinct K (the leading length of `batches`).
+  """
+  step = _step_fn(loss_fn, optimizer, accum_steps)
+
+  def steps(state, frozen, batches):
+    return jax.lax.scan(lambda st, batch: step(st, frozen, batch), state, batches)
+
+  return jax.jit(steps, donate_argnums=(0,) if donate else ())

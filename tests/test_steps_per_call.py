@@ -1,0 +1,151 @@
+"""Several optimizer steps per jitted call (`train.steps_per_call`): the scan equals single steps
+bit for bit, the NaN guard acts per inner step, and chunks end exactly at every boundary."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections as mlc
+import numpy as np
+import optax
+import pytest
+
+from configs import benchmark as benchmark_config
+from mmap_jax import benchmark
+from mmap_jax.prompts import multitask
+from mmap_jax.train import loop, optim, step as train_step
+
+
+def _tiny(bpe_path):
+  config = benchmark_config.get_config("tiny")
+  config.vocab = str(bpe_path)
+  return benchmark.build_workload(config)
+
+
+def _optimizer():
+  oc = mlc.ConfigDict({"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4,
+                       "warmup_steps": 2, "grad_clip": 1.0})
+  return optim.make_optimizer(oc, 10)      # warm-up + cosine + clipping: count-dependent state
+
+
+def test_scanned_steps_equal_single_steps_bit_for_bit(bpe_path):
+  """K steps in one call == K calls of the single step: state and every step's metrics, exactly
+  (CPU, float32), including a chunk length of 1. (optim.accum_steps runs inside the same
+  shared step function; not repeated here, to keep the test's compiles few.)"""
+  w = _tiny(bpe_path)
+  opt = _optimizer()
+  params = benchmark.random_clip_params(w.clip_cfg, 0)
+  frozen = {"clip": params, "class_tokens": jax.tree.map(jnp.asarray, w.class_tokens)}
+  learned = multitask.init_learned(jax.random.key(1), w.clip_cfg, w.spec, w.num_tasks, w.groups)
+  batches = benchmark.host_batches(w, 4, seed=3)
+  loss_fn = benchmark.train_loss_fn(w)
+  for accum, chunks in ((1, (3, 1)),):                   # K=3, then a chunk of 1 (2 programs)
+    batches_used = batches[:sum(chunks)]
+    state = train_step.init_state(learned, opt)
+    stacked = lambda bs: jax.tree.map(lambda *x: np.stack(x), *bs)
+    single = train_step.make_train_step(loss_fn, opt, accum_steps=accum, donate=False).lower(
+        state, frozen, batches[0]).compile()
+    multi_fn = train_step.make_train_steps(loss_fn, opt, accum_steps=accum, donate=False)
+    multi_by_len = {n: multi_fn.lower(state, frozen, stacked(batches[:n])).compile()
+                    for n in set(chunks)}
+    multi = lambda st, fr, b: multi_by_len[len(b["label"])](st, fr, b)
+    ref_metrics = []
+    for b in batches_used:
+      state, m = single(state, frozen, b)
+      ref_metrics.append(m)
+    ref = jax.device_get(state)
+    got = train_step.init_state(learned, opt)
+    metrics = []
+    ends = np.cumsum((0,) + chunks)
+    for chunk in [batches_used[a:b] for a, b in zip(ends[:-1], ends[1:])]:
+      got, m = multi(got, frozen, stacked(chunk))
+      metrics += [jax.tree.map(lambda x, i=i: x[i], m) for i in range(len(chunk))]
+    if accum == 1:  # One execution's temporaries serve all K steps (not K x one step's).
+      temp = lambda c: c.memory_analysis().temp_size_in_bytes
+      assert temp(multi_by_len[3]) < 1.5 * temp(single)
+    got = jax.device_get(got)
+    assert int(got["step"]) == int(ref["step"]) == len(batches_used)
+    jax.tree.map(np.testing.assert_array_equal, got, ref)
+    for a, b in zip(metrics, ref_metrics):
+      jax.tree.map(np.testing.assert_array_equal, jax.device_get(a), jax.device_get(b))
+
+
+def test_non_finite_inner_step_keeps_the_state_and_is_reported():
+  def loss_fn(learned, frozen, batch):
+    loss = jnp.sum((learned["w"] * batch["x"]) ** 2)
+    return loss, {"per_task_loss": loss[None]}
+
+  opt = optax.sgd(0.1, momentum=0.9)
+  x = np.ones((3, 3), np.float32)
+  x[1, 0] = np.inf                                        # the second inner step is non-finite
+  multi = train_step.make_train_steps(loss_fn, opt, donate=False)
+  single = train_step.make_train_step(loss_fn, opt, donate=False)
+  state, m = multi(train_step.init_state({"w": jnp.ones(3)}, opt), {}, {"x": x})
+  assert m["loss"].shape == (3,)
+  np.testing.assert_array_equal(m["finite"], [True, False, True])
+  ref = train_step.init_state({"w": jnp.ones(3)}, opt)
+  for i in range(3):
+    ref, _ = single(ref, {}, {"x": x[i]})
+  jax.tree.map(np.testing.assert_array_equal, state, ref)
+  assert int(state["step"]) == 3
+
+
+def _check_plan(start, total, k, every, max_lengths=3):
+  plan = loop.chunks.plan_chunks(start, total, k, every, max_lengths)
+  ends = list(np.cumsum([start] + plan))[1:]
+  assert sum(plan) == total - start and all(1 <= n <= k for n in plan)
+  assert len(set(plan)) <= max_lengths
+  must = {s for s in range(start + 1, total + 1) if any(s % e == 0 for e in every)} | {total}
+  assert must <= set(ends), sorted(must - set(ends))      # every boundary ends a chunk
+  return plan
+
+
+def test_chunk_plan_ends_at_every_boundary():
+  assert _check_plan(0, 7, 3, (5, 3, 6)) == [3, 2, 1, 1]
+  assert _check_plan(3, 7, 3, (5, 3, 6)) == [2, 1, 1]       # resumed at step 3
+  assert _check_plan(0, 7, 3, (2, 2, 7)) == [2, 2, 2, 1]
+  assert _check_plan(0, 12, 4, (100,)) == [4, 4, 4]
+  assert _check_plan(0, 10, 4, (100,)) == [4, 4, 2]          # steps not divisible by K
+  assert _check_plan(0, 10, 1, (3,)) == [1] * 10
+  assert _check_plan(0, 130, 8, (50, 1000)) == [8] * 6 + [2] + [8] * 6 + [2] + [8] * 3 + [6]
+  # Many different remainders: at most 3 programs (K, the commonest remainder, 1).
+  for every in ((5, 7, 11), (3, 4, 13), (6, 10, 15)):
+    for start in (0, 1, 17):
+      _check_plan(start, 100, 4, every)
+  assert _check_plan(0, 100, 8, (5, 7, 11), max_lengths=2)
+  with pytest.raises(ValueError, match="steps_per_call"):
+    loop.chunks.plan_chunks(0, 10, 0, (2,))
+
+
+def test_the_host_names_the_first_non_finite_inner_step():
+  chunk = {"finite": np.asarray([True, False, False]), "loss": np.asarray([1.0, np.inf, 2.0])}
+  assert loop.first_non_finite(chunk, 5) == (6, np.inf)       # chunk of steps 5, 6, 7
+  assert loop.first_non_finite({"finite": np.asarray([True] * 3), "loss": np.ones(3)}, 5) is None
+  assert loop.first_non_finite({"finite": np.asarray(False), "loss": np.asarray(np.nan)}, 4)[0] == 4
+
+
+def test_scanned_grouping_steps_equal_single_grouping_steps(bpe_path):
+  """The grouping warm-up's K-step call == K single grouping steps (affinity included), exactly."""
+  import dataclasses
+  from mmap_jax import grouping
+  from mmap_jax.train import grouping_run
+  w = _tiny(bpe_path)
+  spec = dataclasses.replace(w.spec, method="mmap_shared").validate(w.clip_cfg)
+  config = benchmark_config.get_config("tiny")
+  config.vocab = str(bpe_path)
+  ct = jax.tree.map(jnp.asarray, benchmark.class_tokens_for(w, spec))
+  params = benchmark.random_clip_params(w.clip_cfg, 0)
+  opt = _optimizer()
+  learned = multitask.init_learned(jax.random.key(2), w.clip_cfg, spec, w.num_tasks)
+  init = lambda: {"params": learned, "opt_state": opt.init(learned),
+                  "affinity": grouping.AffinityState.zeros(w.num_tasks)}
+  batches = benchmark.host_batches(w, 3, seed=4)
+  records = [True, False, True]
+  single = grouping_run.make_grouping_step(w.clip_cfg, spec, opt)
+  ref = jax.tree.map(jnp.array, init())
+  for b, r in zip(batches, records):
+    ref, _ = single(ref, params, ct, b, jnp.asarray(r))
+  multi = grouping_run.make_grouping_steps(w.clip_cfg, spec, opt)
+  got, metrics = multi(jax.tree.map(jnp.array, init()), params, ct,
+                       jax.tree.map(lambda *x: np.stack(x), *batches), jnp.asarray(records))
+  assert metrics["loss"].shape == (3,)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(got), jax.device_get(ref))
