@@ -70,6 +70,12 @@ def base_config(*, method: str = "mmap_mt", runlocal: bool = False) -> mlc.Confi
   c.prompt.init_std = 0.02
   c.prompt.vpt_init = "xavier_uniform"
   c.prompt.zeroshot_template = "a photo of a {}."
+  c.prompt.adapter_ratio = 0.2       # clipadapter_*: ratio * adapter(f) + (1 - ratio) * f
+  c.prompt.adapter_reduction = 4     # clipadapter_*: bottleneck embed_dim / reduction
+  c.prompt.adapter_on = "image"      # clipadapter_*: image | text | both
+  c.prompt.lora_rank = 4             # lora_*: r
+  c.prompt.lora_alpha = 4.0          # lora_*: the update is scaled by alpha / r
+  c.prompt.lora_targets = "q,v"      # lora_*: subset of q,k,v,o (attention projections)
   c.groups = mlc.ConfigDict()
   c.groups.mode = "auto"        # auto: gradient-driven grouping; explicit: use groups.explicit
   c.groups.explicit = mlc.FieldReference(None, field_type=str)  # "Art+Product;Clipart+Real World"

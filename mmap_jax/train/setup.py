@@ -83,7 +83,7 @@ def validate(config: mlc.ConfigDict, num_devices: Optional[int] = None) -> None:
       need(config.groups.num_groups >= 0,
            f"groups.num_groups={config.groups.num_groups} must be >= 0 (0: use groups.threshold)")
   try:
-    PromptSpec.from_config(config.prompt, config.method)
+    PromptSpec.from_config(config.prompt, config.method).validate_fields()
   except (ValueError, TypeError) as e:
     errors.append(str(e))
   if errors:
