@@ -31,7 +31,7 @@ def main():
   parser.add_argument("--rank", type=int, default=4)
   parser.add_argument("--layers", type=int, default=12, help="blocks per tower (12: ViT-B/16)")
   parser.add_argument("--config", default="parts=none", help="configs/benchmark.py argument")
-  parser.add_argument("--runs", type=int, default=3)
+  parser.add_argument("--runs", type=int, default=3, help="0: FLOPs, temp bytes, losses only")
   parser.add_argument("--warmup", type=int, default=1, help="untimed interleaved rounds first")
   parser.add_argument("--out", default=None)
   args = parser.parse_args()
@@ -83,19 +83,21 @@ def main():
     temp[name] = int(mem.temp_size_in_bytes) if mem is not None else None
   losses = {k: float(c(state, frozen, batches[0])[1]["loss"]) for k, c in compiled.items()}
   times = {k: [] for k in compiled}
-  for r in range(args.warmup + args.runs):         # interleaved: drift hits both alike
+  for r in range(args.warmup + args.runs if args.runs else 0):  # interleaved: drift hits both
     for k, c in compiled.items():
       t0 = time.perf_counter()
       jax.block_until_ready(c(state, frozen, batches[r % 2]))
       if r >= args.warmup:
         times[k].append(time.perf_counter() - t0)
-  med = {k: statistics.median(t) for k, t in times.items()}
+  med = {k: statistics.median(t) if t else None for k, t in times.items()}
   result = {"command": " ".join(sys.argv), "method": args.method, "targets": args.targets,
             "rank": args.rank, "layers_per_tower": args.layers, "workload": args.config,
             "num_tasks": w.num_tasks, "batch_size": w.batch_size,
             "backend": jax.default_backend(), "allocator": host_runtime.allocator_in_use(),
             "flops_per_step": flops, "temp_bytes": temp, "loss": losses,
-            "step_s_median": med, "merged_over_unmerged": med["merged"] / med["unmerged"],
+            "flops_merged_over_unmerged": flops["merged"] / flops["unmerged"],
+            "step_s_median": med,
+            "merged_over_unmerged": med["merged"] / med["unmerged"] if args.runs else None,
             "all_s": {k: [round(x, 3) for x in t] for k, t in times.items()},
             "load_average": list(__import__("os").getloadavg())}
   text = json.dumps(result, indent=2)

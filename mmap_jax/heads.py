@@ -225,7 +225,8 @@ def per_task_loss_fn(clip_params: Any, clip_cfg: ClipConfig, spec: PromptSpec, *
     fn = per_task_loss_fn(clip_params, clip_cfg, spec)
     grads = jax.vmap(jax.grad(fn), in_axes=(None, 0, 0, 0))(
         shared_learned, class_tokens, batch["images"], batch["labels"])   # leaves: [T, ...]
-  `shared_learned` is `init_learned(...)` of a shared method ({"shared": ...}; fullft_mt too).
+  `shared_learned` is `init_learned(...)` of a shared method ({"shared": ...}; fullft_mt and
+  the PEFT *_mt methods too).
   """
   def fn(shared_learned, class_tokens_t, images_t, labels_t):
     tokens = _shared_tokens(shared_learned, clip_cfg, spec)

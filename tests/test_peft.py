@@ -292,6 +292,20 @@ def test_lora_merged_equals_unmerged(params, ct, data):
     assert not any("lora" in k for k in paths(one))
 
 
+def test_task_clip_params_slices_one_task(params):
+  """The evaluator's / predictor's per-task CLIP: PEFT *_st take the task's learned slice;
+  fullft_st its CLIP copy; shared methods the same params for every task."""
+  learned = perturbed(_init("bitfit_st", params), seed=4)
+  one = multitask.task_clip_params(learned, params, spec_of("bitfit_st"), 1)
+  bias = "['visual']['transformer']['resblocks']['0']['attn']['in_proj']['bias']"
+  np.testing.assert_array_equal(paths(one)[bias], paths(learned["task"])[bias][1])
+  assert paths(one)["['visual']['proj']"] is paths(params)["['visual']['proj']"]
+  full = {"clip": jax.tree.map(lambda x: jnp.stack([x, x + 1]), params)}
+  one = multitask.task_clip_params(full, params, PromptSpec(method="fullft_st"), 1)
+  np.testing.assert_array_equal(one["visual"]["proj"], params["visual"]["proj"] + 1)
+  assert multitask.task_clip_params({}, params, PromptSpec(method="zeroshot"), 0) is params
+
+
 def test_train_step_moves_only_learned_leaves(params, ct, data):
   """One real jitted SGD step (donated state): every learned leaf changes, the frozen CLIP
   (a jit argument) is bit-identical afterwards."""
