@@ -75,7 +75,7 @@ def base_config(*, method: str = "mmap_mt", runlocal: bool = False) -> mlc.Confi
   c.prompt.adapter_on = "image"      # clipadapter_*: image | text | both
   c.prompt.lora_rank = 4             # lora_*: r
   c.prompt.lora_alpha = 4.0          # lora_*: the update is scaled by alpha / r
-  c.prompt.lora_targets = "q,v"      # lora_*: subset of q,k,v,o (attention projections)
+  c.prompt.lora_targets = "q,v"      # lora_*: subset of q,k,v,o ("q+k+v+o" also works)
   c.groups = mlc.ConfigDict()
   c.groups.mode = "auto"        # auto: gradient-driven grouping; explicit: use groups.explicit
   c.groups.explicit = mlc.FieldReference(None, field_type=str)  # "Art+Product;Clipart+Real World"

@@ -109,6 +109,8 @@ def test_defaults_and_single_task():
   s = PromptSpec(method="lora_st")
   assert (s.lora_rank, s.lora_alpha, s.lora_target_list) == (4, 4.0, ("q", "v"))
   assert PromptSpec(method="lora_mt", lora_targets="o, q,k").lora_target_list == ("q", "k", "o")
+  assert PromptSpec(method="lora_mt", lora_targets="q+k+v+o").validate(B16).lora_target_list == (
+      "q", "k", "v", "o")
   for m in PEFT_METHODS:
     s = PromptSpec(method=m).validate(B16)
     assert s.single_task == m.endswith("_st") and not s.has_prompts
@@ -124,9 +126,10 @@ def test_defaults_and_single_task():
     (dict(method="lora_mt", lora_rank=0), "prompt.lora_rank=0 must be a positive int"),
     (dict(method="lora_mt", lora_rank=600), "prompt.lora_rank=600 exceeds"),
     (dict(method="lora_st", lora_alpha=0.0), "prompt.lora_alpha=0.0 must be > 0"),
-    (dict(method="lora_st", lora_targets="q,x"), "prompt.lora_targets='q,x' must be"),
-    (dict(method="lora_st", lora_targets="q,q"), "prompt.lora_targets='q,q' must be"),
-    (dict(method="lora_st", lora_targets=""), "prompt.lora_targets='' must be"),
+    (dict(method="lora_st", lora_targets="q,x"), "prompt.lora_targets='q,x' must list"),
+    (dict(method="lora_st", lora_targets="q,q"), "prompt.lora_targets='q,q' must list"),
+    (dict(method="lora_st", lora_targets="q+"), r"prompt.lora_targets='q\+' must list"),
+    (dict(method="lora_st", lora_targets=""), "prompt.lora_targets='' must list"),
 ])
 def test_validation_names_the_field(kwargs, message):
   with pytest.raises(ValueError, match=message):

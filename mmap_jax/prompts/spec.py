@@ -15,6 +15,7 @@ by `depth_for`).
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Mapping, Optional
 
 from mmap_jax.models.config import ClipConfig
@@ -40,6 +41,11 @@ FAMILY_DEFAULTS: dict[str, tuple[Optional[int], Optional[int]]] = {
 }
 
 
+def _split_targets(targets: Any) -> list[str]:
+  """"q,v" or "q+v" ('+' lets a sweep list several target sets: 'q+v,q+k+v+o')."""
+  return re.split(r"[,+]", str(targets))
+
+
 @dataclasses.dataclass(frozen=True)
 class PromptSpec:
   """Prompt hyper-parameters. Fields a method does not use are ignored by it."""
@@ -59,7 +65,7 @@ class PromptSpec:
   # LoRA (Hu et al. 2022) on the attention projections of both towers: W + (alpha / r) B A
   lora_rank: int = 4                    # r
   lora_alpha: float = 4.0               # alpha; the update is scaled by alpha / r
-  lora_targets: str = "q,v"             # comma-separated subset of q,k,v,o (the paper's q,v)
+  lora_targets: str = "q,v"             # subset of q,k,v,o, ',' or '+' separated (paper: q,v)
 
   def __post_init__(self):
     fam = self.method.split("_")[0] if isinstance(self.method, str) else None
@@ -113,7 +119,7 @@ class PromptSpec:
   @property
   def lora_target_list(self) -> tuple[str, ...]:
     """`lora_targets` parsed, in q,k,v,o order (validated by `validate_fields`)."""
-    names = {t.strip() for t in str(self.lora_targets).split(",") if t.strip()}
+    names = {t.strip() for t in _split_targets(self.lora_targets) if t.strip()}
     return tuple(t for t in LORA_TARGETS if t in names)
 
   def depth_for(self, clip_cfg: ClipConfig) -> int:
@@ -161,11 +167,11 @@ class PromptSpec:
       a = self.lora_alpha
       if isinstance(a, bool) or not isinstance(a, (int, float)) or not a > 0:
         errors.append(f"prompt.lora_alpha={a!r} must be > 0")
-      names = [t.strip() for t in str(self.lora_targets).split(",")]
+      names = [t.strip() for t in _split_targets(self.lora_targets)]
       if (not isinstance(self.lora_targets, str) or not all(names)
           or any(t not in LORA_TARGETS for t in names) or len(set(names)) != len(names)):
-        errors.append(f"prompt.lora_targets={self.lora_targets!r} must be a comma-separated "
-                      f"list of distinct names from {LORA_TARGETS}, e.g. 'q,v' or 'q,k,v,o'")
+        errors.append(f"prompt.lora_targets={self.lora_targets!r} must list distinct names "
+                      f"from {LORA_TARGETS} separated by ',' or '+', e.g. 'q,v' or 'q+k+v+o'")
     return errors
 
   def validate_fields(self) -> "PromptSpec":
