@@ -142,7 +142,7 @@ def layer_norm(x: jax.Array, p: Params) -> jax.Array:
 
 def _dense(x: jax.Array, p: Params) -> jax.Array:
   y = jnp.dot(x, p["kernel"].astype(x.dtype))
-  if "lora_a" in p:  # A low-rank update (mmap_jax/peft/lora.py), unmerged: x A B, never W + A B.
+  if "lora_a" in p:  # LoRA kept apart from W (mmap_jax/peft/lora.py: why, and the merged form).
     y = y + jnp.dot(jnp.dot(x, p["lora_a"].astype(x.dtype)), p["lora_b"].astype(x.dtype))
   return y + p["bias"].astype(x.dtype) if "bias" in p else y
 
