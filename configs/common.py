@@ -75,6 +75,12 @@ def base_config(*, method: str = "mmap_mt", runlocal: bool = False) -> mlc.Confi
   # Words the learned text context starts from (coop, maple, ivlp): None = the family's default
   # ("a photo of a" for maple, as published), "" = random init. See PromptSpec.ctx_init.
   c.prompt.ctx_init = mlc.FieldReference(None, field_type=str)
+  c.prompt.adapter_ratio = 0.2       # clipadapter_*: ratio * adapter(f) + (1 - ratio) * f
+  c.prompt.adapter_reduction = 4     # clipadapter_*: bottleneck embed_dim / reduction
+  c.prompt.adapter_on = "image"      # clipadapter_*: image | text | both
+  c.prompt.lora_rank = 4             # lora_*: r
+  c.prompt.lora_alpha = 4.0          # lora_*: the update is scaled by alpha / r
+  c.prompt.lora_targets = "q,v"      # lora_*: subset of q,k,v,o ("q+k+v+o" also works)
   c.groups = mlc.ConfigDict()
   # gradient: the paper's gradient-driven grouping (warm-up); explicit: groups.explicit;
   # ablations without a warm-up: random (seeded, groups.num_groups balanced groups),

@@ -23,7 +23,7 @@ import numpy as np
 from mmap_jax.models import clip
 from mmap_jax.models.config import ClipConfig
 from mmap_jax.prompts.base import PromptTokens
-from mmap_jax.prompts.multitask import (FAMILY_MODULES, Groups, clip_params_for, clip_per_task,
+from mmap_jax.prompts.multitask import (FAMILY_MODULES, Groups, clip_params_for, clip_task_axes,
                                         task_prompts)
 from mmap_jax.prompts.spec import PromptSpec
 
@@ -108,38 +108,53 @@ def _axis(x: Any, per_task: bool) -> Optional[int]:
   return 0 if (per_task and x is not None) else None
 
 
+def _clip_axes(clip_params: Any, clip_per_task: Any) -> Any:
+  """vmap in_axes of the CLIP params: `clip_per_task` is a bool (every leaf alike) or a pytree
+  of 0 / None per leaf (`multitask.clip_task_axes`: PEFT *_st, only learned leaves are [T])."""
+  if isinstance(clip_per_task, bool):
+    return _axis(clip_params, clip_per_task)
+  return clip_per_task
+
+
+def _scale_per_task(clip_per_task: Any) -> bool:
+  if isinstance(clip_per_task, bool):
+    return clip_per_task
+  return clip_per_task.get("logit_scale") == 0
+
+
 def text_features(clip_params: Any, clip_cfg: ClipConfig, text_prompts: Optional[jax.Array],
                   class_tokens: ClassTokens, *, dtype=jnp.float32, remat: bool = False,
-                  share_prefix: bool = True, clip_per_task: bool = False) -> jax.Array:
+                  share_prefix: bool = True, clip_per_task: Any = False) -> jax.Array:
   """Normalized class text features [T, C_max, E]; `text_prompts` [T, J, L, d_t] or None.
 
-  One vmap over tasks; `clip_per_task` when the CLIP params have a leading [T] (fullft_st).
+  One vmap over tasks; `clip_per_task` when the CLIP params have a leading [T] (fullft_st), or
+  a per-leaf pytree of axes (see `_clip_axes`).
   """
   def one(params, ids, eot, prompts):
     feats = clip.encode_text(params, clip_cfg, clip.embed_tokens(params, ids), eot, prompts,
                              dtype=dtype, remat=remat, share_prefix=share_prefix)
     return clip.normalize(feats)
-  in_axes = (_axis(clip_params, clip_per_task), 0, 0, _axis(text_prompts, True))
+  in_axes = (_clip_axes(clip_params, clip_per_task), 0, 0, _axis(text_prompts, True))
   return jax.vmap(one, in_axes)(clip_params, jnp.asarray(class_tokens.ids),
                                 jnp.asarray(class_tokens.eot), text_prompts)
 
 
 def image_features(clip_params: Any, clip_cfg: ClipConfig, visual_prompts: Optional[jax.Array],
                    images: jax.Array, *, dtype=jnp.float32, remat: bool = False,
-                   clip_per_task: bool = False) -> jax.Array:
+                   clip_per_task: Any = False) -> jax.Array:
   """Normalized image features [T, B, E]: task t's images with task t's visual prompts."""
   def one(params, ims, prompts):
     return clip.normalize(clip.encode_image(params, clip_cfg, ims, prompts, dtype=dtype,
                                             remat=remat))
-  in_axes = (_axis(clip_params, clip_per_task), 0, _axis(visual_prompts, True))
+  in_axes = (_clip_axes(clip_params, clip_per_task), 0, _axis(visual_prompts, True))
   return jax.vmap(one, in_axes)(clip_params, images, visual_prompts)
 
 
 def logits_from_features(clip_params: Any, image_feats: jax.Array, text_feats: jax.Array, *,
-                         clip_per_task: bool = False) -> jax.Array:
+                         clip_per_task: Any = False) -> jax.Array:
   """exp(logit_scale) * cosine: [T, B, E] x [T, C, E] -> [T, B, C] (features already unit)."""
   scale = jnp.exp(jnp.asarray(clip_params["logit_scale"]))
-  if not clip_per_task:
+  if not _scale_per_task(clip_per_task):
     scale = jnp.broadcast_to(scale, image_feats.shape[:1])
   return jax.vmap(lambda s, i, t: s * i @ t.T)(scale, image_feats, text_feats)
 
@@ -147,7 +162,7 @@ def logits_from_features(clip_params: Any, image_feats: jax.Array, text_feats: j
 def task_logits(clip_params: Any, clip_cfg: ClipConfig, prompts: Optional[PromptTokens],
                 class_tokens: ClassTokens, images: jax.Array, *, dtype=jnp.float32,
                 remat: bool = False, share_prefix: bool = True,
-                clip_per_task: bool = False) -> jax.Array:
+                clip_per_task: Any = False) -> jax.Array:
   """Logits [T, B, C_max]; text features recomputed from the prompts (leading T) on every call."""
   prompts = prompts if prompts is not None else PromptTokens(None, None)
   txt = text_features(clip_params, clip_cfg, prompts.text, class_tokens, dtype=dtype,
@@ -195,7 +210,8 @@ def multitask_loss(learned: Any, clip_params: Any, clip_cfg: ClipConfig, spec: P
   prompts = task_prompts(learned, clip_cfg, spec, groups, num_tasks=num_tasks)
   params = clip_params_for(learned, clip_params, spec)
   logits = task_logits(params, clip_cfg, prompts, class_tokens, batch["images"], dtype=dtype,
-                       remat=remat, share_prefix=share_prefix, clip_per_task=clip_per_task(spec))
+                       remat=remat, share_prefix=share_prefix,
+                       clip_per_task=clip_task_axes(params, spec))
   per_task = masked_cross_entropy(logits, batch["labels"], class_tokens.class_mask,
                                   batch.get("mask"))
   loss = per_task.sum() if spec.single_task else per_task.mean()
@@ -225,7 +241,8 @@ def per_task_loss_fn(clip_params: Any, clip_cfg: ClipConfig, spec: PromptSpec, *
     fn = per_task_loss_fn(clip_params, clip_cfg, spec)
     grads = jax.vmap(jax.grad(fn), in_axes=(None, 0, 0, 0))(
         shared_learned, class_tokens, batch["images"], batch["labels"])   # leaves: [T, ...]
-  `shared_learned` is `init_learned(...)` of a shared method ({"shared": ...}; fullft_mt too).
+  `shared_learned` is `init_learned(...)` of a shared method ({"shared": ...}; fullft_mt and
+  the PEFT *_mt methods too).
   """
   def fn(shared_learned, class_tokens_t, images_t, labels_t):
     tokens = _shared_tokens(shared_learned, clip_cfg, spec)

@@ -54,7 +54,8 @@ def test_defaults_per_family():
   assert PromptSpec(method="zeroshot").tokens_per_layer == 0
   # Single-task methods (summed loss): every *_st, fullft_st included; nothing else.
   assert {m for m in METHODS if PromptSpec(method=m).single_task} == {
-      "coop_st", "vpt_st", "maple_st", "ivlp_st", "mmap_st", "fullft_st"}
+      "coop_st", "vpt_st", "maple_st", "ivlp_st", "mmap_st", "fullft_st", "clipadapter_st",
+      "bitfit_st", "lora_st"}
   for m in METHODS:
     PromptSpec(method=m).validate(B16)
 
@@ -210,6 +211,11 @@ def expected_counts(t=4, g=2):
       "ivlp_st": t * 9 * 2 * (512 + 768), "ivlp_mt": 9 * 2 * (512 + 768),
       "mmap_st": t * unit, "mmap_shared": unit, "mmap_mt": (g + t) * unit,
       "fullft_st": t * clip_total, "fullft_mt": clip_total,
+      # PEFT (closed forms and variants in tests/test_peft.py): adapter 512 -> 128 -> 512 on the
+      # image side; all biases; LoRA r = 4 on q, v of every block of both towers.
+      "clipadapter_st": t * 2 * 512 * 128, "clipadapter_mt": 2 * 512 * 128,
+      "bitfit_st": t * 171_008, "bitfit_mt": 171_008,
+      "lora_st": t * 2 * 2 * 4 * 12 * (768 + 512), "lora_mt": 2 * 2 * 4 * 12 * (768 + 512),
   }
 
 

@@ -81,7 +81,7 @@ def test_table_matches_per_run_results(swept):
   assert saved["tasks"] == {t: {"num_classes": 10} for t in names}
   md_rows = [l for l in (workdir / "results.md").read_text().splitlines() if l.startswith("| ")]
   assert _cells(md_rows[0])[:3] == ["method", "seeds", "photo (10)"]
-  assert "val average" not in md_rows[0]   # these runs report no validation accuracy
+  assert "val average" in md_rows[0]   # every run reports its validation accuracy
   for row, md in zip(saved["rows"], md_rows[1:]):
     runs = [_per_run(workdir, w) for w in row["workdirs"]]
     assert row["workdirs"] == [f"method={row['setting']['method']}/seed={s}" for s in SEEDS]
@@ -93,6 +93,7 @@ def test_table_matches_per_run_results(swept):
       assert row["accuracy"][t]["mean"] == pytest.approx(np.mean(per_seed))
       assert row["accuracy"][t]["std"] == pytest.approx(np.std(per_seed, ddof=1))
     assert row["average"]["per_seed"] == [r["average"] for r in runs]
+    assert row["val_average"]["per_seed"] == [r["val_average"] for r in runs]  # never mixed
     assert row["trainable_params_per_seed"] == [r["trainable_params"] for r in runs]
     assert row["trainable_params"] == runs[0]["trainable_params"] == runs[1]["trainable_params"]
     assert row["trainable_percent"] == pytest.approx(runs[0]["trainable_percent"])
@@ -101,7 +102,8 @@ def test_table_matches_per_run_results(swept):
     assert cells[2:6] == [sweep.format_stat(row["accuracy"][t]) for t in names]
     assert all(" ± " in c for c in cells[2:6])
     assert cells[6] == f"**{sweep.format_stat(row['average'])}**"
-    assert cells[7] == f"{row['trainable_params']:,}"
+    assert cells[7] == sweep.format_stat(row["val_average"])
+    assert cells[8] == f"{row['trainable_params']:,}"
   assert "mean ± sample std (ddof=1) over each row's seeds" in (workdir / "results.md").read_text()
   assert saved["rows"][0]["trainable_params"] == 0 < saved["rows"][1]["trainable_params"]
   assert (workdir / "accuracy_vs_params.png").read_bytes()[:8] == PNG_MAGIC

@@ -517,7 +517,8 @@ def test_steps_per_call_matches_single_steps_at_every_boundary(env, single_step_
   ref_dir, ref_result, ref_writes = single_step_run
   workdir = env["root"] / "spc3"
   result, writes = _recorded_run(monkeypatch, _spc_config(env, 3), workdir)
-  assert [s for s, _ in ref_writes] == [5, 6, 7, 7]     # log 5, eval 6, log 7, final eval 7
+  # log 5, validation 6, log 7, validation 7, the final test (and val record) 7.
+  assert [s for s, _ in ref_writes] == [5, 6, 7, 7, 7, 7]
   assert writes == ref_writes                           # exact floats, same steps, same order
   # The scanned grouping warm-up: the same affinity matrix, bit for bit, and the same groups.
   np.testing.assert_array_equal(np.load(workdir / "affinity.npy"), np.load(ref_dir / "affinity.npy"))

@@ -23,6 +23,10 @@ prompts[0] replaces the token embeddings at positions 1..L (the "X X .. X" of th
 receives positional embeddings like any token); before block j the hidden states at 1..L are
 replaced by prompts[j]. Blocks >= J carry the prompt tokens unchanged.
 
+Optional PEFT leaves (mmap_jax/peft builds them into the effective params; absent in a plain CLIP):
+`lora_a` / `lora_b` next to a dense layer's kernel add x @ lora_a @ lora_b (LoRA, unmerged);
+`visual/adapter`, `text/adapter` ({fc1, fc2, ratio}) apply CLIP-Adapter to the tower's output.
+
 Precision: params stay float32; matmuls run in `dtype` (float32 or bfloat16); layer norm and
 softmax run in float32.
 """
@@ -138,7 +142,21 @@ def layer_norm(x: jax.Array, p: Params) -> jax.Array:
 
 def _dense(x: jax.Array, p: Params) -> jax.Array:
   y = jnp.dot(x, p["kernel"].astype(x.dtype))
+  if "lora_a" in p:  # LoRA kept apart from W (mmap_jax/peft/lora.py: why, and the merged form).
+    y = y + jnp.dot(jnp.dot(x, p["lora_a"].astype(x.dtype)), p["lora_b"].astype(x.dtype))
   return y + p["bias"].astype(x.dtype) if "bias" in p else y
+
+
+def feature_adapter(x: jax.Array, p: Optional[Params]) -> jax.Array:
+  """CLIP-Adapter on projected features (mmap_jax/peft/adapter.py); identity when `p` is None.
+
+  ratio * relu(relu(x W1) W2) + (1 - ratio) * x, in float32.
+  """
+  if p is None:
+    return x
+  h = jax.nn.relu(jnp.dot(x, p["fc1"]["kernel"]))
+  a = jax.nn.relu(jnp.dot(h, p["fc2"]["kernel"]))
+  return p["ratio"] * a + (1.0 - p["ratio"]) * x
 
 
 def _activation(x: jax.Array, kind: str) -> jax.Array:
@@ -309,7 +327,8 @@ def encode_image(params: Params, cfg: ClipConfig, images: jax.Array,
   else:
     pooled = x[:, 0]
   pooled = layer_norm(pooled, p["ln_post"])
-  return jnp.dot(pooled, p["proj"].astype(dtype)).astype(jnp.float32)
+  return feature_adapter(jnp.dot(pooled, p["proj"].astype(dtype)).astype(jnp.float32),
+                         p.get("adapter"))
 
 
 # ----------------------------------------------------------------------------- text tower
@@ -369,7 +388,8 @@ def encode_text(params: Params, cfg: ClipConfig, token_embeds: jax.Array, eot_in
   else:
     pooled = _text_tower(x, eot_index, blocks, cfg, text_prompts, remat, pooled_only_last)
   pooled = layer_norm(pooled, p["ln_final"])
-  return jnp.dot(pooled, p["text_projection"].astype(dtype)).astype(jnp.float32)
+  return feature_adapter(jnp.dot(pooled, p["text_projection"].astype(dtype)).astype(jnp.float32),
+                         p.get("adapter"))
 
 
 def _text_tower(x, eot_index, blocks, cfg: ClipConfig, prompts, remat, pooled_only_last):

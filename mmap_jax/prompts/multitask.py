@@ -6,6 +6,8 @@ Learned pytree layout (stacked leading axes, so expansion is one vmap, never a l
   <fam>_mt, mmap_shared            {"shared": family params}
   mmap_mt                          {"group":  MmAP params [G, ...], "task": MmAP params [T, ...]}
   fullft_mt / fullft_st            {"clip":   a copy of the CLIP params (leading [T] for _st)}
+  clipadapter/bitfit/lora _st, _mt {"task": PEFT params [T, ...]} / {"shared": PEFT params}
+                                   (mmap_jax/peft; they change the CLIP, not the prompts)
 
 Per-task prompts (`task_prompts`) are PromptTokens with a leading task axis [T, J, L_tot, d];
 for mmap_mt, L_tot = 2L: task t at layer j sees concat(group[g(t)]_j, task[t]_j) on the token
@@ -20,11 +22,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmap_jax import peft
 from mmap_jax.models import clip
 from mmap_jax.models.config import ClipConfig
 from mmap_jax.prompts import coop, ctx_init, ivlp, maple, mmap, vpt
 from mmap_jax.prompts.base import PromptTokens
-from mmap_jax.prompts.spec import PromptSpec
+from mmap_jax.prompts.spec import PEFT_FAMILIES, PromptSpec
 
 Groups = tuple[tuple[int, ...], ...]
 Learned = dict[str, Any]
@@ -91,7 +94,7 @@ def init_learned(key: jax.Array, clip_cfg: ClipConfig, spec: PromptSpec, num_tas
   """The pytree the optimizer updates (layout in the module docstring).
 
   `clip_params` (the frozen CLIP) is required for fullft_*, whose learned pytree is a copy of it,
-  and with `tokenizer` for a text context initialised from words (`spec.learned_ctx_init`, e.g.
+  for bitfit_* (a copy of its biases), and with `tokenizer` for a text context initialised from words (`spec.learned_ctx_init`, e.g.
   maple's default "a photo of a"): every prompt set's layer-0 text tokens start as their
   token embeddings (`prompts.ctx_init`).
   """
@@ -115,6 +118,10 @@ def init_learned(key: jax.Array, clip_cfg: ClipConfig, spec: PromptSpec, num_tas
       return {"clip": jax.tree.map(
           lambda x: jnp.array(jnp.broadcast_to(x, (num_tasks,) + jnp.shape(x))), clip_params)}
     return {"clip": jax.tree.map(jnp.array, clip_params)}
+  if fam in PEFT_FAMILIES:
+    if sharing == "st":
+      return {"task": peft.init(key, clip_cfg, spec, clip_params, num_tasks=num_tasks)}
+    return {"shared": peft.init(key, clip_cfg, spec, clip_params)}
   module = FAMILY_MODULES[fam]
   if sharing == "st":
     return {"task": _stacked_init(module, key, num_tasks, clip_cfg, spec, ctx)}
@@ -162,17 +169,44 @@ def task_prompts(learned: Learned, clip_cfg: ClipConfig, spec: PromptSpec,
   return _broadcast(expand(learned["shared"]), num_tasks)
 
 
-def clip_params_for(learned: Learned, frozen_clip: Any, spec: PromptSpec) -> Any:
-  """The CLIP params the encoders run with: the learned copy for fullft_*, else the frozen one.
+def clip_params_for(learned: Learned, frozen_clip: Any, spec: PromptSpec, *,
+                    merged: bool = False) -> Any:
+  """The CLIP params the encoders run with: the learned copy for fullft_*, the frozen CLIP with
+  the PEFT parameters applied for clipadapter/bitfit/lora (`peft.apply`; `merged` folds LoRA into
+  the kernels), else the frozen one.
 
-  For fullft_st the result has a leading task axis on every leaf (see `clip_per_task`).
+  For fullft_st every leaf has a leading task axis, for the PEFT *_st methods the leaves derived
+  from the learned params do (see `clip_task_axes`).
   """
+  if spec.family in PEFT_FAMILIES:
+    part = learned["task"] if spec.sharing == "st" else learned["shared"]
+    return peft.apply(frozen_clip, part, spec, merged=merged)
   return learned["clip"] if spec.family == "fullft" else frozen_clip
 
 
 def clip_per_task(spec: PromptSpec) -> bool:
-  """Whether `clip_params_for` returns per-task CLIP params (leading [T])."""
+  """Whether `clip_params_for` returns per-task CLIP params (leading [T] on every leaf)."""
   return spec.method == "fullft_st"
+
+
+def clip_task_axes(params: Any, spec: PromptSpec, *, merged: bool = False) -> Any:
+  """How `clip_params_for(...)`'s result maps over tasks, as heads' `clip_per_task` takes it:
+  a bool for every leaf alike (True only for fullft_st), or for the PEFT *_st methods a pytree
+  of 0 (the learned leaves, [T]) / None (the frozen ones, shared by all tasks, never copied)."""
+  if spec.family in PEFT_FAMILIES and spec.sharing == "st":
+    return peft.task_axes(params, spec, merged=merged)
+  return clip_per_task(spec)
+
+
+def task_clip_params(learned: Learned, frozen_clip: Any, spec: PromptSpec, task: Any, *,
+                     merged: bool = False) -> Any:
+  """The CLIP params task `task` (an int or a traced int32 scalar) runs with, no task axis."""
+  take = lambda x: jax.lax.dynamic_index_in_dim(jnp.asarray(x), task, 0, keepdims=False)
+  if clip_per_task(spec):
+    return jax.tree.map(take, learned["clip"])
+  if spec.family in PEFT_FAMILIES and spec.sharing == "st":
+    return peft.apply(frozen_clip, jax.tree.map(take, learned["task"]), spec, merged=merged)
+  return clip_params_for(learned, frozen_clip, spec, merged=merged)
 
 
 # ----------------------------------------------------------------------------- accounting
@@ -182,7 +216,7 @@ def trainable_param_count(clip_cfg: ClipConfig, spec: PromptSpec, num_tasks: int
   """Number of trained parameters, from shapes only (nothing allocated, even for fullft)."""
   def build():
     key = jax.random.key(0)
-    cp = clip.init_params(key, clip_cfg) if spec.family == "fullft" else None
+    cp = clip.init_params(key, clip_cfg) if spec.family in ("fullft", "bitfit") else None
     # ctx_init changes initial values, not shapes: count its random-init twin.
     shapes_spec = dataclasses.replace(spec, ctx_init="") if spec.learned_ctx_init else spec
     return init_learned(key, clip_cfg, shapes_spec, num_tasks, groups, clip_params=cp)
@@ -203,5 +237,5 @@ def param_summary(clip_cfg: ClipConfig, spec: PromptSpec, num_tasks: int,
 
 
 __all__ = ["Groups", "FAMILY_MODULES", "resolve_groups", "task_to_group", "init_learned",
-           "task_prompts", "clip_params_for", "clip_per_task", "trainable_param_count",
-           "param_summary"]
+           "task_prompts", "clip_params_for", "clip_per_task", "clip_task_axes",
+           "task_clip_params", "trainable_param_count", "param_summary"]

@@ -1,9 +1,12 @@
 """`PromptSpec`: every prompt hyper-parameter of every method, validated against a CLIP.
 
 A method name is `<family>_<sharing>`:
-  family  zeroshot | coop | vpt | maple | ivlp | mmap | fullft
+  family  zeroshot | coop | vpt | maple | ivlp | mmap | fullft | clipadapter | bitfit | lora
   sharing st (one prompt set per task) | mt (one set shared by all tasks) | shared (mmap: one
           MmAP for all tasks) | mt for mmap = group-shared MmAP per group + task-specific per task.
+
+The PEFT baselines (clipadapter, bitfit, lora; `PEFT_FAMILIES`, code in mmap_jax/peft) learn no
+prompts: they change the CLIP the encoders run with (mmap_jax/peft/__init__.py).
 
 Fields left as None take the family's published default for the CLIP at hand, so a config only
 names what it changes and a field means the same whichever way the method was chosen
@@ -15,15 +18,21 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Any, Mapping, Optional
 
 from mmap_jax.models.config import ClipConfig
 
 METHODS = ("zeroshot", "coop_st", "coop_mt", "vpt_st", "vpt_mt", "maple_st", "maple_mt",
-           "ivlp_st", "ivlp_mt", "mmap_st", "mmap_shared", "mmap_mt", "fullft_st", "fullft_mt")
-FAMILIES = ("zeroshot", "coop", "vpt", "maple", "ivlp", "mmap", "fullft")
+           "ivlp_st", "ivlp_mt", "mmap_st", "mmap_shared", "mmap_mt", "fullft_st", "fullft_mt",
+           "clipadapter_st", "clipadapter_mt", "bitfit_st", "bitfit_mt", "lora_st", "lora_mt")
+FAMILIES = ("zeroshot", "coop", "vpt", "maple", "ivlp", "mmap", "fullft",
+            "clipadapter", "bitfit", "lora")
 VPT_INITS = ("xavier_uniform", "normal")
 MMAP_SOURCE_DIM = 256   # the MmAP paper's d_s (ViT-B/16: divides 512 and 768)
+PEFT_FAMILIES = ("clipadapter", "bitfit", "lora")
+ADAPTER_SIDES = ("image", "text", "both")   # CLIP-Adapter: which features get an adapter
+LORA_TARGETS = ("q", "k", "v", "o")          # LoRA: attention query/key/value/output projections
 
 # (length L, depth J) per family; depth None = all layers of the prompted tower.
 #   coop: CoOp's generic context, 16 tokens, input layer only.
@@ -46,6 +55,11 @@ CTX_INIT_FAMILIES = ("coop", "maple", "ivlp")
 FAMILY_CTX_INIT = {"maple": "a photo of a"}
 
 
+def _split_targets(targets: Any) -> list[str]:
+  """"q,v" or "q+v" ('+' lets a sweep list several target sets: 'q+v,q+k+v+o')."""
+  return re.split(r"[,+]", str(targets))
+
+
 @dataclasses.dataclass(frozen=True)
 class PromptSpec:
   """Prompt hyper-parameters. Fields a method does not use are ignored by it."""
@@ -59,6 +73,14 @@ class PromptSpec:
   vpt_init: str = "xavier_uniform"      # VPT's own init; "normal" = N(0, init_std^2)
   zeroshot_template: str = "a photo of a {}."  # text side of methods without text prompts
   ctx_init: Optional[str] = None        # coop/maple/ivlp text context init words ("" = random)
+  # CLIP-Adapter (Gao et al. 2021): ratio * adapter(f) + (1 - ratio) * f on the projected features
+  adapter_ratio: float = 0.2            # the paper's image-side ratio
+  adapter_reduction: int = 4            # bottleneck width embed_dim / reduction (the paper's 4)
+  adapter_on: str = "image"             # image | text | both (the paper's best: image)
+  # LoRA (Hu et al. 2022) on the attention projections of both towers: W + (alpha / r) B A
+  lora_rank: int = 4                    # r
+  lora_alpha: float = 4.0               # alpha; the update is scaled by alpha / r
+  lora_targets: str = "q,v"             # subset of q,k,v,o, ',' or '+' separated (paper: q,v)
 
   def __post_init__(self):
     fam = self.method.split("_")[0] if isinstance(self.method, str) else None
@@ -119,6 +141,12 @@ class PromptSpec:
       return ctx_init_words(self.ctx_init)
     return None
 
+  @property
+  def lora_target_list(self) -> tuple[str, ...]:
+    """`lora_targets` parsed, in q,k,v,o order (validated by `validate_fields`)."""
+    names = {t.strip() for t in _split_targets(self.lora_targets) if t.strip()}
+    return tuple(t for t in LORA_TARGETS if t in names)
+
   def _prompted_layers(self, clip_cfg: ClipConfig) -> list[tuple[str, int]]:
     towers = []
     if self.has_text_prompts:
@@ -165,11 +193,56 @@ class PromptSpec:
       raise ValueError(f"unknown prompt config field(s) {unknown}; allowed: {sorted(names)}")
     return cls(**d)
 
+  def _peft_errors(self) -> list[str]:
+    """The PEFT fields' checks that need no CLIP (run by `validate_fields` and `validate`)."""
+    errors = []
+    fam = self.family
+    if fam == "clipadapter":
+      r = self.adapter_ratio
+      if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 <= r <= 1.0:
+        errors.append(f"prompt.adapter_ratio={r!r} must be in [0, 1]")
+      red = self.adapter_reduction
+      if isinstance(red, bool) or not isinstance(red, int) or red < 1:
+        errors.append(f"prompt.adapter_reduction={red!r} must be a positive int")
+      if self.adapter_on not in ADAPTER_SIDES:
+        errors.append(f"prompt.adapter_on={self.adapter_on!r}; allowed: {ADAPTER_SIDES}")
+    if fam == "lora":
+      r = self.lora_rank
+      if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        errors.append(f"prompt.lora_rank={r!r} must be a positive int")
+      a = self.lora_alpha
+      if isinstance(a, bool) or not isinstance(a, (int, float)) or not a > 0:
+        errors.append(f"prompt.lora_alpha={a!r} must be > 0")
+      names = [t.strip() for t in _split_targets(self.lora_targets)]
+      if (not isinstance(self.lora_targets, str) or not all(names)
+          or any(t not in LORA_TARGETS for t in names) or len(set(names)) != len(names)):
+        errors.append(f"prompt.lora_targets={self.lora_targets!r} must list distinct names "
+                      f"from {LORA_TARGETS} separated by ',' or '+', e.g. 'q,v' or 'q+k+v+o'")
+    return errors
+
+  def validate_fields(self) -> "PromptSpec":
+    """The checks that need no CLIP (config validation before anything loads); return self."""
+    if self.method not in METHODS:
+      raise ValueError(f"prompt.method={self.method!r}; allowed: {METHODS}")
+    errors = self._peft_errors()
+    if errors:
+      raise ValueError(f"invalid prompt config for method {self.method!r}: " + "; ".join(errors))
+    return self
+
   def validate(self, clip_cfg: ClipConfig) -> "PromptSpec":
     """Raise ValueError naming every bad field (and what is allowed); return self."""
     errors = []
     if self.method not in METHODS:
       raise ValueError(f"prompt.method={self.method!r}; allowed: {METHODS}")
+    errors += self._peft_errors()
+    if (self.family == "clipadapter" and isinstance(self.adapter_reduction, int)
+        and self.adapter_reduction >= 1 and clip_cfg.embed_dim % self.adapter_reduction):
+      errors.append(f"prompt.adapter_reduction={self.adapter_reduction} must divide the "
+                    f"embedding width {clip_cfg.embed_dim}")
+    narrow = min(clip_cfg.text.width, clip_cfg.vision.width)
+    if self.family == "lora" and isinstance(self.lora_rank, int) and self.lora_rank > narrow:
+      errors.append(f"prompt.lora_rank={self.lora_rank} exceeds the narrower tower's width "
+                    f"{narrow}")
     d_t, d_v = clip_cfg.text.width, clip_cfg.vision.width
     fam = self.family
     if self.has_prompts:

@@ -30,15 +30,14 @@ def make_eval_fns(clip_cfg: ClipConfig, spec: PromptSpec, groups, num_tasks: int
   def text_fn(learned, clip_params, class_tokens):
     prompts, params = prompts_and_params(learned, clip_params)
     return heads.text_features(params, clip_cfg, prompts.text, class_tokens, dtype=dtype,
-                               clip_per_task=multitask.clip_per_task(spec))
+                               clip_per_task=multitask.clip_task_axes(params, spec))
 
   @jax.jit
   def batch_fn(learned, clip_params, text_feats, class_mask, images, task):
     """Predicted class per image of one task's batch: [B] int32."""
-    prompts, params = prompts_and_params(learned, clip_params)
+    prompts = multitask.task_prompts(learned, clip_cfg, spec, groups, num_tasks=num_tasks)
     take = lambda x: None if x is None else jax.lax.dynamic_index_in_dim(x, task, 0, keepdims=False)
-    per_task = multitask.clip_per_task(spec)
-    p = jax.tree.map(take, params) if per_task else params
+    p = multitask.task_clip_params(learned, clip_params, spec, task)
     vis = take(prompts.visual)
     feats = heads.image_features(p, clip_cfg, None if vis is None else vis[None],
                                  images[None], dtype=dtype, clip_per_task=False)

@@ -124,7 +124,7 @@ def validate(config: mlc.ConfigDict, num_devices: Optional[int] = None) -> None:
          f"groups.init_from_warmup=True needs groups.mode='gradient' (only it runs the warm-up "
          f"whose shared MmAP it copies), got groups.mode={mode!r}")
   try:
-    PromptSpec.from_config(config.prompt, config.method)
+    PromptSpec.from_config(config.prompt, config.method).validate_fields()
   except (ValueError, TypeError) as e:
     errors.append(str(e))
   if errors:

@@ -1,4 +1,4 @@
-"""A trained workdir as a classifier's inputs: one task's prompts (and CLIP, for full FT).
+"""A trained workdir as a classifier's inputs: one task's prompts and CLIP params (full FT, PEFT).
 
 Reads only what a checkpoint holds (the learned pytree and its metadata: method, prompt spec,
 groups, task and class names), so prediction needs neither the dataset nor the training config.
@@ -85,7 +85,7 @@ def task_model(trained: Trained, clip_cfg: ClipConfig, clip_params: Any,
   prompts = multitask.task_prompts(trained.learned, clip_cfg, spec, trained.groups,
                                    num_tasks=len(trained.task_names))
   pick = lambda x: None if x is None else np.asarray(x)[i]
-  params = multitask.clip_params_for(trained.learned, clip_params, spec)
-  if multitask.clip_per_task(spec):
-    params = jax.tree.map(lambda x: np.asarray(x)[i], params)
+  # merged: LoRA folded into the kernels, so prediction runs a plain CLIP (exact).
+  params = jax.device_get(multitask.task_clip_params(trained.learned, clip_params, spec, i,
+                                                     merged=True))
   return params, PromptTokens(pick(prompts.text), pick(prompts.visual)), trained.class_names[i]
