@@ -18,3 +18,10 @@ def bpe_path():
   if not BPE_PATH.exists():
     pytest.fail(f"expected the packaged CLIP vocabulary at {BPE_PATH}")
   return BPE_PATH
+
+
+@pytest.fixture(scope="session")
+def tok(bpe_path):
+  """The real CLIP tokenizer (built once per test session)."""
+  from mmap_jax.tokenizer import ClipTokenizer
+  return ClipTokenizer.from_bpe_file(bpe_path)

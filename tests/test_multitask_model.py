@@ -17,7 +17,6 @@ from mmap_jax.heads import ClassTokens
 from mmap_jax.models import clip
 from mmap_jax.models.config import VARIANTS
 from mmap_jax.prompts import METHODS, PromptSpec, init_learned, task_prompts
-from mmap_jax.tokenizer import ClipTokenizer
 
 CFG = VARIANTS["tiny"]          # text width 48, vision width 64, 3 layers each
 B16 = VARIANTS["ViT-B/16"]
@@ -63,11 +62,6 @@ def numpy_clip(cfg, seed=0):
       std = w ** -0.5
     return (std * rng.standard_normal(s.shape)).astype(np.float32)
   return jax.tree_util.tree_map_with_path(leaf, clip.param_shapes(cfg))
-
-
-@pytest.fixture(scope="module")
-def tok(bpe_path):
-  return ClipTokenizer.from_bpe_file(bpe_path)
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,6 @@ from mmap_jax.models import clip
 from mmap_jax.models.config import VARIANTS
 from mmap_jax.prompts import multitask
 from mmap_jax.prompts.spec import PromptSpec
-from mmap_jax.tokenizer import ClipTokenizer
 from mmap_jax.train import step as train_step
 from tests import train_fixtures as fx
 from tests.test_multitask_model import numpy_clip
@@ -43,11 +42,6 @@ def spec_of(method, **kw):
 
 def paths(tree):
   return {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(tree)}
-
-
-@pytest.fixture(scope="module")
-def tok(bpe_path):
-  return ClipTokenizer.from_bpe_file(bpe_path)
 
 
 @pytest.fixture(scope="module")
@@ -358,7 +352,6 @@ def test_end_to_end(method, e2e_env):
   predicts (LoRA merged into a plain CLIP) the same classes as the evaluator."""
   from mmap_jax import predict
   from mmap_jax.checkpoints import store
-  from mmap_jax.data import pipeline
   from mmap_jax.train import loop, setup, trained as trained_lib
   config = fx.tiny_config(e2e_env["clip"], e2e_env["data"], method=method)
   workdir = e2e_env["root"] / method
@@ -390,11 +383,5 @@ def test_end_to_end(method, e2e_env):
   classifier = predict.build_classifier(params, cfg, tok, classes, prompts,
                                         template=spec.zeroshot_template)
   task = next(t for t in setup.build_tasks(config) if t.info.name == "sketch")
-  images, labels = [], []
-  for b in pipeline.eval_batches(task, batch_size=16, image_size=cfg.vision.image_size):
-    m = np.asarray(b["mask"])
-    images.append(np.asarray(b["image"])[m])
-    labels.append(np.asarray(b["label"])[m])
-  probs = predict.classify(classifier, np.concatenate(images))
-  accuracy = float((probs.argmax(-1) == np.concatenate(labels)).mean())
+  accuracy = fx.predicted_accuracy(classifier, task, cfg.vision.image_size)
   assert accuracy == pytest.approx(saved["tasks"]["sketch"]["accuracy"])

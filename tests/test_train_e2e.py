@@ -4,7 +4,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
-import os
 import pathlib
 import struct
 import subprocess
@@ -397,7 +396,6 @@ def test_half_written_checkpoint_is_never_latest(tmp_path):
 def test_predict_with_trained_prompts_matches_evaluation(env, finished, tmp_path):
   from mmap_jax import predict
   from mmap_jax.checkpoints import store
-  from mmap_jax.data import pipeline
   from mmap_jax.train import trained as trained_lib
   workdir, result, *_ = finished
   trained = trained_lib.load_trained(str(workdir))
@@ -409,14 +407,7 @@ def test_predict_with_trained_prompts_matches_evaluation(env, finished, tmp_path
   classifier = predict.build_classifier(params, cfg, tok, classes, prompts)
   task = next(t for t in setup.build_tasks(fx.tiny_config(env["clip"], env["data"]))
               if t.info.name == "sketch")
-  images, labels = [], []
-  for b in pipeline.eval_batches(task, batch_size=16, image_size=cfg.vision.image_size):
-    m = np.asarray(b["mask"])
-    images.append(np.asarray(b["image"])[m])
-    labels.append(np.asarray(b["label"])[m])
-  probs = predict.classify(classifier, np.concatenate(images))
-  np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
-  accuracy = float((probs.argmax(-1) == np.concatenate(labels)).mean())
+  accuracy = fx.predicted_accuracy(classifier, task, cfg.vision.image_size)
   assert accuracy == pytest.approx(result["tasks"]["sketch"]["accuracy"])
   # The CLI path: files in, the task's own class names out.
   from PIL import Image

@@ -66,3 +66,18 @@ def subprocess_env() -> dict:
   env["JAX_PLATFORMS"] = "cpu"
   env["PYTHONPATH"] = str(pathlib.Path(__file__).resolve().parents[1])
   return env
+
+
+def predicted_accuracy(classifier, task, image_size: int) -> float:
+  """Accuracy of `predict.classify` over a task's test split (what the evaluator reports)."""
+  import numpy as np
+  from mmap_jax import predict
+  from mmap_jax.data import pipeline
+  images, labels = [], []
+  for b in pipeline.eval_batches(task, batch_size=16, image_size=image_size):
+    m = np.asarray(b["mask"])
+    images.append(np.asarray(b["image"])[m])
+    labels.append(np.asarray(b["label"])[m])
+  probs = predict.classify(classifier, np.concatenate(images))
+  np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
+  return float((probs.argmax(-1) == np.concatenate(labels)).mean())
