@@ -188,7 +188,7 @@ def build_tasks(
       also in the train or test list (file:line).
     mmap_jax.data.images.UnreadableImageError: a corrupt image (its path).
   """
-  module = builders.get(name)
+  module = builders.get(name)   # the dataset plug-in (common.FolderDataset)
   if not 0.0 <= val_fraction < 1.0:
     raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
   options = common.BuildOptions(

@@ -1,18 +1,20 @@
 """Domain datasets as TFDS builders, one builder config per domain (= task).
 
-`DATASETS` maps the names accepted by `mmap_jax.data.sources.build_tasks` to
-modules that each provide:
+`DATASETS` maps the names accepted by `mmap_jax.data.sources.build_tasks` to each
+module's `DATASET`, a `common.FolderDataset` (or subclass) that provides:
 
   Builder                                   the TFDS builder class (unregistered)
   domains(root, requested, options)         -> domain folder names to build
   config_name(domain, root, options)        -> TFDS config name of one domain
   resolve_root(root, data_dir, options)     -> manual dir (demo: generates it)
   plan(root, domains, options, names)       -> [DomainPlan] (checks the layout)
+
+The shared behaviour lives in `common.FolderDataset` (fixed domains, seeded or listed splits)
+and `common.ListDataset` (classes and splits from official lists); a module overrides only what
+its dataset does differently.
 """
 
 from __future__ import annotations
-
-import types
 
 from mmap_jax.data.builders import common
 from mmap_jax.data.builders import demo_domains
@@ -23,12 +25,12 @@ from mmap_jax.data.builders import office_home
 
 __all__ = ["DATASETS", "common", "get"]
 
-DATASETS: dict[str, types.ModuleType] = {
-    m.NAME: m for m in (office_home, mini_domainnet, domainnet, image_folder, demo_domains)
+DATASETS: dict[str, common.FolderDataset] = {
+    m.NAME: m.DATASET for m in (office_home, mini_domainnet, domainnet, image_folder, demo_domains)
 }
 
 
-def get(name: str) -> types.ModuleType:
+def get(name: str) -> common.FolderDataset:
   try:
     return DATASETS[name]
   except KeyError:

@@ -640,3 +640,68 @@ def plan_list_domains(
         dataset, domain, config_names[domain], os.path.abspath(root), class_names,
         splits[0], splits[1], how, splits[2] if len(splits) > 2 else ()))
   return plans
+
+
+# ----------------------------------------------------------------- datasets ---
+
+
+class FolderDataset:
+  """A dataset's plug-in for `sources.build_tasks`: which domains, their TFDS config names, the
+  manual dir, and the build plan. This base is a `<root>/<domain>/<class>/*` tree with a fixed
+  domain list split by seed (or by split lists); the dataset modules subclass what differs.
+  """
+
+  def __init__(self, name: str, builder: type, domains: Sequence[str] = ()):
+    self.name, self.Builder, self.fixed_domains = name, builder, tuple(domains)
+
+  def domains(self, root: str | None, requested: Sequence[str] | None,
+              options: BuildOptions) -> list[str]:
+    """The domain folder names to build (`requested`, by folder or config name; else all)."""
+    del root, options
+    return resolve_domains(requested, self.fixed_domains, self.name)
+
+  def config_name(self, domain: str, root: str | None, options: BuildOptions) -> str:
+    del root
+    return folder_config_name(domain, options)
+
+  def resolve_root(self, root: str | None, data_dir: str, options: BuildOptions) -> str | None:
+    """The manual dir (demo_domains generates it)."""
+    del data_dir, options
+    return root
+
+  def plan(self, root: str, domains: Sequence[str], options: BuildOptions,
+           config_names: dict[str, str]) -> list[DomainPlan]:
+    """One DomainPlan per domain; checks the layout."""
+    return plan_folder_domains(self.name, root, domains, options, config_names)
+
+
+class ListDataset(FolderDataset):
+  """A dataset whose classes, labels and splits come from `<domain>_{train,test}.txt` lists:
+  in `split_files`, else the first of `list_dirs` (relative to root) that has them."""
+
+  def __init__(self, name: str, builder: type, domains: Sequence[str],
+               list_dirs: Sequence[str], missing_dir: str):
+    super().__init__(name, builder, domains)
+    self.list_dirs, self.missing_dir = tuple(list_dirs), missing_dir
+
+  def split_dir(self, root: str, options: BuildOptions) -> str:
+    """Where the lists are; `missing_dir` (relative to root) when none has them, so that
+    `find_split_file` reports what is missing there."""
+    if options.split_files:
+      return options.split_files
+    for d in self.list_dirs:
+      path = os.path.normpath(os.path.join(root, d))
+      if any(os.path.isfile(os.path.join(path, f"{x}_train.txt")) for x in self.fixed_domains):
+        return path
+    return os.path.normpath(os.path.join(root, self.missing_dir))
+
+  def config_name(self, domain: str, root: str | None, options: BuildOptions) -> str:
+    del root
+    return list_config_name(domain, options)
+
+  def plan(self, root: str, domains: Sequence[str], options: BuildOptions,
+           config_names: dict[str, str]) -> list[DomainPlan]:
+    check_root(root, self.name, domains)
+    # A val list is honoured only in user split_files (their digest names the prepared data).
+    return plan_list_domains(self.name, root, domains, self.split_dir(root, options),
+                             config_names, with_val=bool(options.split_files))

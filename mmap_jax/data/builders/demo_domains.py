@@ -11,7 +11,6 @@ carry the generator parameters ('demo_domains/photo-seed0-n40-px64').
 from __future__ import annotations
 
 import os
-from typing import Sequence
 
 from mmap_jax.data import demo_world
 from mmap_jax.data.builders import common
@@ -31,27 +30,21 @@ def _tag(options: common.BuildOptions) -> str:
           f"-px{options.demo_image_size}")
 
 
-def domains(root: str | None, requested: Sequence[str] | None,
-            options: common.BuildOptions) -> list[str]:
-  del root, options
-  return common.resolve_domains(requested, demo_world.DOMAINS, NAME)
+class _DemoDomains(common.FolderDataset):
+  """An image folder the demo world generates on first use; config names carry its parameters."""
+
+  def config_name(self, domain: str, root: str | None, options: common.BuildOptions) -> str:
+    del root
+    return common.folder_config_name(domain, options, tag=_tag(options))
+
+  def resolve_root(self, root: str | None, data_dir: str, options: common.BuildOptions) -> str:
+    """Generates the tree (all domains, so any subset can be built later)."""
+    if root is None:
+      root = os.path.join(data_dir, "downloads", "manual", NAME, _tag(options).lstrip("-"))
+    demo_world.generate_tree(root, seed=options.demo_seed,
+                             images_per_class=options.demo_images_per_class,
+                             size=options.demo_image_size)
+    return root
 
 
-def config_name(domain: str, root: str | None, options: common.BuildOptions) -> str:
-  del root
-  return common.folder_config_name(domain, options, tag=_tag(options))
-
-
-def plan(root: str, domains: Sequence[str], options: common.BuildOptions,
-         config_names: dict[str, str]) -> list[common.DomainPlan]:
-  return common.plan_folder_domains(NAME, root, domains, options, config_names)
-
-
-def resolve_root(root: str | None, data_dir: str, options: common.BuildOptions) -> str:
-  """Generates the tree (all domains, so any subset can be built later)."""
-  if root is None:
-    root = os.path.join(data_dir, "downloads", "manual", NAME, _tag(options).lstrip("-"))
-  demo_world.generate_tree(root, seed=options.demo_seed,
-                           images_per_class=options.demo_images_per_class,
-                           size=options.demo_image_size)
-  return root
+DATASET = _DemoDomains(NAME, Builder, demo_world.DOMAINS)

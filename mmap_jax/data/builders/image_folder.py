@@ -30,27 +30,22 @@ def _root_tag(root: str) -> str:
   return f"-r{digest}"
 
 
-def domains(root: str | None, requested: Sequence[str] | None,
-            options: common.BuildOptions) -> list[str]:
-  del options
-  root = common.check_root(root, NAME, list(requested or ["<domain>", "..."]))
-  found = common.list_dirs(root)
-  if not found:
-    raise common.DataLayoutError(
-        f"{NAME}: root {root!r} has no domain folders; expected <root>/<domain>/<class>/<images>")
-  return common.resolve_domains(requested, found, NAME,
-                                available_label=f"domain folders found in {root!r}:")
+class _ImageFolder(common.FolderDataset):
+  """Domains are root's sub-folders; config names carry a digest of the root."""
+
+  def domains(self, root: str | None, requested: Sequence[str] | None,
+              options: common.BuildOptions) -> list[str]:
+    del options
+    root = common.check_root(root, NAME, list(requested or ["<domain>", "..."]))
+    found = common.list_dirs(root)
+    if not found:
+      raise common.DataLayoutError(
+          f"{NAME}: root {root!r} has no domain folders; expected <root>/<domain>/<class>/<images>")
+    return common.resolve_domains(requested, found, NAME,
+                                  available_label=f"domain folders found in {root!r}:")
+
+  def config_name(self, domain: str, root: str | None, options: common.BuildOptions) -> str:
+    return common.folder_config_name(domain, options, tag=_root_tag(root))
 
 
-def config_name(domain: str, root: str | None, options: common.BuildOptions) -> str:
-  return common.folder_config_name(domain, options, tag=_root_tag(root))
-
-
-def plan(root: str, domains: Sequence[str], options: common.BuildOptions,
-         config_names: dict[str, str]) -> list[common.DomainPlan]:
-  return common.plan_folder_domains(NAME, root, domains, options, config_names)
-
-
-def resolve_root(root: str | None, data_dir: str, options: common.BuildOptions) -> str | None:
-  del data_dir, options
-  return root
+DATASET = _ImageFolder(NAME, Builder)

@@ -8,8 +8,6 @@ each class is split by seed (default 80/20) unless split lists are given.
 
 from __future__ import annotations
 
-from typing import Sequence
-
 from mmap_jax.data.builders import common
 
 NAME = "office_home"
@@ -25,22 +23,4 @@ class Builder(common.DomainBuilder, skip_registration=True):
       "Art/ Clipart/ Product/ 'Real World'/ as root.")
 
 
-def domains(root: str | None, requested: Sequence[str] | None,
-            options: common.BuildOptions) -> list[str]:
-  del root, options
-  return common.resolve_domains(requested, DOMAINS, NAME)
-
-
-def config_name(domain: str, root: str | None, options: common.BuildOptions) -> str:
-  del root
-  return common.folder_config_name(domain, options)
-
-
-def plan(root: str, domains: Sequence[str], options: common.BuildOptions,
-         config_names: dict[str, str]) -> list[common.DomainPlan]:
-  return common.plan_folder_domains(NAME, root, domains, options, config_names)
-
-
-def resolve_root(root: str | None, data_dir: str, options: common.BuildOptions) -> str | None:
-  del data_dir, options
-  return root
+DATASET = common.FolderDataset(NAME, Builder, DOMAINS)
