@@ -51,7 +51,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-Groups = tuple[tuple[int, ...], ...]
+from mmap_jax.groups import Groups, canonical_groups, check_groups, groups_from_names
+
 PyTree = Any
 
 GROUPS_FILE = "groups.json"
@@ -243,33 +244,6 @@ def _check_affinity(affinity: Any, field: str = "affinity") -> np.ndarray:
   if not np.allclose(a, a.T, rtol=1e-5, atol=1e-6):
     raise ValueError(f"{field}: not symmetric (max |A - A^T| = {np.max(np.abs(a - a.T)):.3g})")
   return (a + a.T) / 2
-
-
-def canonical_groups(groups: Iterable[Iterable[int]]) -> Groups:
-  """Members sorted within each group, groups sorted by their smallest member."""
-  return tuple(sorted((tuple(sorted(int(i) for i in g)) for g in groups), key=lambda g: g[0]))
-
-
-def check_groups(groups: Iterable[Iterable[int]], num_tasks: int, field: str = "groups") -> Groups:
-  """Validate index groups (non-empty, disjoint, covering 0..T-1) and return them canonically."""
-  seen: dict[int, int] = {}
-  out = []
-  for gi, g in enumerate(groups):
-    g = list(g)
-    if not g:
-      raise ValueError(f"{field}[{gi}]: empty group")
-    for i in g:
-      if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not 0 <= i < num_tasks:
-        raise ValueError(f"{field}[{gi}]: task index {i!r} is not an int in 0..{num_tasks - 1}")
-      if int(i) in seen:
-        raise ValueError(f"{field}: task {int(i)} is in both group {seen[int(i)]} and group {gi}")
-      seen[int(i)] = gi
-    out.append(g)
-  missing = sorted(set(range(num_tasks)) - set(seen))
-  if missing:
-    raise ValueError(f"{field}: tasks {missing} are in no group (groups must cover all "
-                     f"{num_tasks} tasks)")
-  return canonical_groups(out)
 
 
 def _labels_to_groups(labels: np.ndarray) -> Groups:
@@ -531,35 +505,8 @@ def one_per_task_groups(num_tasks: int) -> Groups:
 
 def resolve_explicit_groups(groups: Any, task_names: Sequence[str],
                             field: str = "grouping.groups") -> Groups:
-  """Groups given by task name in a config -> canonical index groups.
-
-  Errors name the field: not a list of lists, an empty group, an unknown name, a task in two
-  groups, a task in none.
-  """
-  names = list(task_names)
-  if len(set(names)) != len(names):
-    raise ValueError(f"task_names: duplicate names in {names}")
-  index = {n: i for i, n in enumerate(names)}
-  if isinstance(groups, (str, bytes)) or not isinstance(groups, Sequence) or not groups:
-    raise ValueError(f"{field}: expected a non-empty list of lists of task names, got {groups!r}")
-  where: dict[str, int] = {}
-  out = []
-  for gi, g in enumerate(groups):
-    if isinstance(g, (str, bytes)) or not isinstance(g, Sequence):
-      raise ValueError(f"{field}[{gi}]: expected a list of task names, got {g!r}")
-    if not g:
-      raise ValueError(f"{field}[{gi}]: empty group")
-    for n in g:
-      if n not in index:
-        raise ValueError(f"{field}[{gi}]: unknown task {n!r}; known tasks: {names}")
-      if n in where:
-        raise ValueError(f"{field}: task {n!r} is in both group {where[n]} and group {gi}")
-      where[n] = gi
-    out.append([index[n] for n in g])
-  missing = [n for n in names if n not in where]
-  if missing:
-    raise ValueError(f"{field}: tasks {missing} are in no group (groups must cover all tasks)")
-  return canonical_groups(out)
+  """Groups given by task name in a config -> canonical index groups (`groups_from_names`)."""
+  return groups_from_names(groups, task_names, field)
 
 
 # ----------------------------------------------------------------------------- files

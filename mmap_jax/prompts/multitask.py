@@ -23,13 +23,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmap_jax import peft
+from mmap_jax.groups import Groups, check_groups
 from mmap_jax.models import clip
 from mmap_jax.models.config import ClipConfig
 from mmap_jax.prompts import coop, ctx_init, ivlp, maple, mmap, vpt
 from mmap_jax.prompts.base import PromptTokens
 from mmap_jax.prompts.spec import PEFT_FAMILIES, PromptSpec
 
-Groups = tuple[tuple[int, ...], ...]
 Learned = dict[str, Any]
 
 FAMILY_MODULES = {"coop": coop, "vpt": vpt, "maple": maple, "ivlp": ivlp, "mmap": mmap}
@@ -38,14 +38,16 @@ FAMILY_MODULES = {"coop": coop, "vpt": vpt, "maple": maple, "ivlp": ivlp, "mmap"
 # ----------------------------------------------------------------------------- groups
 
 def resolve_groups(groups: Optional[Sequence[Sequence[int]]], num_tasks: int) -> Groups:
-  """Validate a partition of range(num_tasks); None = one group holding every task."""
+  """Validate a partition of range(num_tasks) (`groups.check_groups`), keeping the given group
+  order (the learned pytree's group axis follows it); None = one group holding every task."""
   if groups is None:
     return (tuple(range(num_tasks)),)
   out = tuple(tuple(int(t) for t in g) for g in groups)
-  flat = sorted(t for g in out for t in g)
-  if any(len(g) == 0 for g in out) or flat != list(range(num_tasks)):
+  try:
+    check_groups(out, num_tasks)
+  except ValueError as e:
     raise ValueError(f"groups={out} must partition the task indices 0..{num_tasks - 1} into "
-                     "non-empty groups (each task in exactly one group)")
+                     f"non-empty groups (each task in exactly one group): {e}") from None
   return out
 
 

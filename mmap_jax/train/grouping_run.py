@@ -29,12 +29,12 @@ from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
 from mmap_jax import grouping, heads, parallel
+from mmap_jax.groups import Groups
 from mmap_jax.data import pipeline, sources
 from mmap_jax.prompts import multitask
 from mmap_jax.prompts.spec import PromptSpec
 from mmap_jax.train import chunks, optim, setup
 
-Groups = tuple[tuple[int, ...], ...]
 WARMUP_FILE = "grouping_warmup.safetensors"  # the warm-up's trained {"shared": MmAP} pytree
 
 
