@@ -64,26 +64,28 @@ def test_none_takes_the_family_recipe_and_an_explicit_field_overrides_only_itsel
   assert res.recipe is None and res.overridden == ("lr",)
 
 
-def test_demo_keeps_its_tuned_sgd_values_for_the_prompt_families():
-  """The demo's numbers for mmap stay those of the old single base recipe (its per-family
-  values), whichever way the method is set."""
-  old = recipes.Recipe(name="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4, warmup_steps=20,
-                       warmup_type="linear", grad_clip=0.0)
-  for method in ("mmap_mt", "mmap_st", "maple_mt", "coop_mt", "vpt_mt", "ivlp_mt"):
+def test_demo_trains_every_family_with_its_tuned_lr_and_published_rest():
+  """The demo's per-family values: the lr tuned on validation (DEMO_LR) and a 20-step linear
+  warm-up; everything else is the family's published recipe, whichever way the method is set."""
+  assert set(demo.DEMO_LR) == set(recipes.RECIPES) - {"zeroshot"}
+  for method in ("mmap_mt", "mmap_st", "maple_mt", "coop_mt", "vpt_mt", "ivlp_mt", "fullft_mt",
+                 "clipadapter_mt", "bitfit_st", "lora_mt"):
+    family = method.split("_")[0]
     res = setup.recipe(demo.get_config(f"method={method}"))
     by_flag = demo.get_config()
     by_flag.method = method
     assert setup.recipe(by_flag) == res
-    r = res.recipe
-    assert (r.name, r.lr, r.momentum, r.weight_decay, r.warmup_steps, r.warmup_type,
-            r.grad_clip, r.decay_mask, r.min_lr) == (
-        "sgd", 0.05, 0.9, 5e-4, 20, "linear", 0.0, "all", 0.0), method
     assert res.overridden == () and res.per_family == ("lr", "warmup_steps", "warmup_type")
-    for step in (0, 7, 20, 250, 399):   # same schedule as the old base recipe
-      assert float(optim.learning_rate_schedule(r, 400)(step)) == float(
-          optim.learning_rate_schedule(old, 400)(step))
-  # Full fine-tuning in the demo trains with its own recipe, not the demo's SGD lr.
-  assert setup.recipe(demo.get_config("method=fullft_mt")).recipe == recipes.RECIPES["fullft"]
+    want = dataclasses.replace(recipes.RECIPES[family], lr=demo.DEMO_LR[family],
+                               warmup_steps=20, warmup_type="linear")
+    assert res.recipe == want, method
+  # The demo's mmap schedule (SGD, linear warm-up then cosine) as the hand-written recipe.
+  r = setup.recipe(demo.get_config("method=mmap_mt")).recipe
+  old = recipes.Recipe(name="sgd", lr=demo.DEMO_LR["mmap"], momentum=0.9, weight_decay=5e-4,
+                       warmup_steps=20, warmup_type="linear", grad_clip=0.0)
+  for step in (0, 7, 20, 250, 399):
+    assert float(optim.learning_rate_schedule(r, 400)(step)) == float(
+        optim.learning_rate_schedule(old, 400)(step))
 
 
 def test_precedence_optim_over_per_family_over_published():
@@ -258,6 +260,7 @@ def test_results_json_records_the_resolved_recipe(tmp_path, bpe_path):
   # demo: lr, warm-up type per family; warm-up (runlocal / tiny: 1 step) and weight decay explicit.
   assert saved["optim"]["overridden"] == ["weight_decay", "warmup_steps"]
   assert saved["optim"]["per_family"] == ["lr", "warmup_type"]
-  want = dataclasses.replace(recipes.RECIPES["coop"], lr=0.05, weight_decay=0.0, warmup_steps=1,
+  want = dataclasses.replace(recipes.RECIPES["coop"], lr=demo.DEMO_LR["coop"], weight_decay=0.0,
+                             warmup_steps=1,
                              warmup_type="linear")
   assert saved["optim"]["recipe"] == want.to_dict()
