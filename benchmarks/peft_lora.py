@@ -39,7 +39,8 @@ def main():
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp
   from configs import benchmark as benchmark_config
-  from mmap_jax import benchmark, heads, host_runtime, peft
+  from mmap_jax import heads, peft
+  from mmap_jax.apps import benchmark, host_runtime
   from mmap_jax.prompts import multitask
   from mmap_jax.train import step as train_step
 

@@ -14,7 +14,7 @@ import sys
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from mmap_jax import host_runtime  # pylint: disable=g-import-not-at-top
+from mmap_jax.apps import host_runtime  # pylint: disable=g-import-not-at-top
 
 
 def main():
@@ -27,7 +27,7 @@ def main():
 
   import jax  # pylint: disable=g-import-not-at-top
   from configs import benchmark as benchmark_config
-  from mmap_jax import benchmark
+  from mmap_jax.apps import benchmark
   from mmap_jax.train import step as train_step
   from mmap_jax.prompts import multitask
 

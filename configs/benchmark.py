@@ -1,4 +1,4 @@
-r"""The performance benchmark's workload (see mmap_jax/benchmark.py and launch/benchmark.py).
+r"""The performance benchmark's workload (see mmap_jax/apps/benchmark.py and launch/benchmark.py).
 
     python -m launch.benchmark --config=configs/benchmark.py --out=/tmp/bench.json
     python -m launch.benchmark --config=configs/benchmark.py --vs_torch      # + the PyTorch step
@@ -71,7 +71,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.peak_runs = a.peak_runs           # sizes x both XLA:CPU dots, interleaved rounds (best, median)
   c.peak_warmup_s = a.peak_warmup_s   # round-robin warm-up of all variants before timing
 
-  c.accelerator = a.accelerator       # the GPU/TPU sweep (mmap_jax/accelerator.py) instead:
+  c.accelerator = a.accelerator       # the GPU/TPU sweep (mmap_jax/apps/accelerator.py) instead:
   c.sweep_dtypes = a.sweep_dtypes.replace("|", ",")   # these compute dtypes x
   c.sweep_remat = a.sweep_remat.replace("|", ",")     # these remat settings x per-task batches
   c.batch_start = a.batch_start or a.batch_size       # doubling from here until out of memory

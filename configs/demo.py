@@ -17,7 +17,6 @@ DEMO_LR = {"coop": 0.05, "vpt": 0.05, "maple": 0.2, "ivlp": 0.05, "mmap": 0.002,
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c, a = common.dataset_config("demo_domains", arg, clip_default="demo")
-  c.clip.vocab = mlc.FieldReference(None, field_type=str)  # only read to rebuild the demo CLIP
   c.data.demo_seed = 0
   c.data.demo_images_per_class = 100
   c.data.demo_image_size = 64

@@ -1,4 +1,4 @@
-r"""Pretraining of the demo's own small CLIP (mmap_jax/pretrain.py) on the demo world's pairs.
+r"""Pretraining of the demo's own small CLIP (mmap_jax/demo/pretrain.py) on the demo world's pairs.
 
   python -m launch.pretrain --config=configs/demo_pretrain.py --workdir=/tmp/demo_pretrain \
       --out=mmap_jax/assets/demo_clip
@@ -21,7 +21,7 @@ from __future__ import annotations
 import ml_collections as mlc
 
 from configs.common import parse_arg
-from mmap_jax import pretrain
+from mmap_jax.demo import pretrain
 
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:

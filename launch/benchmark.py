@@ -6,7 +6,7 @@ r"""Time the MmAP-MT training step (and its parts) on the fixed benchmark worklo
   python -m launch.benchmark --config=configs/benchmark.py:steps_per_call=4  # K steps per call
   python -m launch.benchmark --config=configs/benchmark.py:accelerator    # GPU/TPU sweep + MFU
 
-Prints one line per measurement and the JSON (top-level keys: mmap_jax.benchmark.RESULT_KEYS,
+Prints one line per measurement and the JSON (top-level keys: mmap_jax.apps.benchmark.RESULT_KEYS,
 plus TORCH_KEYS with --vs_torch). See configs/benchmark.py for the workload and its arguments.
 Runs under tcmalloc when installed (re-executes once; MMAP_JAX_ALLOCATOR=system to opt out) and
 with host_runtime.CPU_FAST_XLA_FLAGS; both are recorded in the JSON's `environment`.
@@ -16,7 +16,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from mmap_jax import host_runtime
+from mmap_jax.apps import host_runtime
 from launch import entry
 
 _CONFIG = config_flags.DEFINE_config_file("config", entry.resolve_config_path("configs/benchmark.py"),
@@ -29,13 +29,13 @@ _VS_TORCH = flags.DEFINE_bool("vs_torch", None, "Also run the PyTorch reference 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from mmap_jax import benchmark  # pylint: disable=g-import-not-at-top
+  from mmap_jax.apps import benchmark  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
   if _VS_TORCH.value is not None:
     config.vs_torch = _VS_TORCH.value
   log = lambda s: print(s, file=sys.stderr, flush=True)
   if config.accelerator:
-    from mmap_jax import accelerator  # pylint: disable=g-import-not-at-top
+    from mmap_jax.apps import accelerator  # pylint: disable=g-import-not-at-top
     result = accelerator.run_sweep(config, log=log)
   else:
     result = benchmark.run(config, log=log)

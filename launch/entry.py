@@ -16,7 +16,7 @@ from typing import Callable, Optional, Sequence
 
 from absl import app
 
-from mmap_jax import host_runtime
+from mmap_jax.apps import host_runtime
 
 CONFIG_FLAGS = ("--config", "-config")
 

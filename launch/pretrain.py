@@ -5,13 +5,14 @@ r"""Pretrain the demo's small CLIP and write it in the project's CLIP format.
 
 Resumes from the workdir's latest checkpoint; the output directory (default <workdir>/clip) gets
 clip.json, model.safetensors, the tokenizer and pretrain_report.json, replacing what was there
-atomically. The library call is `mmap_jax.pretrain.launch`.
+atomically. The library call is `mmap_jax.demo.pretrain.launch`.
 """
 from absl import app, flags
 from ml_collections import config_flags
 
 from launch import distributed_flags
-from mmap_jax import pretrain, resources
+from mmap_jax import resources
+from mmap_jax.demo import pretrain
 from launch import entry
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Pretraining config file[:args].",

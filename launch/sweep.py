@@ -26,7 +26,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from launch import distributed_flags
-from mmap_jax import sweep
+from mmap_jax.apps import sweep
 from launch import entry
 
 _CONFIG = config_flags.DEFINE_config_file(

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from mmap_jax import heads
+from mmap_jax import heads, resources
 from mmap_jax.checkpoints import store
 from mmap_jax.data import preprocess
 from mmap_jax.data.images import UnreadableImageError, to_rgb
@@ -128,8 +128,7 @@ def predict_files(clip_dir: str | pathlib.Path, class_names: Optional[Sequence[s
     if clip_dir is None:
       clip_dir = trained.clip_path
       if clip_dir == "demo":
-        from mmap_jax import pretrain
-        clip_dir = pretrain.ensure_demo_clip(None)
+        clip_dir = resources.demo_clip_dir(check=True)
   if clip_dir is None:
     raise ValueError("--clip is required (or --workdir of a run that names its CLIP)")
   cfg, params, tokenizer = store.load(clip_dir)

@@ -15,9 +15,21 @@ def _asset(*parts: str) -> pathlib.Path:
   return pathlib.Path(str(importlib.resources.files("mmap_jax").joinpath("assets", *parts)))
 
 
-def demo_clip_dir() -> pathlib.Path:
-  """The committed demo CLIP (project format: clip.json + model.safetensors + its BPE file)."""
-  return _asset("demo_clip")
+REBUILD_DEMO_CLIP = ("python -m launch.pretrain --config=configs/demo_pretrain.py "
+                     "--workdir=/tmp/demo_pretrain --out=mmap_jax/assets/demo_clip")
+
+
+def demo_clip_dir(check: bool = False) -> pathlib.Path:
+  """The committed demo CLIP (project format: clip.json + model.safetensors + its BPE file).
+
+  `check`: fail, with the command that rebuilds it, when the directory holds no CLIP (a clone
+  whose assets were deleted). The core never pretrains on its own: that is `mmap_jax.demo`'s job.
+  """
+  path = _asset("demo_clip")
+  if check and not (path / "clip.json").is_file():
+    raise FileNotFoundError(f"the demo CLIP is missing from {path} (no clip.json); rebuild it "
+                            f"with `{REBUILD_DEMO_CLIP}` (about 10 minutes on 2 CPU cores)")
+  return path
 
 
 def clip_bpe_path() -> pathlib.Path:

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from configs import benchmark as benchmark_config
-from mmap_jax import benchmark, heads, host_runtime
+from mmap_jax import heads
+from mmap_jax.apps import benchmark, host_runtime
 from mmap_jax.models import clip
 from mmap_jax.prompts import multitask
 
@@ -287,7 +288,7 @@ def test_accelerator_script_runs_the_tiny_sweep_on_cpu(bpe_path, tmp_path):
 
 
 def test_accelerator_sweep_doubles_the_batch_until_out_of_memory():
-  from mmap_jax import accelerator
+  from mmap_jax.apps import accelerator
   config = benchmark_config.get_config("tiny,vocab=none,sweep_dtypes=float32,max_batch=64")
   config.peak_sizes, config.peak_runs = "64", 1
   seen = []
@@ -312,7 +313,7 @@ def test_accelerator_sweep_doubles_the_batch_until_out_of_memory():
 
 
 def test_known_accelerator_peaks():
-  from mmap_jax import accelerator
+  from mmap_jax.apps import accelerator
   for kind, name in [("NVIDIA H100 80GB HBM3", "H100 SXM"), ("NVIDIA H100 PCIe", "H100 PCIe"),
                      ("NVIDIA H200", "H200 SXM"), ("NVIDIA A100-SXM4-40GB", "A100"),
                      ("TPU v4", "TPU v4"), ("TPU v5 lite", "TPU v5e"), ("TPU v5", "TPU v5p"),

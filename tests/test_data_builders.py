@@ -281,7 +281,7 @@ def test_image_folder_domain_selection_and_unknown_domain(tmp_path):
 
 
 def test_demo_domains_generated_and_deterministic(tmp_path):
-  from mmap_jax.data import demo_world
+  from mmap_jax.demo import world as demo_world
   kwargs = dict(demo_seed=3, demo_images_per_class=5, demo_image_size=32)
   a = sources.build_tasks("demo_domains", data_dir=str(tmp_path / "a"), **kwargs)
   b = sources.build_tasks("demo_domains", data_dir=str(tmp_path / "b"), **kwargs)

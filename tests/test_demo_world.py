@@ -1,4 +1,4 @@
-"""Tests for mmap_jax.data.demo_world, the procedurally generated demo world.
+"""Tests for mmap_jax.demo.world, the procedurally generated demo world.
 
 They check what the consumers rely on: determinism (arrays and PNG bytes),
 the tree layout and its atomic write, that the four domains are measurably
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmap_jax.data import demo_world as dw
+from mmap_jax.demo import world as dw
 
 ALL_STYLES = dw.DOMAINS + dw.PRETRAIN_STYLES
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from mmap_jax import host_runtime
+from mmap_jax.apps import host_runtime
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -69,7 +69,7 @@ def test_reexec_replaces_the_process_once_with_the_library_preloaded(tmp_path):
   script = tmp_path / "child.py"
   script.write_text(
       "import os, sys\n"
-      "from mmap_jax import host_runtime\n"
+      "from mmap_jax.apps import host_runtime\n"
       "if os.environ.get(host_runtime.REEXEC_MARK):\n"
       "  print('REEXECED', os.environ['LD_PRELOAD'],\n"
       "        ' '.join(sys.argv[1:]), flush=True)\n"

@@ -14,9 +14,10 @@ import pytest
 from safetensors.numpy import load_file
 
 from configs.demo_pretrain import get_config
-from mmap_jax import parallel, pretrain
+from mmap_jax import parallel
+from mmap_jax.demo import pretrain
 from mmap_jax.checkpoints import store
-from mmap_jax.data import demo_world
+from mmap_jax.demo import world as demo_world
 from mmap_jax.models.config import get_variant
 from mmap_jax.tokenizer import ClipTokenizer
 

@@ -10,7 +10,7 @@ import optax
 import pytest
 
 from configs import benchmark as benchmark_config
-from mmap_jax import benchmark
+from mmap_jax.apps import benchmark
 from mmap_jax.prompts import multitask
 from mmap_jax.train import loop, optim, step as train_step
 

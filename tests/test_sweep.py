@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from mmap_jax import sweep
+from mmap_jax.apps import sweep
 from mmap_jax.train import loop
 from tests import train_fixtures as fx
 

@@ -91,7 +91,7 @@ VARIANTS: dict[str, ClipConfig] = {
     "tiny": ClipConfig(embed_dim=32,
                        vision=VisionConfig(image_size=32, patch_size=8, width=64, layers=3, heads=4),
                        text=TextConfig(width=48, layers=3, heads=4)),
-    # The small CLIP the demo pretrains itself (mmap_jax/pretrain.py) on 64 px demo-world images.
+    # The small CLIP the demo pretrains itself (mmap_jax/demo/pretrain.py) on 64 px demo-world images.
     "demo": ClipConfig(embed_dim=64,
                        vision=VisionConfig(image_size=64, patch_size=16, width=128, layers=4, heads=4),
                        text=TextConfig(width=64, layers=3, heads=2)),

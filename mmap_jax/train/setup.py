@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
 
-from mmap_jax import heads, parallel
+from mmap_jax import heads, parallel, resources
 from mmap_jax.checkpoints import store
 from mmap_jax.data import preprocess, sources
 from mmap_jax.models.config import ClipConfig
@@ -143,8 +143,7 @@ def load_clip(config: mlc.ConfigDict) -> Clip:
   """The frozen CLIP named by `clip.path` (the project's format), or the demo's own."""
   path = config.clip.path
   if path == DEMO_CLIP:
-    from mmap_jax import pretrain  # Deferred: only the demo needs the pretraining code.
-    path = pretrain.ensure_demo_clip(None, vocab_path=config.clip.get("vocab"))
+    path = resources.demo_clip_dir(check=True)
   cfg, params, tok = store.load(path)
   return Clip(cfg=cfg, params=params, tokenizer=tok, path=str(path))
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 
-from mmap_jax.data import demo_world
+from mmap_jax.demo import world as demo_world
 from mmap_jax.data.builders import common
 
 NAME = "demo_domains"
@@ -22,7 +22,7 @@ class Builder(common.DomainBuilder, skip_registration=True):
   """The generated demo world, one config per domain."""
 
   name = NAME
-  MANUAL_DOWNLOAD_INSTRUCTIONS = "Generated on first use by mmap_jax.data.demo_world."
+  MANUAL_DOWNLOAD_INSTRUCTIONS = "Generated on first use by mmap_jax.demo.world."
 
 
 def _tag(options: common.BuildOptions) -> str:

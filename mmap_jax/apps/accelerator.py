@@ -2,7 +2,7 @@
 
 For every (dtype, remat) setting the per-task batch doubles from `batch_start` until the device
 runs out of memory (XLA's RESOURCE_EXHAUSTED is caught and ends that setting) or `max_batch`;
-each row is the training step of `mmap_jax.benchmark.bench_train_step` (the trainer's jitted
+each row is the training step of `mmap_jax.apps.benchmark.bench_train_step` (the trainer's jitted
 step, `steps_per_call` steps per call) with step time, images/s, XLA's FLOPs, MFU against the
 device's peak for that dtype, and device memory. The same code runs on CPU (tests: the tiny
 workload), where no table entry exists and the measured matmul peak is the reference.
@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional
 import jax
 import ml_collections as mlc
 
-from mmap_jax import benchmark
+from mmap_jax.apps import benchmark
 
 TERA = 1e12
 

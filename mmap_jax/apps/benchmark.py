@@ -47,7 +47,8 @@ import ml_collections as mlc
 import numpy as np
 
 from mmap_jax import heads
-from mmap_jax import host_runtime, resources
+from mmap_jax import resources
+from mmap_jax.apps import host_runtime
 from mmap_jax.models import clip
 from mmap_jax.models.config import ClipConfig, get_variant
 from mmap_jax.prompts import multitask

@@ -42,7 +42,7 @@ from PIL import Image
 from mmap_jax import parallel, resources
 from mmap_jax.checkpoints import store
 from mmap_jax.checkpoints.errors import CheckpointError
-from mmap_jax.data import demo_world
+from mmap_jax.demo import world as demo_world
 from mmap_jax.data.preprocess import CLIP_MEAN, CLIP_STD, eval_pixels, random_resized_crop_box
 from mmap_jax.models import clip
 from mmap_jax.models.config import ClipConfig, get_variant
