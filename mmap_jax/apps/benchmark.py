@@ -59,7 +59,7 @@ RESULT_KEYS = ("step_s_median", "step_s_min", "step_s_max", "images_per_s", "com
                "backend", "devices", "parts")
 TORCH_KEYS = ("torch_step_s_median", "torch_peak_memory_bytes", "speedup_vs_torch")
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 DEFAULT_VOCAB = resources.clip_bpe_path()
 TORCH_REFERENCE = REPO_ROOT / "benchmarks" / "torch_reference.py"
 
