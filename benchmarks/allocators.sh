@@ -4,7 +4,8 @@
 #
 #   bash benchmarks/allocators.sh [OUT_DIR]      # default benchmarks/results/allocators
 #
-# jemalloc / tcmalloc rows need the Debian packages libjemalloc2 / libtcmalloc-minimal4; rows
+# glibc / glibc_tuned need nothing installed (glibc_tuned is the launchers' default where
+# tcmalloc is missing); jemalloc / tcmalloc rows need the Debian packages libjemalloc2 / libtcmalloc-minimal4; rows
 # whose library is missing are skipped with a message.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,6 +19,7 @@ run() {  # name, then env assignments
     --out="$out/$name.json" >/dev/null
 }
 run glibc MMAP_JAX_ALLOCATOR=system
+run glibc_tuned MMAP_JAX_ALLOCATOR=glibc   # GLIBC_TUNABLES (host_runtime.GLIBC_TUNED): no package
 if [ -f $lib/libtcmalloc_minimal.so.4 ]; then
   run tcmalloc MMAP_JAX_TCMALLOC=$lib/libtcmalloc_minimal.so.4
   run tcmalloc_release_rate_0 MMAP_JAX_TCMALLOC=$lib/libtcmalloc_minimal.so.4 TCMALLOC_RELEASE_RATE=0

@@ -67,5 +67,5 @@ def main():
 
 
 if __name__ == "__main__":
-  host_runtime.reexec_with_tcmalloc()
+  host_runtime.reexec_with_allocator()
   main()

@@ -60,7 +60,7 @@ def run(main: Callable[[list[str]], None], *, tcmalloc: bool = True,
         xla_flags: Optional[str] = None) -> None:
   """Allocator re-exec (when `tcmalloc`), optional XLA flags, config resolution, absl."""
   if tcmalloc:
-    host_runtime.reexec_with_tcmalloc()
+    host_runtime.reexec_with_allocator()
   if xla_flags:
     host_runtime.apply_xla_flags(xla_flags)
   sys.argv = resolve_config_args(sys.argv)

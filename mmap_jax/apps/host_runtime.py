@@ -2,15 +2,23 @@
 
 Why an allocator: XLA:CPU allocates each execution's temporary buffer afresh (3.96 GB for the
 benchmark's ViT-B/16 train step: the JSON's `train_step.temp_bytes`). glibc serves allocations
-above 32 MiB with mmap and returns them with munmap, so every step faults in fresh 4 KiB pages. `bash benchmarks/allocators.sh`
-on the 2-core dev VM: glibc 1.08M faults and 18.15 s per step, tcmalloc (gperftools, default
-settings) 8.2 thousand faults and 13.44 s, same arithmetic. The allocator is chosen when the
-process is loaded, so `reexec_with_tcmalloc` re-executes the launcher once with LD_PRELOAD set.
-It changes no arithmetic, so it is on by default for the launchers; opt out with
-MMAP_JAX_ALLOCATOR=system. TPU VM images usually preload tcmalloc already (then nothing
-happens). The cost: a retaining allocator can split the freed temporary span, and peak RSS then
-holds two of them (9.2 GiB instead of 5.2-5.7 GiB on that step; WORKSPACE.md, Performance).
-Also measured there and not used: TCMALLOC_RELEASE_RATE=0, jemalloc without decay.
+above 32 MiB with mmap and returns them with munmap, so every step faults in ~1M fresh 4 KiB
+pages (`benchmarks/results/cpu_2026-12-02_glibc_steps4.json`: 0.99M faults per call). Two cures,
+chosen when the process is loaded, so `reexec_with_allocator` re-executes the launcher once:
+- tcmalloc (gperftools, a system package) when it is installed: LD_PRELOAD, pages reused;
+- otherwise glibc itself, tuned by `GLIBC_TUNABLES` (no package needed, a fresh machine's
+  default): `glibc.malloc.hugetlb=1` backs malloc's memory with transparent huge pages
+  (madvise; 2 MiB pages, ~500x fewer faults where THP is "madvise" or "always"), and
+  `mmap_max=0` + a 64 GiB `trim_threshold` keep freed temporaries in the heap for the next
+  call instead of returning them to the kernel (`bash benchmarks/allocators.sh`; WORKSPACE.md,
+  Performance). Unknown tunables are ignored by older glibc; with THP "never" only the heap
+  reuse remains.
+Neither changes arithmetic, so one is on by default for the launchers: MMAP_JAX_ALLOCATOR =
+tcmalloc (default: tcmalloc if found, else tuned glibc) | glibc (tuned glibc even if tcmalloc is
+there) | system (the process's allocator untouched). TPU VM images usually preload tcmalloc
+already (then nothing happens). The cost of a retaining allocator: the freed temporaries stay
+resident (peak RSS holds them; tcmalloc can also split the span and hold two).
+Also measured and not used: TCMALLOC_RELEASE_RATE=0, jemalloc without decay.
 
 Why XLA flags: `CPU_FAST_XLA_FLAGS` make XLA:CPU run the attention's small batched products with
 its own dots instead of YNNPACK's fusions: 1.14x faster on the benchmark step, same loss
@@ -79,46 +87,80 @@ def find_tcmalloc(environ: Optional[Mapping[str, str]] = None,
   return None
 
 
-def allocator_env(environ: Mapping[str, str], library: Optional[str]) -> Optional[dict[str, str]]:
-  """The environment to re-exec with (tcmalloc preloaded), or None: nothing to do.
+ALLOCATOR_CHOICES = ("tcmalloc", "glibc", "system")
+GLIBC_TUNABLES_ENV = "GLIBC_TUNABLES"
+# glibc malloc tuned for XLA:CPU's per-call temporaries (see the module docstring).
+GLIBC_TUNED = ("glibc.malloc.hugetlb=1", "glibc.malloc.mmap_max=0",
+               "glibc.malloc.trim_threshold=68719476736")
 
-  Nothing to do: no library, opted out ($MMAP_JAX_ALLOCATOR=system), already re-executed, or
+
+def glibc_tunables(current: str) -> str:
+  """`current` ($GLIBC_TUNABLES, colon separated) plus GLIBC_TUNED, never overriding a tunable
+  the user already set."""
+  present = {kv.split("=")[0] for kv in current.split(":") if kv}
+  return ":".join([kv for kv in current.split(":") if kv]
+                  + [kv for kv in GLIBC_TUNED if kv.split("=")[0] not in present])
+
+
+def allocator_env(environ: Mapping[str, str], library: Optional[str]) -> Optional[dict[str, str]]:
+  """The environment to re-exec with (tcmalloc preloaded, or glibc tuned), or None: nothing to do.
+
+  Nothing to do: not Linux, opted out ($MMAP_JAX_ALLOCATOR=system), already re-executed, or
   tcmalloc already preloaded (as on TPU VM images).
   """
   choice = environ.get(ALLOCATOR_ENV, "tcmalloc")
-  if choice not in ("tcmalloc", "system"):
-    raise ValueError(f"${ALLOCATOR_ENV}={choice!r}: expected 'tcmalloc' or 'system'")
-  if library is None or sys.platform != "linux":
+  if choice not in ALLOCATOR_CHOICES:
+    raise ValueError(f"${ALLOCATOR_ENV}={choice!r}: expected one of {ALLOCATOR_CHOICES}")
+  if sys.platform != "linux":
     return None
   preload = environ.get("LD_PRELOAD", "")
   if choice == "system" or environ.get(REEXEC_MARK) or "tcmalloc" in preload:
     return None
   env = dict(environ)
-  env["LD_PRELOAD"] = " ".join(p for p in (library, preload) if p)
   env[REEXEC_MARK] = "1"
+  if choice == "tcmalloc" and library is not None:
+    env["LD_PRELOAD"] = " ".join(p for p in (library, preload) if p)
+    return env
+  current = environ.get(GLIBC_TUNABLES_ENV, "")
+  tuned = glibc_tunables(current)
+  if tuned == current:   # the user set all of them already
+    return None
+  env[GLIBC_TUNABLES_ENV] = tuned
   return env
 
 
-def reexec_with_tcmalloc(argv: Optional[Sequence[str]] = None,
-                         environ: Optional[Mapping[str, str]] = None,
-                         candidates: Sequence[str] = TCMALLOC_GLOBS) -> None:
-  """Re-execute this Python process with tcmalloc preloaded, when `allocator_env` says so.
+def reexec_with_allocator(argv: Optional[Sequence[str]] = None,
+                          environ: Optional[Mapping[str, str]] = None,
+                          candidates: Sequence[str] = TCMALLOC_GLOBS) -> None:
+  """Re-execute this Python process with tcmalloc preloaded or glibc tuned, when
+  `allocator_env` says so.
 
   Call it first thing in a launcher's `__main__` (before JAX or any thread starts). Returns
   only when nothing is to be done; otherwise the process image is replaced (same argv).
   """
   environ = os.environ if environ is None else environ
-  env = allocator_env(environ, find_tcmalloc(environ, candidates))
+  choice = environ.get(ALLOCATOR_ENV, "tcmalloc")
+  library = find_tcmalloc(environ, candidates) if choice == "tcmalloc" else None
+  env = allocator_env(environ, library)
   if env is None:
     return
   argv = list(sys.orig_argv if argv is None else argv)
-  print(f"[mmap_jax] re-executing with LD_PRELOAD={env['LD_PRELOAD']} (set {ALLOCATOR_ENV}=system to keep the system allocator)", file=sys.stderr, flush=True)
+  what = (f"LD_PRELOAD={env['LD_PRELOAD']}" if env.get("LD_PRELOAD") != environ.get("LD_PRELOAD")
+          else f"{GLIBC_TUNABLES_ENV}={env[GLIBC_TUNABLES_ENV]}")
+  print(f"[mmap_jax] re-executing with {what} (set {ALLOCATOR_ENV}=system to keep the system "
+        "allocator untouched)", file=sys.stderr, flush=True)
   sys.stdout.flush()
   os.execve(sys.executable, [sys.executable] + argv[1:], env)
 
 
 def allocator_in_use(environ: Optional[Mapping[str, str]] = None) -> str:
-  """What the benchmark records: the preloaded allocator library, or 'system'."""
+  """What the benchmark records: the preloaded allocator library, 'glibc (GLIBC_TUNABLES=...)'
+  when glibc malloc is tuned, or 'system'."""
   environ = os.environ if environ is None else environ
   preload = [p for p in environ.get("LD_PRELOAD", "").replace(":", " ").split() if "malloc" in p]
-  return preload[0] if preload else "system"
+  if preload:
+    return preload[0]
+  tunables = environ.get(GLIBC_TUNABLES_ENV, "")
+  if "glibc.malloc." in tunables:
+    return f"glibc ({GLIBC_TUNABLES_ENV}={tunables})"
+  return "system"
