@@ -14,7 +14,6 @@ import numpy as np
 from etils import epath
 
 from mmap_jax import paths
-
 from mmap_jax.grouping.affinity import AffinityState
 from mmap_jax.grouping.partitions import (check_affinity, group_mean_affinity, partition,
                                           partition_score, ranked_partitions,

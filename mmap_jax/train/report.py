@@ -27,9 +27,9 @@ def accuracy_table(task_names: Sequence[str], accuracy: Mapping[str, float],
   return "\n".join(lines)
 
 
-def write_results(workdir: paths.PathLike, *, task_names: Sequence[str], accuracy: Mapping[str, float],
-                  num_classes: Mapping[str, int], trainable_params: int,
-                  trainable_percent: float, method: str, step: int,
+def write_results(workdir: paths.PathLike, *, task_names: Sequence[str],
+                  accuracy: Mapping[str, float], num_classes: Mapping[str, int],
+                  trainable_params: int, trainable_percent: float, method: str, step: int,
                   extra: Optional[dict] = None) -> dict:
   """results.json + results.md in the workdir (process 0 only); returns the JSON dict."""
   avg = sum(accuracy[t] for t in task_names) / max(len(task_names), 1)
@@ -50,9 +50,10 @@ def write_results(workdir: paths.PathLike, *, task_names: Sequence[str], accurac
     # results.md first, results.json last and atomically: launch.sweep takes a results.json as
     # "this setting finished", so a run killed mid-write must not leave half of one.
     paths.write_text_atomic(workdir / "results.md",
-                  accuracy_table(task_names, accuracy, trainable_params, trainable_percent,
-                                 title=f"{method} @ step {step} ({split} accuracy)") + "\n"
-                  + "".join(f"\n{n}\n" for n in notes))
+                            accuracy_table(task_names, accuracy, trainable_params,
+                                           trainable_percent,
+                                           title=f"{method} @ step {step} ({split} accuracy)")
+                            + "\n" + "".join(f"\n{n}\n" for n in notes))
     paths.write_text_atomic(workdir / "results.json", json.dumps(result, indent=2))
   return result
 
