@@ -19,9 +19,11 @@ from launch import entry
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:args].",
                                           lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "The training workdir (checkpoints).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "The training workdir (checkpoints): a local "
+                               "directory or a gs:// URI.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
-_OUT = flags.DEFINE_string("out", None, "Where to write results (default: workdir).")
+_OUT = flags.DEFINE_string("out", None, "Where to write results (default: workdir); "
+                           "a local directory or a gs:// URI.")
 _SPLIT = flags.DEFINE_enum("split", "test", ["test", "val"], "Which split to report.")
 _STATE = flags.DEFINE_enum("state", "selected", ["selected", "checkpoint"],
                            "The checkpoint's selected state (train.select) or its own state.")

@@ -14,7 +14,8 @@ from launch import entry
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:args].",
                                           lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where the grouping files go.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where the grouping files go: a local "
+                               "directory or a gs:// URI.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 

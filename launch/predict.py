@@ -24,7 +24,8 @@ _CLASSES = flags.DEFINE_list("classes", None, "Comma-separated class names.")
 _TEMPLATE = flags.DEFINE_string("template", DEFAULT_TEMPLATE, "Zero-shot prompt; {} is the class.")
 _BATCH = flags.DEFINE_integer("batch_size", 32, "Images per forward pass (one compiled shape).")
 _JSON = flags.DEFINE_bool("json", False, "Print machine-readable JSON instead of a table.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir: use its learned prompts.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir (local or gs://): use "
+                               "its learned prompts.")
 _TASK = flags.DEFINE_string("task", None, "With --workdir: which task's prompts (a domain name).")
 _STEP = flags.DEFINE_integer("step", None, "With --workdir: checkpoint step (default latest).")
 

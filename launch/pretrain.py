@@ -17,7 +17,8 @@ from launch import entry
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Pretraining config file[:args].",
                                           lock_config=False)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where the resumable checkpoints go.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where the resumable checkpoints go (a local "
+                               "directory).")
 _OUT = flags.DEFINE_string("out", None, "Output CLIP directory (default <workdir>/clip).")
 _VOCAB = flags.DEFINE_string("vocab", None, "CLIP's bpe_simple_vocab_16e6.txt.gz (default: the "
                              "copy shipped in mmap_jax/assets/clip_bpe).")

@@ -37,7 +37,8 @@ _SEEDS = flags.DEFINE_string("seeds", None, "Comma-separated int seeds, e.g. 0,1
                              "setting runs once per seed; the table shows mean ± std. Default: "
                              "the config's own seed.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "The sweep's directory: one sub-workdir per "
-                               "(setting, seed), the table and the plots.")
+                               "(setting, seed), the table and the plots; "
+                               "a local directory or a gs:// URI.")
 _PRINT_ONLY = flags.DEFINE_bool("print_only", False, "Print the launch.train command of every "
                                 "(setting, seed) instead of running them.")
 flags.mark_flags_as_required(["config", "workdir"])

@@ -4,6 +4,14 @@ r"""Train (and evaluate) one experiment.
   python -m launch.train --config=configs/office_home.py:method=mmap_mt,clip=/ckpt/vit_b16 \
       --config.train.steps=5000 --workdir=gs://bucket/oh_mmap
 
+--workdir is a local directory (a relative one is made absolute) or a gs:// URI, kept as given:
+every workdir file (checkpoints through orbax/tensorstore, results, grouping files, plots,
+TensorBoard events) is read and written through etils.epath (mmap_jax/paths.py; tested against a
+GCS emulator; epath's other schemes, s3:// and az://, take the same path but are untested). gs://
+without TensorFlow needs gcsfs (`pip install "mmap-jax[gcs]"`) and Google application-default
+credentials (e.g. a TPU VM's service account). The frozen CLIP (config clip.path) and the TFDS
+data_dir are local paths.
+
 Runs task grouping first when the method asks for it, resumes from the workdir's latest
 checkpoint, evaluates periodically and at the end. A preempted run (SIGTERM) saves a checkpoint and
 exits with loop.PREEMPTED_EXIT_CODE (143), so a restarting scheduler reruns it. On a TPU pod start the same command on every
@@ -22,7 +30,8 @@ from launch import entry
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:args].",
                                           lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, logs and results go.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, logs and results go: a local "
+                                "directory or a gs:// URI.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 

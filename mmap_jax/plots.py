@@ -1,5 +1,6 @@
 """Figures written into workdirs. Uses matplotlib's object API on an Agg canvas (no pyplot global
-state, no display needed, safe in threads and on headless hosts)."""
+state, no display needed, safe in threads and on headless hosts); the PNG goes through
+`paths.save_figure`, so a workdir may be a `gs://`-style URI."""
 from __future__ import annotations
 
 import os
@@ -9,6 +10,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
+
+from mmap_jax import paths
 
 _ANNOTATE_MAX_TASKS = 24  # beyond this the numbers would not be readable
 
@@ -61,4 +64,4 @@ def plot_affinity(path: str | os.PathLike, affinity: Any, task_names: Sequence[s
       start += n
   ax.set_title(title or ("Task affinity" + (f" ({len(groups)} groups)" if groups else "")))
   fig.tight_layout()
-  fig.savefig(os.fspath(path), format="png")
+  paths.save_figure(path, fig)

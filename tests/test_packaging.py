@@ -58,7 +58,11 @@ def test_pyproject_dependencies_match_requirements():
   assert dep.pop("jax") == "jax>=0.10.2"
   assert req == dep
   assert project["optional-dependencies"] == {
-      "cpu": ["jax[cpu]==0.10.2"], "cuda12": ["jax[cuda12]==0.10.2"], "tpu": ["jax[tpu]==0.10.2"]}
+      "cpu": ["jax[cpu]==0.10.2"], "cuda12": ["jax[cuda12]==0.10.2"], "tpu": ["jax[tpu]==0.10.2"],
+      "gcs": [_pins((REPO / "requirements-test.txt").read_text().splitlines())["gcsfs"]]}
+  # launch/tpu_pod.sh installs the same gcsfs for gs:// workdirs.
+  gcs = project["optional-dependencies"]["gcs"][0]
+  assert f"'{gcs}'" in (REPO / "launch/tpu_pod.sh").read_text()
   for name, target in project["scripts"].items():   # each launcher defines the function named
     module, func = target.split(":")               # (read, not imported: their absl flags clash)
     assert name == "mmap-" + module.split(".")[-1]

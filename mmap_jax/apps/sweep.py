@@ -40,7 +40,8 @@ picks a different number of groups per seed) and their "_per_seed" lists), `resu
 paper-style table: rows = settings, columns = swept fields, seeds, tasks, average, val average,
 trainable params; cells mean +- sample std, ddof=1), `accuracy_vs_params.png` (the paper's
 Figure 1 shape, with +-std error bars) and `affinity_<setting>__seed=<s>.png` for each run whose
-grouping drew a heatmap.
+grouping drew a heatmap. The workdir may be a `gs://`-style URI: every read and write goes
+through `mmap_jax.paths` (etils.epath), results.json atomically.
 """
 from __future__ import annotations
 
@@ -52,12 +53,13 @@ import json
 import os
 import re
 import shlex
-import shutil
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import ml_collections as mlc
 import numpy as np
 from ml_collections.config_flags import config_path
+
+from mmap_jax import paths
 
 RESULTS_FILE = "results.json"
 TABLE_FILE = "results.md"
@@ -336,14 +338,14 @@ def _get_config(module, path: str, arg: Optional[str]) -> mlc.ConfigDict:
 # ----------------------------------------------------------------------------- running
 
 
-def is_finished(workdir: str) -> bool:
+def is_finished(workdir: paths.PathLike) -> bool:
   """train_and_evaluate writes results.json last: its presence means the setting is done."""
-  return os.path.isfile(os.path.join(workdir, RESULTS_FILE))
+  return (paths.as_path(workdir) / RESULTS_FILE).is_file()
 
 
 def commands(settings: Sequence[Setting], workdir: str) -> list[str]:
   """One launch.train line per run (seed-major); finished ones commented out: `| bash` resumes."""
-  done = lambda r: is_finished(os.path.join(workdir, r.name))
+  done = lambda r: is_finished(paths.as_path(workdir) / r.name)
   return [("# finished: " if done(r) else "") + r.command(workdir) for r in ordered_runs(settings)]
 
 
@@ -364,16 +366,16 @@ def run(settings: Sequence[Setting], workdir: str, *, run_fn: Optional[RunFn] = 
     from mmap_jax.train import loop  # Deferred: --print_only needs no JAX.
     run_fn = loop.train_and_evaluate
   _validate_devices(settings)
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  workdir = paths.as_path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
   runs = ordered_runs(settings)
-  todo = [r for r in runs if not is_finished(os.path.join(workdir, r.name))]
+  todo = [r for r in runs if not is_finished(workdir / r.name)]
   seeds = list(dict.fromkeys(r.seed for r in runs))
   log(f"sweep: {len(settings)} settings x {len(seeds)} seeds ({', '.join(map(str, seeds))}) = "
       f"{len(runs)} runs, {len(runs) - len(todo)} finished, {len(todo)} to run, in {workdir}")
   failed, preempted = [], None
   for i, r in enumerate(todo, 1):
-    sub = os.path.join(workdir, r.name)
+    sub = os.fspath(workdir / r.name)   # a str, as launch.train's --workdir
     log(f"sweep: [{i}/{len(todo)}] running {r.name}")
     try:
       out = run_fn(r.config, sub)
@@ -422,12 +424,11 @@ def seed_stat(values: Sequence[float]) -> dict:
           "std": float(x.std(ddof=1)) if x.size >= 2 else None}
 
 
-def _read_run(workdir: str, r: Run) -> Optional[dict]:
-  path = os.path.join(workdir, r.name, RESULTS_FILE)
-  if not os.path.isfile(path):
+def _read_run(workdir: paths.PathLike, r: Run) -> Optional[dict]:
+  path = paths.as_path(workdir) / r.name / RESULTS_FILE
+  if not path.is_file():
     return None
-  with open(path) as f:
-    return json.load(f)
+  return json.loads(path.read_text())
 
 
 def collect(settings: Sequence[Setting], workdir: str) -> dict:
@@ -475,7 +476,7 @@ def collect(settings: Sequence[Setting], workdir: str) -> dict:
     rows.append(row)
   seeds = list(dict.fromkeys(r.seed for s in settings for r in s.runs))
   missing = [r.name for r in ordered_runs(settings)
-             if not is_finished(os.path.join(workdir, r.name))]
+             if not is_finished(paths.as_path(workdir) / r.name)]
   return {"tasks": tasks, "seeds": seeds, "std": STD_NOTE, "missing": missing, "rows": rows}
 
 
@@ -529,13 +530,12 @@ def write_outputs(settings: Sequence[Setting], workdir: str, *,
   fields = [f for f, _ in settings[0].fields] if settings else []
   table = markdown_table(summary, fields)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, RESULTS_FILE), "w") as f:
-      json.dump(summary, f, indent=2)
-    with open(os.path.join(workdir, TABLE_FILE), "w") as f:
-      f.write(table + "\n")
+    workdir = paths.as_path(workdir)
+    paths.write_text_atomic(workdir / RESULTS_FILE, json.dumps(summary, indent=2))
+    paths.write_text_atomic(workdir / TABLE_FILE, table + "\n")
     label = lambda row: next(s.label for s in settings if s.values == row["setting"])
     plot_accuracy_vs_params(
-        os.path.join(workdir, PLOT_FILE),
+        workdir / PLOT_FILE,
         [(label(r), r["trainable_percent"], r["average"]["mean"], r["average"]["std"])
          for r in summary["rows"]])
     copy_affinity_plots(settings, workdir)
@@ -545,24 +545,24 @@ def write_outputs(settings: Sequence[Setting], workdir: str, *,
   return summary
 
 
-def copy_affinity_plots(settings: Sequence[Setting], workdir: str) -> list[str]:
+def copy_affinity_plots(settings: Sequence[Setting], workdir: paths.PathLike) -> list[str]:
   """`<setting>/seed=<s>/affinity.png` -> `affinity_<setting>__seed=<s>.png`, next to the table
   (grouping draws its own batches, so seeds can group differently)."""
-  out = []
+  out, workdir = [], paths.as_path(workdir)
   for s in settings:
     for r in s.runs:
-      src = os.path.join(workdir, r.name, AFFINITY_PLOT)
-      if os.path.isfile(src):
-        dst = os.path.join(workdir, f"affinity_{s.name}__{seed_dir(r.seed)}.png")
-        shutil.copyfile(src, dst)
-        out.append(dst)
+      src = workdir / r.name / AFFINITY_PLOT
+      if src.is_file():
+        dst = workdir / f"affinity_{s.name}__{seed_dir(r.seed)}.png"
+        paths.write_bytes_atomic(dst, src.read_bytes())
+        out.append(os.fspath(dst))
   return out
 
 
 Point = tuple[str, float, float, Optional[float]]  # label, trainable %, mean accuracy, its std
 
 
-def plot_accuracy_vs_params(path: str, points: Iterable[Point]):
+def plot_accuracy_vs_params(path: paths.PathLike, points: Iterable[Point]):
   """The paper's Figure 1: x = trainable params (% of CLIP, log), y = average accuracy (%),
   with ± std error bars over seeds (none for a single seed); returns the matplotlib Figure.
 
@@ -601,5 +601,5 @@ def plot_accuracy_vs_params(path: str, points: Iterable[Point]):
   ax.set_title("Accuracy vs trainable parameters")
   ax.grid(True, which="both", alpha=0.3)
   fig.tight_layout()
-  fig.savefig(path, format="png")
+  paths.save_figure(path, fig)
   return fig

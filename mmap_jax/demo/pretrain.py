@@ -39,7 +39,7 @@ from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 from PIL import Image
 
-from mmap_jax import parallel, resources
+from mmap_jax import parallel, paths, resources
 from mmap_jax.checkpoints import store
 from mmap_jax.checkpoints.errors import CheckpointError
 from mmap_jax.demo import world as demo_world
@@ -479,6 +479,10 @@ def pretrain(config: mlc.ConfigDict, workdir: str | os.PathLike, *,
   if not config.vocab:
     raise ValueError("config.vocab must name CLIP's BPE vocabulary "
                      "(bpe_simple_vocab_16e6.txt.gz); pass --vocab=PATH")
+  for name, p in (("workdir", workdir), ("out", out)):
+    if p is not None and paths.is_uri(p):   # pathlib would make 'gs://b/x' a local 'gs:/b/x'
+      raise ValueError(f"{name}={os.fspath(p)!r}: pretraining writes the CLIP store format, "
+                       "which is local; give local directories")
   workdir = pathlib.Path(workdir)
   out = pathlib.Path(out) if out is not None else workdir / "clip"
   cfg, optimizer, train_step = train_step_for(config)

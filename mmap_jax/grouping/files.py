@@ -1,17 +1,19 @@
 """A grouping's files in the workdir: affinity.npy, affinity.png, affinity_history.npy and
 groups.json (groups by name and index, objective, alternatives), written atomically and
-validated on read; `finalize_grouping` partitions a warm-up's affinity and writes them.
+validated on read; `finalize_grouping` partitions a warm-up's affinity and writes them. The
+workdir may be a local path or a `gs://`-style URI (`mmap_jax.paths`, etils.epath).
 """
 from __future__ import annotations
 
 import json
 import os
-import pathlib
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
+from etils import epath
 
+from mmap_jax import paths
 from mmap_jax.grouping.affinity import AffinityState
 from mmap_jax.grouping.partitions import (check_affinity, group_mean_affinity, partition,
                                           partition_score, ranked_partitions,
@@ -49,14 +51,14 @@ def _json_default(x: Any) -> Any:
 
 def save_grouping(workdir: str | os.PathLike, task_names: Sequence[str], affinity: Any,
                   groups: Iterable[Iterable[int]],
-                  extra: Optional[Mapping[str, Any]] = None) -> pathlib.Path:
+                  extra: Optional[Mapping[str, Any]] = None) -> epath.Path:
   """Write affinity.npy, affinity.png and groups.json into `workdir`; returns the json path.
 
   `affinity` may be None (explicit groups, no warm-up): then only groups.json is written, with
   null affinity/objective. `extra` (JSON-serialisable; e.g. method, steps, num_groups,
   threshold) is merged into groups.json and may not override its own keys.
   """
-  workdir = pathlib.Path(workdir)
+  workdir = paths.as_path(workdir)
   names = [str(n) for n in task_names]
   if len(set(names)) != len(names):
     raise ValueError(f"task_names: duplicate names in {names}")
@@ -78,24 +80,21 @@ def save_grouping(workdir: str | os.PathLike, task_names: Sequence[str], affinit
     a = check_affinity(affinity)
     if a.shape[0] != len(names):
       raise ValueError(f"affinity: shape {a.shape} does not match {len(names)} task_names")
-    np.save(workdir / AFFINITY_FILE, a.astype(np.float32))
+    paths.save_npy(workdir / AFFINITY_FILE, a.astype(np.float32))
     plot_affinity(workdir / PLOT_FILE, a, names, groups)
     record["affinity"] = a.tolist()
     record["objective"] = partition_score(a, groups)
     record["group_mean_affinity"] = group_mean_affinity(a, groups)
   record.update(extra)
-  path = workdir / GROUPS_FILE
-  tmp = path.with_suffix(".json.tmp")
   # One top-level key per line, values compact: the groups and matrix rows stay readable.
   lines = [f"  {json.dumps(k)}: {json.dumps(v, default=_json_default)}" for k, v in record.items()]
-  tmp.write_text("{\n" + ",\n".join(lines) + "\n}\n")
-  os.replace(tmp, path)  # atomic: a reader never sees half a file
-  return path
+  # Atomic (rename locally, one object upload on a bucket): a reader never sees half a file.
+  return paths.write_text_atomic(workdir / GROUPS_FILE, "{\n" + ",\n".join(lines) + "\n}\n")
 
 
 def load_grouping(workdir: str | os.PathLike) -> dict[str, Any]:
   """The whole groups.json record, validated (names, indices and their agreement)."""
-  path = pathlib.Path(workdir) / GROUPS_FILE
+  path = paths.as_path(workdir) / GROUPS_FILE
   if not path.is_file():
     raise FileNotFoundError(f"{path}: no task grouping found (run the grouping warm-up, or give "
                             f"the groups explicitly in the config)")
@@ -130,7 +129,7 @@ def load_groups(workdir: str | os.PathLike,
   (same tasks, same order), so a grouping is never applied to another task list."""
   record = load_grouping(workdir)
   if task_names is not None and list(task_names) != record["task_names"]:
-    raise ValueError(f"{pathlib.Path(workdir) / GROUPS_FILE}: task_names {record['task_names']} "
+    raise ValueError(f"{paths.as_path(workdir) / GROUPS_FILE}: task_names {record['task_names']} "
                      f"do not match the configured tasks {list(task_names)}")
   return tuple(tuple(g) for g in record["group_indices"])
 
@@ -171,8 +170,7 @@ def finalize_grouping(workdir: str | os.PathLike, task_names: Sequence[str],
     h = np.asarray(history, np.float32)
     if h.ndim != 3 or h.shape[1:] != a.shape:
       raise ValueError(f"history: expected [steps, {a.shape[0]}, {a.shape[0]}], got {h.shape}")
-    pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
-    np.save(pathlib.Path(workdir) / HISTORY_FILE, h)
+    paths.save_npy(paths.as_path(workdir) / HISTORY_FILE, h)
     info["history_file"] = HISTORY_FILE
     info["stable_from_step"] = stable_from_step(h, every=every, num_groups=num_groups,
                                                 threshold=threshold,

@@ -6,17 +6,22 @@ groups and the config; with validation-based selection also the selected (best-s
 pytree, whose record (step, validation history) is in the metadata. Every checkpoint thus
 carries the selected state: rotation (`keep`) can never delete it, and a resume restores the
 best-so-far record together with the state it belongs to. Orbax writes each step into a temporary directory and renames it when
-complete, so a half-written checkpoint is never listed as the latest.
+complete (on gs://, which cannot rename, it marks a complete step with a commit_success.txt
+file instead), so a half-written checkpoint is never listed as the latest.
+
+The directory is an etils.epath.Path (`paths.as_path`): a `gs://` URI reaches orbax untouched
+(its tensorstore kvstore then writes the arrays straight to the bucket), a local path absolute.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Any, Optional
 
 import jax
 import orbax.checkpoint as ocp
+
+from mmap_jax import paths
 
 _STATE, _DATA, _META, _SELECTED = "state", "data", "meta", "selected"
 
@@ -33,8 +38,8 @@ class Restored:
 class Checkpointer:
   """Keeps the last `keep` checkpoints of a workdir; saves asynchronously."""
 
-  def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
-    self.directory = os.path.abspath(directory)
+  def __init__(self, directory: paths.PathLike, *, keep: int = 3, async_save: bool = True):
+    self.directory = paths.as_path(directory)
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
@@ -60,7 +65,11 @@ class Checkpointer:
     return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
 
   def has_selected(self, step: int) -> bool:
-    return os.path.isdir(os.path.join(self.directory, str(step), _SELECTED))
+    return self.item_path(step, _SELECTED).is_dir()
+
+  def item_path(self, step: int, item: str):
+    """`<directory>/<step>/<item>` ('state', 'selected', ...) as an epath.Path."""
+    return self.directory / str(step) / item
 
   def restore(self, target_state: Any, step: Optional[int] = None) -> Restored:
     """Restore into the structure, dtypes and shardings of `target_state` (a live or abstract tree)."""

@@ -16,7 +16,6 @@ trained shared MmAP (grouping_warmup.safetensors, before groups.json), so
 """
 from __future__ import annotations
 
-import os
 import time
 from typing import Any, NamedTuple, Optional, Sequence
 
@@ -26,9 +25,9 @@ import ml_collections as mlc
 import numpy as np
 from absl import logging
 from flax import traverse_util
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load as load_safetensors, save as save_safetensors
 
-from mmap_jax import grouping, heads, parallel
+from mmap_jax import grouping, heads, parallel, paths
 from mmap_jax.groups import Groups
 from mmap_jax.data import pipeline, sources
 from mmap_jax.prompts import multitask
@@ -133,9 +132,9 @@ def _existing(workdir: str, names: Sequence[str], want: dict) -> Optional[Groups
   """
   found, error = None, None
   if jax.process_index() == 0:
-    path = os.path.join(workdir, grouping.GROUPS_FILE)
+    path = paths.as_path(workdir) / grouping.GROUPS_FILE
     try:
-      if os.path.exists(path):
+      if path.exists():
         _check_reuse(grouping.load_grouping(workdir), want, path)
         found = [list(g) for g in grouping.load_groups(workdir, names)]
     except setup.ConfigError as e:
@@ -148,21 +147,18 @@ def _existing(workdir: str, names: Sequence[str], want: dict) -> Optional[Groups
 
 # ----------------------------------------------------------------------------- warm-up params
 
-def save_warmup(workdir: str, learned: Any) -> str:
+def save_warmup(workdir: paths.PathLike, learned: Any) -> str:
   """The warm-up's learned pytree as safetensors ('/'-joined paths), written atomically."""
-  path = os.path.join(workdir, WARMUP_FILE)
   flat = {k: np.ascontiguousarray(np.asarray(v)) for k, v in
           traverse_util.flatten_dict(jax.device_get(learned), sep="/").items()}
-  tmp = path + ".tmp"
-  save_file(flat, tmp)
-  os.replace(tmp, path)
-  return path
+  return str(paths.write_bytes_atomic(paths.as_path(workdir) / WARMUP_FILE,
+                                      save_safetensors(flat)))
 
 
-def load_warmup(workdir: str, expected: Any) -> Any:
+def load_warmup(workdir: paths.PathLike, expected: Any) -> Any:
   """Read WARMUP_FILE and check it against `expected` (a pytree of arrays or shape structs)."""
-  path = os.path.join(workdir, WARMUP_FILE)
-  got = traverse_util.unflatten_dict(load_file(path), sep="/")
+  path = paths.as_path(workdir) / WARMUP_FILE
+  got = traverse_util.unflatten_dict(load_safetensors(path.read_bytes()), sep="/")
   want = jax.tree.map(lambda x: (tuple(x.shape), np.dtype(x.dtype).name), expected)
   have = jax.tree.map(lambda x: (tuple(x.shape), np.dtype(x.dtype).name), got)
   if have != want:
@@ -202,7 +198,7 @@ def task_groups(config: mlc.ConfigDict, workdir: str, clip: setup.Clip,
   groups = ablation_groups(config, len(tasks), names)
   existing = _existing(workdir, names, want)
   if existing is not None and existing != groups:
-    raise setup.ConfigError(f"{os.path.join(workdir, grouping.GROUPS_FILE)} holds groups "
+    raise setup.ConfigError(f"{paths.as_path(workdir) / grouping.GROUPS_FILE} holds groups "
                             f"{existing}, groups.mode={config.groups.mode!r} gives {groups}")
   if existing is None and jax.process_index() == 0:
     grouping.save_grouping(workdir, names, None, groups, {"mode": want["mode"], "settings": want})
@@ -228,7 +224,7 @@ def run_grouping(config: mlc.ConfigDict, workdir: str, clip: setup.Clip,
   if existing is not None:
     logging.info("reusing the task grouping in %s: %s", workdir, existing)
     warmup = None
-    if parallel.broadcast_from_process0(os.path.exists(os.path.join(workdir, WARMUP_FILE))):
+    if parallel.broadcast_from_process0((paths.as_path(workdir) / WARMUP_FILE).exists()):
       expected = jax.eval_shape(lambda: multitask.init_learned(key, clip.cfg, spec, len(tasks)))
       warmup = load_warmup(workdir, expected)
     elif config.groups.init_from_warmup:

@@ -26,7 +26,7 @@ import ml_collections as mlc
 import numpy as np
 from absl import logging
 
-from mmap_jax import heads, parallel
+from mmap_jax import heads, parallel, paths
 from mmap_jax.data import pipeline
 from mmap_jax.prompts import multitask
 from mmap_jax.train import checkpointing, evaluate as evaluation, grouping_run, optim, report
@@ -178,7 +178,7 @@ def _prepare(config: mlc.ConfigDict, workdir: str, *, step: Optional[int] = None
   mesh = parallel.data_mesh()
   setup.validate(config, mesh.devices.size)
   recipe = setup.recipe(config)
-  os.makedirs(workdir, exist_ok=True)
+  paths.as_path(workdir).mkdir(parents=True, exist_ok=True)
   clip = setup.load_clip(config)
   # Fails on a bad prompt config before the data is built.
   setup.ctx_init_ids(clip, setup.prompt_spec(config, clip.cfg))
@@ -220,7 +220,7 @@ def _prepare(config: mlc.ConfigDict, workdir: str, *, step: Optional[int] = None
 
 def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict:
   """Runs (or resumes) one experiment; returns the final results dict (also results.json)."""
-  workdir = os.path.abspath(workdir)
+  workdir = paths.as_path(workdir)
   run = _prepare(config, workdir)
   meta = {"groups": [list(g) for g in run.groups] if run.groups else None,
           "task_names": run.names,
@@ -393,7 +393,7 @@ def evaluate_workdir(config: mlc.ConfigDict, workdir: str, *, step: Optional[int
     raise ValueError(f"split={split!r}; allowed: {pipeline.EVAL_SPLITS}")
   if state not in EVAL_STATES:
     raise ValueError(f"state={state!r}; allowed: {EVAL_STATES}")
-  workdir = os.path.abspath(workdir)
+  workdir = paths.as_path(workdir)
   run = _prepare(config, workdir, step=step, require_checkpoint=config.method != "zeroshot")
   try:
     restored = run.restore()
@@ -422,8 +422,8 @@ def group_tasks(config: mlc.ConfigDict, workdir: str) -> list[list[str]]:
   """Runs only the grouping warm-up (whatever config.method says) and returns groups by name."""
   mesh = parallel.data_mesh()
   setup.validate(config, mesh.devices.size)
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  workdir = paths.as_path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
   clip = setup.load_clip(config)
   tasks = setup.build_tasks(config)
   names = [t.info.name for t in tasks]

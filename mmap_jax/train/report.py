@@ -1,13 +1,15 @@
 """What a researcher reads: progress lines, TensorBoard scalars, and the final accuracy table."""
 from __future__ import annotations
 
+import io
 import json
-import os
 import time
 from typing import Mapping, Optional, Sequence
 
 import jax
 from absl import logging
+
+from mmap_jax import paths
 
 
 def accuracy_table(task_names: Sequence[str], accuracy: Mapping[str, float],
@@ -25,9 +27,9 @@ def accuracy_table(task_names: Sequence[str], accuracy: Mapping[str, float],
   return "\n".join(lines)
 
 
-def write_results(workdir: str, *, task_names: Sequence[str], accuracy: Mapping[str, float],
-                  num_classes: Mapping[str, int], trainable_params: int,
-                  trainable_percent: float, method: str, step: int,
+def write_results(workdir: paths.PathLike, *, task_names: Sequence[str],
+                  accuracy: Mapping[str, float], num_classes: Mapping[str, int],
+                  trainable_params: int, trainable_percent: float, method: str, step: int,
                   extra: Optional[dict] = None) -> dict:
   """results.json + results.md in the workdir (process 0 only); returns the JSON dict."""
   avg = sum(accuracy[t] for t in task_names) / max(len(task_names), 1)
@@ -41,34 +43,76 @@ def write_results(workdir: str, *, task_names: Sequence[str], accuracy: Mapping[
       **(extra or {}),
   }
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
+    workdir = paths.as_path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
     split = result.get("split", "test")
     notes = [f"selection: {result['selection']['reason']}"] if result.get("selection") else []
     # results.md first, results.json last and atomically: launch.sweep takes a results.json as
     # "this setting finished", so a run killed mid-write must not leave half of one.
-    _write_atomic(os.path.join(workdir, "results.md"),
-                  accuracy_table(task_names, accuracy, trainable_params, trainable_percent,
-                                 title=f"{method} @ step {step} ({split} accuracy)") + "\n"
-                  + "".join(f"\n{n}\n" for n in notes))
-    _write_atomic(os.path.join(workdir, "results.json"), json.dumps(result, indent=2))
+    paths.write_text_atomic(workdir / "results.md",
+                            accuracy_table(task_names, accuracy, trainable_params,
+                                           trainable_percent,
+                                           title=f"{method} @ step {step} ({split} accuracy)")
+                            + "\n" + "".join(f"\n{n}\n" for n in notes))
+    paths.write_text_atomic(workdir / "results.json", json.dumps(result, indent=2))
   return result
 
 
-def _write_atomic(path: str, text: str) -> None:
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
+class _EpathRecordFile:
+  """An event file on an object store: the whole file is uploaded again on every flush.
+
+  Object stores cannot append, and tensorboardX's own gs:// / s3:// writers need
+  google-cloud-storage / boto3 with credentials of their own; this goes through epath (the
+  filesystem layer of every other workdir file, one set of credentials). Each upload replaces
+  the object atomically, so TensorBoard always reads a complete prefix of the log. Cost: the
+  file (scalars only: ~60 bytes per value) is re-sent every `flush_secs`.
+  """
+
+  def __init__(self, path: str):
+    self._path, self._buffer, self._sent = paths.as_path(path), io.BytesIO(), -1
+
+  def write(self, data: bytes) -> None:
+    self._buffer.write(data)
+
+  def flush(self) -> None:
+    if self._buffer.tell() != self._sent:
+      paths.write_bytes_atomic(self._path, self._buffer.getvalue())
+      self._sent = self._buffer.tell()
+
+  def close(self) -> None:
+    self.flush()
+
+
+class _EpathRecordFactory:
+  def open(self, path: str) -> _EpathRecordFile:
+    return _EpathRecordFile(path)
+
+  def directory_check(self, path: str) -> None:
+    del path  # Object stores have no directories to create.
+
+
+def _register_epath_event_files() -> None:
+  """tensorboardX writes `scheme://` logdirs of every epath scheme through _EpathRecordFile."""
+  from tensorboardX import record_writer
+  for scheme in paths.URI_SCHEMES:
+    record_writer.register_writer_factory(scheme, _EpathRecordFactory())
 
 
 class ScalarWriter:
-  """TensorBoard event files (tensorboardX: no TensorFlow), written by process 0 only."""
+  """TensorBoard event files (tensorboardX: no TensorFlow), written by process 0 only.
 
-  def __init__(self, logdir: str):
+  A local logdir is written as tensorboardX always does; a `gs://`-style one through epath
+  (`_EpathRecordFile`).
+  """
+
+  def __init__(self, logdir: paths.PathLike):
     self._writer = None
     if jax.process_index() == 0:
       from tensorboardX import SummaryWriter
-      self._writer = SummaryWriter(logdir=logdir, flush_secs=10)
+      logdir = paths.as_path(logdir)
+      if paths.is_uri(logdir):
+        _register_epath_event_files()
+      self._writer = SummaryWriter(logdir=str(logdir), flush_secs=10)
 
   def scalars(self, step: int, values: Mapping[str, float]) -> None:
     if self._writer is None:

@@ -5,15 +5,15 @@ Everything here runs before anything compiles, so a bad config fails in seconds,
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
+from etils import epath
 
-from mmap_jax import heads, parallel, resources
+from mmap_jax import heads, parallel, paths, resources
 from mmap_jax.checkpoints import store
 from mmap_jax.data import preprocess, sources
 from mmap_jax.models.config import ClipConfig
@@ -243,7 +243,8 @@ def host_params(tree: Any) -> Any:
   return jax.tree.map(np.asarray, tree)
 
 
-def workdir_paths(workdir: str) -> dict[str, str]:
-  return {"checkpoints": os.path.join(workdir, "checkpoints"),
-          "tensorboard": os.path.join(workdir, "tensorboard"),
-          "grouping": os.path.join(workdir, "grouping")}
+def workdir_paths(workdir: paths.PathLike) -> dict[str, epath.Path]:
+  """A workdir's sub-directories as epath.Paths (gs:// URIs kept, local paths absolute)."""
+  root = paths.as_path(workdir)
+  return {"checkpoints": root / "checkpoints", "tensorboard": root / "tensorboard",
+          "grouping": root / "grouping"}

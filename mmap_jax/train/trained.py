@@ -6,13 +6,13 @@ groups, task and class names), so prediction needs neither the dataset nor the t
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, Optional
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from mmap_jax import paths
 from mmap_jax.models.config import ClipConfig
 from mmap_jax.prompts import multitask
 from mmap_jax.prompts.base import PromptTokens
@@ -31,7 +31,8 @@ class Trained:
   clip_path: Optional[str]
 
 
-def load_trained(workdir: str, step: Optional[int] = None, state: str = "selected") -> Trained:
+def load_trained(workdir: paths.PathLike, step: Optional[int] = None,
+                 state: str = "selected") -> Trained:
   """The learned pytree + metadata of `workdir/checkpoints` (latest step unless given).
 
   state='selected' (default) returns the state the run's validation record selected (the one
@@ -39,7 +40,7 @@ def load_trained(workdir: str, step: Optional[int] = None, state: str = "selecte
   """
   if state not in ("selected", "checkpoint"):
     raise ValueError(f"state={state!r}; allowed: ('selected', 'checkpoint')")
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
+  ckpt = checkpointing.Checkpointer(paths.as_path(workdir) / "checkpoints")
   try:
     step = ckpt.latest_step() if step is None else step
     if step is None:
@@ -58,12 +59,10 @@ def load_trained(workdir: str, step: Optional[int] = None, state: str = "selecte
     if not has_selected:
       raise FileNotFoundError(f"{ckpt.directory}/{step} holds no selected state for step "
                               f"{record['step']}")
-    learned = ocp.StandardCheckpointer().restore(os.path.join(ckpt.directory, str(step),
-                                                              "selected"))
+    learned = ocp.StandardCheckpointer().restore(ckpt.item_path(step, "selected"))
     at = int(record["step"])
   else:
-    learned = ocp.StandardCheckpointer().restore(
-        os.path.join(ckpt.directory, str(step), "state"))["learned"]
+    learned = ocp.StandardCheckpointer().restore(ckpt.item_path(step, "state"))["learned"]
   groups = meta.get("groups")
   # Checkpoints written before prompt.ctx_init existed were trained with random init.
   prompt = {"ctx_init": "", **meta["prompt"]}
