@@ -34,7 +34,9 @@ def _wait_for_sync_protocol(timeout_s: float = 120.0) -> None:
   client = distributed.global_state.client
   if client is None or distributed.global_state.preemption_sync_manager is None:
     return
-  own = f"/task:{jax.process_index()}"
+  # The key is the directory + this task's id ("PREEMPTION_CURRENT_COUNTER/0" in jax 0.10.2;
+  # older XLA spelled it "/job:jax_worker/task:0").
+  own = (f"/{jax.process_index()}", f"/task:{jax.process_index()}")
   deadline = time.monotonic() + timeout_s
   while time.monotonic() < deadline:
     if any(k.endswith(own) for k, _ in client.key_value_dir_get(_COUNTER_DIR)):

@@ -540,7 +540,8 @@ def pretrain(config: mlc.ConfigDict, workdir: str | os.PathLike, *,
                  "scale": float(m["logit_scale"])}
         cadence.log(done, loss, lr, {"train/loss": loss, "train/lr": lr,
                                      "train/grad_norm": float(m["grad_norm"])}
-                    | {f"train/{k}": v for k, v in extra.items()}, extra=extra)
+                    | {f"train/{k}": float(m[k]) for k in ("i2t_acc", "t2i_acc", "logit_scale")},
+                    extra=extra)
       if c.eval and done != steps:   # the last step's evaluation is the report's, below
         acc = evaluate(state["learned"])
         history.append({"step": done, **acc})
