@@ -20,12 +20,15 @@ Preemption (SIGTERM) stops the run at a call boundary *every process agrees on*:
     coordination service and all agree on max + 1. A Python `signal.signal(SIGTERM, ...)`
     installed later would replace that handler (one sigaction per signal), so none is installed;
     every process asks `reached(counter)` (orbax `CheckpointManager.reached_preemption`) at
-    every call boundary with the number of calls made so far: consecutive, as the protocol's
-    "max + 1" needs (chunk end *steps* skip values when K > 1).
+    every call boundary with the number of calls this process has made so far (over all runs
+    of the process, e.g. a sweep's: jax's manager keeps the last counter it saw): consecutive
+    and never decreasing, as the protocol's "max + 1" needs (chunk end *steps* skip values when
+    K > 1, and restart at a resume).
 """
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import signal
 import threading
 from typing import Callable, Iterator, Mapping, Optional, Sequence
@@ -44,6 +47,8 @@ PREEMPTED_EXIT_CODE = 128 + int(signal.SIGTERM)
 # (1-based) range of steps that call completed, after that step's log / eval / checkpoint.
 Hook = Callable[[int, int], None]
 _HOOKS: list[Hook] = []
+# Call counter of the agreed preemption check, shared by every run of this process.
+_CALLS = itertools.count(1)
 
 
 def register_hook(hook: Hook) -> Callable[[], None]:
@@ -91,7 +96,6 @@ class Preemption:
     self._reached = reached
     self.coordinated = _coordinated() if coordinated is None else coordinated
     self.requested = False
-    self._calls = 0
     self._previous = None
     if self.coordinated:
       logging.info("preemption: jax's sync manager (SIGTERM on any process stops all at the "
@@ -108,11 +112,11 @@ class Preemption:
 
   def check(self) -> bool:
     """True when the run must stop after the call just made (the same on every process)."""
-    self._calls += 1
     if self.coordinated:
-      self.requested = bool(self._reached(self._calls))
+      counter = next(_CALLS)
+      self.requested = bool(self._reached(counter))
       if self.requested:
-        logging.warning("preemption sync point reached after call %d", self._calls)
+        logging.warning("preemption sync point reached at call %d of this process", counter)
     return self.requested
 
   def restore(self) -> None:
