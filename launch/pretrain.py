@@ -5,14 +5,19 @@ r"""Pretrain the demo's small CLIP and write it in the project's CLIP format.
 
 Resumes from the workdir's latest checkpoint; the output directory (default <workdir>/clip) gets
 clip.json, model.safetensors, the tokenizer and pretrain_report.json, replacing what was there
-atomically. The library call is `mmap_jax.demo.pretrain.launch`.
+atomically. A preempted run (SIGTERM) saves a checkpoint and exits with status 143
+(cadence.PREEMPTED_EXIT_CODE); the same command resumes. The library call is
+`mmap_jax.demo.pretrain.launch`.
 """
+import sys
+
 from absl import app, flags
 from ml_collections import config_flags
 
 from launch import distributed_flags
 from mmap_jax import resources
 from mmap_jax.demo import pretrain
+from mmap_jax.train import cadence
 from launch import entry
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Pretraining config file[:args].",
@@ -29,7 +34,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   distributed_flags.initialize()
-  out = pretrain.launch(_CONFIG.value, workdir=_WORKDIR.value, vocab=_VOCAB.value or resources.clip_bpe_path(), out=_OUT.value)
+  try:
+    out = pretrain.launch(_CONFIG.value, workdir=_WORKDIR.value, vocab=_VOCAB.value or resources.clip_bpe_path(), out=_OUT.value)
+  except cadence.Preempted as e:   # checkpoint saved; the same command resumes
+    print(e, file=sys.stderr)
+    sys.exit(cadence.PREEMPTED_EXIT_CODE)
   print(f"pretrained CLIP written to {out}")
 
 

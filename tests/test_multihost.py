@@ -13,6 +13,7 @@ import collections
 import json
 import os
 import pathlib
+import re
 import shutil
 import signal
 import socket
@@ -54,8 +55,10 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _cmd(env, module: str, workdir, *extra: str) -> list[str]:
-  return [sys.executable, "-m", module,
+def _cmd(env, module: str, workdir, *extra: str, fault: str | None = None) -> list[str]:
+  """The documented launch; `fault` ("STEP:SIGNAL[:PROCESS]") runs it under tests/faults.py."""
+  launcher = ["-m", "tests.faults", fault] if fault else ["-m"]
+  return [sys.executable, *launcher, module,
           f"--config=configs/demo.py:method=mmap_mt,clip={env['clip']},runlocal",
           f"--workdir={workdir}", *fx.override_flags(env["data"]), *extra]
 
@@ -88,7 +91,7 @@ def launch(cmd: list[str], logs: pathlib.Path, *, fresh: pathlib.Path | None = N
   """
   results = _launch(cmd, logs, **kw)
   if any(r.returncode not in (0, -9) and _GLOO_SETUP_ERROR in r.stderr for r in results):
-    print(f"retrying {cmd[2]} after a gloo start-up timeout", flush=True)
+    print(f"retrying {cmd} after a gloo start-up timeout", flush=True)
     if fresh is not None:
       shutil.rmtree(fresh, ignore_errors=True)
       shutil.rmtree(logs, ignore_errors=True)
@@ -306,8 +309,8 @@ def test_killed_two_process_run_resumes_to_the_uninterrupted_result(env, two):
   workdir, logs = env["root"] / "killed", env["root"] / "logs_killed"
   cmd = _cmd(env, "launch.train", workdir)
   port = _free_port()
-  killed = launch(cmd, logs, fresh=workdir, processes=2, devices=2, port=port,
-                  extra_env={"MMAP_JAX_SIGNAL_AT_STEP": "4:SIGKILL"}, kill_survivors_after=5)
+  killed = launch(_cmd(env, "launch.train", workdir, fault="4:SIGKILL"), logs, fresh=workdir,
+                  processes=2, devices=2, port=port, kill_survivors_after=5)
   assert [r.returncode for r in killed] == [-9, -9], [r.stderr[-2000:] for r in killed]
   assert not (workdir / "results.json").exists()
   assert _latest(workdir) in (2, 4)
@@ -320,6 +323,45 @@ def test_killed_two_process_run_resumes_to_the_uninterrupted_result(env, two):
     np.testing.assert_array_equal(x, y)
   ref = json.loads((w_ref / "results.json").read_text())
   assert json.loads((workdir / "results.json").read_text())["tasks"] == ref["tasks"]
+
+
+_PREEMPTED_AT = re.compile(r"preempted: checkpoint of step (\d+) saved")
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step_and_resumes(env, two):
+  """SIGTERM to process 0 only, after step 2: jax's preemption sync point makes both processes
+  save the same step and exit 143 (a per-process flag would leave process 1 training alone and
+  hang in its next collective); the same command then resumes to the uninterrupted result.
+  Checkpoints every 5 steps here, so the agreed step's checkpoint exists only for the SIGTERM."""
+  w_ref, _ = two
+  workdir, logs = env["root"] / "sigterm", env["root"] / "logs_sigterm"
+  port = _free_port()
+  every5 = lambda cmd: [("--config.train.ckpt_every=5" if a.startswith(
+      "--config.train.ckpt_every=") else a) for a in cmd]
+  stopped = launch(every5(_cmd(env, "launch.train", workdir, fault="2:SIGTERM:0")), logs,
+                   fresh=workdir, processes=2, devices=2, port=port)
+  assert [r.returncode for r in stopped] == [143, 143], [r.stderr[-3000:] for r in stopped]
+  assert "[tests.faults] sending SIGTERM" in stopped[0].stderr
+  assert "[tests.faults]" not in stopped[1].stderr
+  saved = [[int(m) for m in _PREEMPTED_AT.findall(r.stderr)] for r in stopped]
+  assert len(saved[0]) == 1 and saved[0] == saved[1], saved
+  step = saved[0][0]
+  # Agreed on after the signal (the protocol: the fastest process's call + 1), before the end.
+  assert 2 <= step < 5
+  assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()
+                if p.name.isdigit()) == [step]
+  assert not (workdir / "results.json").exists()
+  resumed = _ok(launch(every5(_cmd(env, "launch.train", workdir)),
+                       env["root"] / "logs_sigterm_resumed", processes=2, devices=2, port=port))
+  assert all(f"at step {step}" in r.stderr for r in resumed)
+  s_a, a = _learned(w_ref)
+  s_b, b = _learned(workdir)
+  assert s_a == s_b == 6
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(x, y)
+  ref = json.loads((w_ref / "results.json").read_text())
+  got = json.loads((workdir / "results.json").read_text())
+  assert got["tasks"] == ref["tasks"] and got["selection"] == ref["selection"]
 
 
 def test_group_and_evaluate_in_two_processes_agree_with_one(env, one):

@@ -7,6 +7,8 @@ result, the committed mmap_jax/assets/demo_clip.
 import json
 import pathlib
 import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -20,6 +22,10 @@ from mmap_jax.checkpoints import store
 from mmap_jax.demo import world as demo_world
 from mmap_jax.models.config import get_variant
 from mmap_jax.tokenizer import ClipTokenizer
+from mmap_jax.train import cadence
+from tests import train_fixtures as fx
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _weights(directory) -> dict:
@@ -136,6 +142,50 @@ def test_same_seed_same_params_and_resume(local_run, tmp_path, bpe_path):
   shutil.rmtree(ckpts / "4")
   resumed = pretrain.pretrain(config, tmp_path / "work", out=tmp_path / "resumed")
   assert pretrain.read_report(resumed)["resumed_from_step"] == 2
+  _assert_same_weights(first, resumed)
+
+
+def test_pretraining_logs_on_the_trainers_cadence(local_run):
+  """Progress lines and TensorBoard scalars as the main trainer writes them (train.cadence)."""
+  root, _ = local_run
+  tags = fx.scalar_steps(root / "work" / "tensorboard")
+  for tag in ("train/loss", "train/lr", "train/grad_norm", "train/i2t_acc"):
+    assert sorted(tags[tag]) == [1, 2, 3, 4], tag    # runlocal: log_every=1
+  for domain in demo_world.DOMAINS + ("average",):
+    assert tags[f"final/zero_shot/{domain}"] == [4]
+  assert not [t for t in tags if t.startswith("eval/")]   # eval_every=400 > 4 steps
+  line = cadence.Cadence(total=4, start=0, log_every=1, eval_every=0, ckpt_every=2,
+                         images_per_step=16, writer=_NullWriter(), name="pretrain",
+                         preemption=cadence.Preemption(lambda c: False, coordinated=True)
+                         ).log(1, 2.5, 1e-3, {}, extra={"i2t": 0.25})
+  assert line.startswith("pretrain step 1/4  loss 2.5000  lr 1.00e-03  i2t 0.25  ")
+  assert line.endswith("img/s  ETA --")
+
+
+class _NullWriter:
+  def scalars(self, step, values):
+    pass
+
+
+def test_sigterm_saves_exits_143_and_resumes(local_run, tmp_path, bpe_path):
+  """launch.pretrain under SIGTERM after step 1 (tests/faults.py): checkpoint 1 (ckpt_every=2,
+  so only the SIGTERM made it), status 143, no output; the same call resumes to the weights
+  of the straight run."""
+  _, first = local_run
+  work = tmp_path / "work"
+  proc = subprocess.run(
+      [sys.executable, "-m", "tests.faults", "1:SIGTERM", "launch.pretrain",
+       "--config=configs/demo_pretrain.py:runlocal", f"--workdir={work}",
+       f"--out={tmp_path / 'clip'}", f"--vocab={bpe_path}"],
+      cwd=REPO, env=fx.subprocess_env(), capture_output=True, text=True, timeout=600)
+  assert proc.returncode == cadence.PREEMPTED_EXIT_CODE == 143, proc.stderr[-3000:]
+  assert "SIGTERM received" in proc.stderr and "pretrain step 1/4" in proc.stderr
+  assert sorted(int(p.name) for p in (work / "checkpoints").iterdir() if p.name.isdigit()) == [1]
+  assert not (tmp_path / "clip").exists()
+  config = get_config("runlocal")
+  config.vocab = str(bpe_path)
+  resumed = pretrain.pretrain(config, work, out=tmp_path / "clip")
+  assert pretrain.read_report(resumed)["resumed_from_step"] == 1
   _assert_same_weights(first, resumed)
 
 

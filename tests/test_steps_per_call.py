@@ -12,7 +12,7 @@ import pytest
 from configs import benchmark as benchmark_config
 from mmap_jax.apps import benchmark
 from mmap_jax.prompts import multitask
-from mmap_jax.train import loop, optim, step as train_step
+from mmap_jax.train import chunks, loop, optim, step as train_step
 
 
 def _tiny(bpe_path):
@@ -90,7 +90,7 @@ def test_non_finite_inner_step_keeps_the_state_and_is_reported():
 
 
 def _check_plan(start, total, k, every, max_lengths=3):
-  plan = loop.chunks.plan_chunks(start, total, k, every, max_lengths)
+  plan = chunks.plan_chunks(start, total, k, every, max_lengths)
   ends = list(np.cumsum([start] + plan))[1:]
   assert sum(plan) == total - start and all(1 <= n <= k for n in plan)
   assert len(set(plan)) <= max_lengths
@@ -113,7 +113,7 @@ def test_chunk_plan_ends_at_every_boundary():
       _check_plan(start, 100, 4, every)
   assert _check_plan(0, 100, 8, (5, 7, 11), max_lengths=2)
   with pytest.raises(ValueError, match="steps_per_call"):
-    loop.chunks.plan_chunks(0, 10, 0, (2,))
+    chunks.plan_chunks(0, 10, 0, (2,))
 
 
 def test_the_host_names_the_first_non_finite_inner_step():
@@ -149,3 +149,47 @@ def test_scanned_grouping_steps_equal_single_grouping_steps(bpe_path):
                        jax.tree.map(lambda *x: np.stack(x), *batches), jnp.asarray(records))
   assert metrics["loss"].shape == (3,)
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(got), jax.device_get(ref))
+
+
+def test_cadence_calls_hooks_and_preemption_counters():
+  """train.cadence: calls end at every boundary with their flags; hooks see each call's step
+  range; the agreed preemption check gets consecutive call counters (jax's sync protocol sets
+  the sync point to the fastest process's counter + 1, which chunk-end steps would skip) and
+  installs no Python SIGTERM handler (it would replace jax's C++ one)."""
+  import signal
+  from mmap_jax.train import cadence
+
+  asked, seen = [], []
+  before = signal.getsignal(signal.SIGTERM)
+  preemption = cadence.Preemption(lambda c: asked.append(c) or len(asked) == 3,
+                                  coordinated=True)
+  assert signal.getsignal(signal.SIGTERM) is before
+  c = cadence.Cadence(total=7, start=0, log_every=5, eval_every=6, ckpt_every=3,
+                      images_per_step=8, writer=None, preemption=preemption, steps_per_call=3,
+                      hooks=[lambda a, b: seen.append((a, b))])
+  calls = list(c.calls())
+  assert [(x.first, x.last) for x in calls] == [(1, 3), (4, 5), (6, 6), (7, 7)]
+  assert [(x.log, x.eval, x.ckpt) for x in calls] == [
+      (False, False, True), (True, False, False), (False, True, True), (True, True, True)]
+  stops = [c.after(x) for x in calls]
+  assert stops == [False, False, True, False] and asked == list(range(asked[0], asked[0] + 4))
+  assert seen == [(1, 3), (4, 5), (6, 6), (7, 7)]
+  remove = cadence.register_hook(lambda a, b: seen.append(("registered", b)))
+  try:
+    c.after(calls[0])
+  finally:
+    remove()
+  assert seen[-2:] == [(1, 3), ("registered", 3)]
+  # The counter is the process's: a later run (a sweep's next setting) continues it.
+  cadence.Preemption(lambda c: asked.append(c), coordinated=True).check()
+  assert asked[-3:] == list(range(asked[0] + 3, asked[0] + 6))
+  # One process: the local flag, set by SIGTERM through the Python handler.
+  local = cadence.Preemption(lambda c: False, coordinated=False)
+  try:
+    assert signal.getsignal(signal.SIGTERM) == local._handle and not local.check()
+    signal.raise_signal(signal.SIGTERM)
+    assert local.check()
+  finally:
+    local.restore()
+  assert signal.getsignal(signal.SIGTERM) is before
+  assert cadence.due(7, 0, 7) and not cadence.due(6, 0, 7) and cadence.due(4, 2, 7)

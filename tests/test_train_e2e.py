@@ -5,7 +5,6 @@ import collections
 import dataclasses
 import json
 import pathlib
-import struct
 import subprocess
 import sys
 import threading
@@ -93,19 +92,7 @@ def _selected(workdir: pathlib.Path) -> dict:
                                                            "selected"))
 
 
-def _scalar_steps(logdir: pathlib.Path) -> dict[str, list[int]]:
-  """{tag: [steps]} from tensorboardX event files (TFRecord framing, no TensorFlow)."""
-  from tensorboardX.proto import event_pb2
-  out = collections.defaultdict(list)
-  for path in logdir.glob("events.out.tfevents.*"):
-    data, pos = path.read_bytes(), 0
-    while pos < len(data):
-      (n,) = struct.unpack("<Q", data[pos:pos + 8])
-      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
-      pos += 12 + n + 4
-      for v in event.summary.value:
-        out[v.tag].append(int(event.step))
-  return out
+_scalar_steps = fx.scalar_steps
 
 
 def test_test_split_is_read_once_and_only_after_training(finished):
@@ -224,12 +211,13 @@ def test_run_writes_everything(finished):
 
 def _launch_train(env, method: str, workdir, signal_at: str | None = None
                   ) -> subprocess.CompletedProcess:
-  """launch.train on the tiny demo; `signal_at` ("STEP:SIGNAL") injects a signal after a step."""
-  cmd = [sys.executable, "-m", "launch.train",
+  """launch.train on the tiny demo; `signal_at` ("STEP:SIGNAL") injects a signal after a step
+  (through the test-only wrapper tests/faults.py: the loop itself has no fault injection)."""
+  launcher = ["-m", "tests.faults", signal_at] if signal_at else ["-m"]
+  cmd = [sys.executable, *launcher, "launch.train",
          f"--config=configs/demo.py:method={method},clip={env['clip']},runlocal",
          f"--workdir={workdir}", *fx.override_flags(env["data"])]
-  extra = {"MMAP_JAX_SIGNAL_AT_STEP": signal_at} if signal_at else {}
-  return subprocess.run(cmd, cwd=REPO, env=fx.subprocess_env() | extra, capture_output=True,
+  return subprocess.run(cmd, cwd=REPO, env=fx.subprocess_env(), capture_output=True,
                         text=True, timeout=600)
 
 

@@ -81,3 +81,20 @@ def predicted_accuracy(classifier, task, image_size: int) -> float:
   probs = predict.classify(classifier, np.concatenate(images))
   np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
   return float((probs.argmax(-1) == np.concatenate(labels)).mean())
+
+
+def scalar_steps(logdir: pathlib.Path) -> dict[str, list[int]]:
+  """{tag: [steps]} from tensorboardX event files (TFRecord framing, no TensorFlow)."""
+  import collections
+  import struct
+  from tensorboardX.proto import event_pb2
+  out = collections.defaultdict(list)
+  for path in pathlib.Path(logdir).glob("events.out.tfevents.*"):
+    data, pos = path.read_bytes(), 0
+    while pos < len(data):
+      (n,) = struct.unpack("<Q", data[pos:pos + 8])
+      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
+      pos += 12 + n + 4
+      for v in event.summary.value:
+        out[v.tag].append(int(event.step))
+  return out

@@ -6,8 +6,10 @@ with CLIP's symmetric InfoNCE loss and learnable temperature on `demo_world`'s p
 That stream deliberately differs from the downstream demo domains (other rendering styles, held-out
 object/style combinations), so zero-shot transfer is above chance but imperfect, as with real CLIP
 on Office-Home. Everything is the project's machinery: the same encoders (`models.clip`), the
-sharded jitted step (`train.step`), the Orbax checkpointer (resumable), and `checkpoints.store` for
-the result.
+sharded jitted step (`train.step`), the Orbax checkpointer (resumable), the trainer's step-loop
+cadence (`train.cadence`: log / eval / checkpoint steps, progress lines with rate and ETA,
+TensorBoard scalars in <workdir>/tensorboard, SIGTERM agreed by all processes), and
+`checkpoints.store` for the result.
 
   pretrain(config, workdir, out=...)      -> the output CLIP directory (+ pretrain_report.json)
   launch(config, workdir=, vocab=, out=)  -> the same, as `python -m launch.pretrain` runs it
@@ -47,8 +49,9 @@ from mmap_jax.data.preprocess import CLIP_MEAN, CLIP_STD, eval_pixels, random_re
 from mmap_jax.models import clip
 from mmap_jax.models.config import ClipConfig, get_variant
 from mmap_jax.tokenizer import ClipTokenizer
-from mmap_jax.train import optim as optim_lib
+from mmap_jax.train import cadence as cadence_lib, optim as optim_lib
 from mmap_jax.train.checkpointing import Checkpointer
+from mmap_jax.train.report import ScalarWriter
 from mmap_jax.train.step import init_state, make_train_step
 
 Params = dict[str, Any]
@@ -473,7 +476,10 @@ def pretrain(config: mlc.ConfigDict, workdir: str | os.PathLike, *,
 
   `out` (default <workdir>/clip) gets the project's CLIP format (store.save) plus
   pretrain_report.json. Deterministic in `config.seed`; interrupted runs resume from the latest
-  Orbax checkpoint in <workdir>/checkpoints with the same batches they would have seen.
+  Orbax checkpoint in <workdir>/checkpoints with the same batches they would have seen. Steps
+  follow the trainer's cadence (`train.cadence`): progress lines (also printed with
+  `progress`), TensorBoard scalars in <workdir>/tensorboard, and on SIGTERM a checkpoint, then
+  `cadence.Preempted` (launch.pretrain exits with status 143; the same call resumes).
   """
   t_start = time.time()
   if not config.vocab:
@@ -510,34 +516,55 @@ def pretrain(config: mlc.ConfigDict, workdir: str | os.PathLike, *,
       cfg, params, tokenizer, eval_set, template=config.eval.template,
       batch_size=int(config.eval.batch_size))
   chance = 1.0 / len(demo_world.OBJECTS)
+  schedule = optim_lib.learning_rate_schedule(config.optim, steps)
   history, losses = [], []
   recent = collections.deque(maxlen=50)   # device scalars: no host sync per step
   stream = PairStream(config, tokenizer, cfg.vision.image_size, start)
-  bar = _progress_bar(progress, steps, start)
+  writer = ScalarWriter(str(workdir / "tensorboard"))
+  preemption = cadence_lib.Preemption(ckpt.reached_preemption)
+  cadence = cadence_lib.Cadence(
+      total=steps, start=start, log_every=int(config.train.log_every),
+      eval_every=int(config.train.eval_every), ckpt_every=int(config.train.ckpt_every),
+      images_per_step=int(config.data.batch_size), writer=writer, preemption=preemption,
+      name="pretrain", echo=progress)
   t_loop = time.time()
   try:
-    for step in range(start, steps):
+    for c in cadence.calls():
+      done = c.last
       batch = jax.device_put(next(stream), batch_sharding)
       state, metrics = train_step(state, {}, batch)
       recent.append(metrics["loss"])
-      done = step + 1
-      if done % int(config.train.log_every) == 0 or done == steps:
+      if c.log:
         m = jax.device_get(metrics)
-        losses.append((done, float(m["loss"])))
-        logging.info("pretrain step %d/%d: loss %.4f i2t %.3f t2i %.3f scale %.1f finite %s",
-                     done, steps, m["loss"], m["i2t_acc"], m["t2i_acc"], m["logit_scale"],
-                     bool(m["finite"]))
-        bar.set_postfix(loss=f"{float(m['loss']):.3f}")
-      every = int(config.train.eval_every)
-      if every and done % every == 0 and done != steps:
+        loss, lr = float(m["loss"]), float(schedule(done - 1))
+        losses.append((done, loss))
+        if not bool(m["finite"]):
+          logging.warning("pretrain step %d: non-finite loss or gradient, update skipped", done)
+        extra = {"i2t": float(m["i2t_acc"]), "t2i": float(m["t2i_acc"]),
+                 "scale": float(m["logit_scale"])}
+        cadence.log(done, loss, lr, {"train/loss": loss, "train/lr": lr,
+                                     "train/grad_norm": float(m["grad_norm"])}
+                    | {f"train/{k}": float(m[k]) for k in ("i2t_acc", "t2i_acc", "logit_scale")},
+                    extra=extra)
+      if c.eval and done != steps:   # the last step's evaluation is the report's, below
         acc = evaluate(state["learned"])
         history.append({"step": done, **acc})
+        writer.scalars(done, _zero_shot_scalars("eval/zero_shot", acc))
         logging.info("pretrain step %d zero-shot: %s", done, _fmt_acc(acc))
-      if done % int(config.train.ckpt_every) == 0 or done == steps:
+      if c.ckpt:
         ckpt.save(done, state, {"next_step": done}, meta)
-      bar.update(1)
+      if cadence.after(c):
+        if not c.ckpt:
+          ckpt.save(done, state, {"next_step": done}, meta)
+        ckpt.wait()
+        logging.warning("pretrain preempted: checkpoint of step %d saved in %s", done,
+                        ckpt.directory)
+        raise cadence_lib.Preempted(done, ckpt.directory)
+  except BaseException:
+    writer.close()
+    raise
   finally:
-    bar.close()
+    preemption.restore()
     stream.close()
     ckpt.close()
   loop_seconds = time.time() - t_loop
@@ -546,6 +573,8 @@ def pretrain(config: mlc.ConfigDict, workdir: str | os.PathLike, *,
   final = jax.device_get(metrics) if trained else None
   acc = evaluate(state["learned"])
   average = float(np.mean(list(acc.values())))
+  writer.scalars(steps, _zero_shot_scalars("final/zero_shot", acc))
+  writer.close()
   params = _finalize_params(state["learned"], state["opt_state"], bool(config.zero_unused_tokens))
   report = {
       "variant": config.clip.variant, "seed": int(config.seed), "steps": steps,
@@ -589,17 +618,9 @@ def _fmt_acc(acc: Mapping[str, float]) -> str:
   return ", ".join(f"{k} {v:.3f}" for k, v in acc.items())
 
 
-class _NoBar:
-  def update(self, n): pass
-  def set_postfix(self, **kw): pass
-  def close(self): pass
-
-
-def _progress_bar(enabled: bool, total: int, initial: int):
-  if not enabled:
-    return _NoBar()
-  from tqdm.auto import tqdm
-  return tqdm(total=total, initial=initial, desc="pretraining the demo CLIP", unit="step")
+def _zero_shot_scalars(prefix: str, acc: Mapping[str, float]) -> dict[str, float]:
+  return {f"{prefix}/{k}": v for k, v in acc.items()} | {
+      f"{prefix}/average": float(np.mean(list(acc.values())))}
 
 
 # ----------------------------------------------------------------------------- the demo's CLIP
@@ -612,8 +633,8 @@ def read_report(directory: str | os.PathLike) -> Optional[dict]:
 def ensure_demo_clip(path: str | os.PathLike | None = None, *,
                      vocab_path: str | os.PathLike | None = None) -> str:
   """The demo's pretrained CLIP: `path` (default: the committed mmap_jax/assets/demo_clip) if it loads,
-  else pretrains it there with `default_config()` (about 10 minutes on 2 CPU cores, with a
-  progress bar) and returns it. `vocab_path` (default: the packaged CLIP BPE file) is only read
+  else pretrains it there with `default_config()` (about 10 minutes on 2 CPU cores, with
+  progress lines printed as it goes) and returns it. `vocab_path` (default: the packaged CLIP BPE file) is only read
   when building."""
   target = pathlib.Path(path) if path is not None else DEFAULT_DEMO_CLIP
   if store.is_store(target):

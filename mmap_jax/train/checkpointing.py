@@ -100,6 +100,12 @@ class Checkpointer:
     return self._manager.restore(step, args=ocp.args.Composite(
         **{_META: ocp.args.JsonRestore()}))[_META]
 
+  def reached_preemption(self, counter: int) -> bool:
+    """True on every process at the same `counter` once any process got SIGTERM (orbax ->
+    jax's preemption sync point; False without jax.distributed). Every process must call it
+    with consecutive counters (train.cadence.Preemption does)."""
+    return bool(self._manager.reached_preemption(counter))
+
   def wait(self) -> None:
     self._manager.wait_until_finished()
 

@@ -10,15 +10,15 @@ train.select) -> the test split evaluated ONCE on that state, the accuracy table
 Resumption: the latest complete checkpoint of `workdir/checkpoints` restores the learned pytree,
 optimizer state, step, input-iterator state and the validation record with the selected state,
 so a killed and restarted run reaches the same final prompts and the same selection as an
-uninterrupted one. SIGTERM (preemption) saves a checkpoint before exiting.
+uninterrupted one. SIGTERM (preemption) saves a checkpoint before exiting, at a call boundary all
+processes agree on (`cadence.Preemption`). The step loop's cadence (calls, log / eval / checkpoint
+steps, progress lines, TensorBoard, hooks) is `train/cadence.py`, shared with the demo pretraining.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
-import signal
-import threading
 from typing import Any, Optional
 
 import jax
@@ -29,41 +29,16 @@ from absl import logging
 from mmap_jax import heads, parallel, paths
 from mmap_jax.data import pipeline
 from mmap_jax.prompts import multitask
-from mmap_jax.train import checkpointing, evaluate as evaluation, grouping_run, optim, report
-from mmap_jax.train import chunks, selection as selection_lib, setup, step as train_step
+from mmap_jax.train import cadence as cadence_lib, checkpointing, evaluate as evaluation
+from mmap_jax.train import grouping_run, optim, report
+from mmap_jax.train import selection as selection_lib, setup, step as train_step
 
-
-# Fault injection for the resume tests: "STEP:SIGNAL" (e.g. "4:SIGKILL", "3:SIGTERM") sends the
-# signal to this process right after that step (and after dispatching the step's asynchronous
-# checkpoint, if any, so it may be half-written), as a dying or preempted host would see it.
-_SIGNAL_AT_STEP = os.environ.get("MMAP_JAX_SIGNAL_AT_STEP")
-
-# Exit status of a launcher whose run was preempted (SIGTERM) after saving its checkpoint:
-# 128 + SIGTERM, what a shell reports for a process SIGTERM ended. Schedulers that restart
-# terminated tasks then restart it and the rerun resumes; 0 would read as "finished".
-PREEMPTED_EXIT_CODE = 128 + int(signal.SIGTERM)
+# Exit status of a launcher whose run was preempted after saving its checkpoint (143).
+PREEMPTED_EXIT_CODE = cadence_lib.PREEMPTED_EXIT_CODE
 
 
 class NonFiniteError(FloatingPointError):
   """The loss or a gradient became NaN/inf; the last good checkpoint is kept."""
-
-
-class _Preemption:
-  """Turns SIGTERM into a flag the loop checks between steps (main thread only)."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = None
-    if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-  def _handle(self, signum, frame):  # pylint: disable=unused-argument
-    logging.warning("SIGTERM received: saving a checkpoint and exiting")
-    self.requested = True
-
-  def restore(self):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
 
 
 def _model(config: mlc.ConfigDict, workdir: str, clip: setup.Clip, tasks, mesh,
@@ -265,11 +240,10 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict:
       run.selected = jax.tree.map(jax.numpy.copy, run.state["learned"])  # Survives donation.
     return acc
 
-  preempt = _Preemption()
+  preempt = cadence_lib.Preemption(run.ckpt.reached_preemption)
   try:
     if start < run.total:
-      _train(config, run, it, meta, writer, start, preempt, run_eval)
-      if preempt.requested:
+      if _train(config, run, it, meta, writer, start, preempt, run_eval):
         return {"preempted": True, "step": int(run.state["step"])}
     if run.total == 0:  # Zero-shot: one state, validation and test once each.
       val = run.evaluate(config, eval_fns, split="val") if has_val else {}
@@ -303,30 +277,33 @@ def first_non_finite(metrics: dict, first: int) -> Optional[tuple[int, float]]:
   return first + i, float(np.asarray(metrics["loss"]).reshape(-1)[i])
 
 
-def _train(config, run: _Run, it, meta, writer, start, preempt, run_eval):
-  """The step loop; `run.state` always holds the newest good state.
+def _train(config, run: _Run, it, meta, writer, start, preempt, run_eval) -> bool:
+  """The step loop; `run.state` always holds the newest good state. True: stopped preempted.
 
   With train.steps_per_call = K > 1 each jitted call runs a chunk of up to K steps
   (`chunks.plan_chunks`: chunks end at every log / checkpoint / eval step and at the end), so
   logging, checkpoints, evaluation, SIGTERM and resumption happen at the same steps as with K=1.
+  The calls and what runs between them are `cadence.Cadence`'s.
   """
   total, ckpt = run.total, run.ckpt
   k = int(config.train.get("steps_per_call", 1))
   loss_fn = _loss_fn(run.clip.cfg, run.spec, run.groups, run.dtype, config.clip.remat)
+  cadence = cadence_lib.Cadence(
+      total=total, start=start, log_every=config.train.log_every,
+      eval_every=config.train.eval_every, ckpt_every=config.train.ckpt_every,
+      images_per_step=config.input.batch_size * len(run.tasks), writer=writer,
+      preemption=preempt, steps_per_call=k)
   if k == 1:
     single = train_step.make_train_step(loss_fn, run.optimizer,
                                         accum_steps=config.optim.accum_steps)
     call = lambda n: single(run.state, run.frozen, next(it))
-    plan = [1] * (total - start)
   else:
     multi = train_step.make_train_steps(loss_fn, run.optimizer,
                                         accum_steps=config.optim.accum_steps)
     call = lambda n: multi(run.state, run.frozen, it.next_steps(n))
-    plan = chunks.plan_chunks(start, total, k, (config.train.log_every, config.train.ckpt_every,
-                                                config.train.eval_every))
-    logging.info("steps_per_call=%d: %d calls of lengths %s", k, len(plan), sorted(set(plan)))
+    logging.info("steps_per_call=%d: %d calls of lengths %s", k, len(cadence.plan),
+                 sorted(set(cadence.plan)))
   schedule = optim.learning_rate_schedule(run.recipe.recipe, max(total, 1))
-  progress = report.Progress(total, config.input.batch_size * len(run.tasks), first_step=start)
   pending = None  # The previous call's metrics: checked one call late so the device never idles.
 
   def check(metrics, first):
@@ -338,42 +315,39 @@ def _train(config, run: _Run, it, meta, writer, start, preempt, run_eval):
           f"update was not applied; last good checkpoint: step {ckpt.latest_step()} in "
           f"{ckpt.directory}. Lower optim.lr, enable optim.grad_clip, or use clip.dtype=float32.")
 
-  done = start
-  for n in plan:
-    run.state, metrics = call(n)
+  for c in cadence.calls():
+    done = c.last
+    run.state, metrics = call(c.n)
     if pending is not None:
       check(*pending)
-    pending = (metrics, done + 1)
-    done += n
-    if done % config.train.log_every == 0 or done == total:
+    pending = (metrics, c.first)
+    if c.log:
       check(*pending)
       last = jax.device_get(metrics)
       if k > 1:  # stacked [n, ...]: the chunk's last step is the step being logged
         last = jax.tree.map(lambda x: x[-1], last)
       loss = float(last["loss"])
       lr = float(schedule(done - 1))
-      progress.line(done, loss, lr)
-      writer.scalars(done, {"train/loss": loss, "train/lr": lr,
-                            "train/grad_norm": float(last["grad_norm"])}
-                     | {f"train/task_loss/{name}": float(v) for name, v in
-                        zip(run.names, np.asarray(last["per_task_loss"]))})
-    if done % config.train.eval_every == 0 or done == total:
+      cadence.log(done, loss, lr, {"train/loss": loss, "train/lr": lr,
+                                   "train/grad_norm": float(last["grad_norm"])}
+                  | {f"train/task_loss/{name}": float(v) for name, v in
+                     zip(run.names, np.asarray(last["per_task_loss"]))})
+    if c.eval:
       check(*pending)
       run_eval(done)  # Validation, before the save: the checkpoint then holds its record.
-    saved = done % config.train.ckpt_every == 0 or done == total
-    if saved:
+    if c.ckpt:
       check(*pending)
       run.save(done, it.get_state(), meta)
-    if _SIGNAL_AT_STEP and done - n < int(_SIGNAL_AT_STEP.split(":")[0]) <= done:
-      os.kill(os.getpid(), getattr(signal, _SIGNAL_AT_STEP.split(":")[1]))
-    if preempt.requested:
-      if not saved:
+    if cadence.after(c):  # hooks, then the preemption check (all processes agree)
+      if not c.ckpt:
         check(*pending)
         run.save(done, it.get_state(), meta)
       ckpt.wait()
       logging.warning("preempted: checkpoint of step %d saved in %s", done, ckpt.directory)
-      return
-  check(*pending)
+      return True
+  if pending is not None:
+    check(*pending)
+  return False
 
 
 EVAL_STATES = ("selected", "checkpoint")

@@ -133,7 +133,9 @@ class Progress:
     self.total, self.images_per_step = total_steps, images_per_step
     self._t0, self._s0 = None, first_step
 
-  def line(self, step: int, loss: float, lr: float) -> str:
+  def line(self, step: int, loss: float, lr: float, *,
+           extra: Optional[Mapping[str, float]] = None, prefix: str = "") -> str:
+    """`[prefix ]step s/T  loss  lr  [name value ...]  img/s  ETA`, logged and returned."""
     now = time.perf_counter()
     if self._t0 is None:  # The first interval includes compilation: start timing after it.
       self._t0, self._s0 = now, step
@@ -142,8 +144,9 @@ class Progress:
       sps = (step - self._s0) / max(now - self._t0, 1e-9)
       rate = sps * self.images_per_step
       eta = (self.total - step) / max(sps, 1e-9)
-    msg = (f"step {step}/{self.total}  loss {loss:.4f}  lr {lr:.2e}  "
-           f"{rate:.1f} img/s  ETA {_fmt_seconds(eta)}")
+    more = "".join(f"{k} {v:.4g}  " for k, v in (extra or {}).items())
+    msg = (f"{prefix + ' ' if prefix else ''}step {step}/{self.total}  loss {loss:.4f}  "
+           f"lr {lr:.2e}  {more}{rate:.1f} img/s  ETA {_fmt_seconds(eta)}")
     logging.info(msg)
     return msg
 

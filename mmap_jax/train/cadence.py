@@ -1,0 +1,188 @@
+"""The step-loop cadence both trainers share: `train/loop.py` and the demo's pretraining.
+
+One place decides, for a run of `total` steps resumed at `start`:
+  - which calls run (`train.steps_per_call` K > 1: `chunks.plan_chunks`, chunks end at every
+    boundary) and at which steps the host logs, evaluates and checkpoints (`due`: multiples of
+    the field, and always the last step);
+  - the progress lines (loss, lr, images/s, ETA; report.Progress) and the TensorBoard scalars
+    (report.ScalarWriter: process 0 only, tensorboardX);
+  - what runs after every call: registered hooks, then the preemption check.
+
+Why not clu (metric_writers, periodic_actions): clu 0.0.12's `clu.metric_writers` imports its
+TensorFlow SummaryWriter at import time (`import tensorflow`), and `clu.periodic_actions` imports
+`clu.metric_writers`, so neither imports without TensorFlow, which this project does not install.
+
+Preemption (SIGTERM) stops the run at a call boundary *every process agrees on*:
+  - One process: a Python SIGTERM handler sets a flag, read at the next boundary.
+  - Several processes (jax.distributed): `jax.distributed.initialize` starts jax's preemption
+    sync manager, whose C++ notifier installs its own SIGTERM handler (std::signal) and polls
+    it from a thread; on a notice each process publishes its last call counter through the
+    coordination service and all agree on max + 1. A Python `signal.signal(SIGTERM, ...)`
+    installed later would replace that handler (one sigaction per signal), so none is installed;
+    every process asks `reached(counter)` (orbax `CheckpointManager.reached_preemption`) at
+    every call boundary with the number of calls this process has made so far (over all runs
+    of the process, e.g. a sweep's: jax's manager keeps the last counter it saw): consecutive
+    and never decreasing, as the protocol's "max + 1" needs (chunk end *steps* skip values when
+    K > 1, and restart at a resume).
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import signal
+import threading
+from typing import Callable, Iterator, Mapping, Optional, Sequence
+
+import jax
+from absl import logging
+
+from mmap_jax.train import chunks, report
+
+# Exit status of a launcher whose run was preempted (SIGTERM) after saving its checkpoint:
+# 128 + SIGTERM, what a shell reports for a process SIGTERM ended. Schedulers that restart
+# terminated tasks then restart it and the rerun resumes; 0 would read as "finished".
+PREEMPTED_EXIT_CODE = 128 + int(signal.SIGTERM)
+
+# hook(first, last): called after every call of every training loop in this process, with the
+# (1-based) range of steps that call completed, after that step's log / eval / checkpoint.
+Hook = Callable[[int, int], None]
+_HOOKS: list[Hook] = []
+# Call counter of the agreed preemption check, shared by every run of this process.
+_CALLS = itertools.count(1)
+
+
+def register_hook(hook: Hook) -> Callable[[], None]:
+  """Runs `hook` after every call of every training loop of this process; returns its remover.
+
+  For instrumentation that must not live in the loops (profiling windows, fault injection in
+  tests: tests/faults.py)."""
+  _HOOKS.append(hook)
+  return lambda: _HOOKS.remove(hook) if hook in _HOOKS else None
+
+
+class Preempted(Exception):
+  """A run stopped for preemption after saving the checkpoint of `step` (rerun to resume)."""
+
+  def __init__(self, step: int, directory: str):
+    super().__init__(f"preempted: checkpoint of step {step} saved in {directory}")
+    self.step, self.directory = step, directory
+
+
+def due(step: int, every: int, total: int) -> bool:
+  """The boundary rule: multiples of `every` (<= 0: none) and always the last step."""
+  return step == total or (every > 0 and step % every == 0)
+
+
+def _coordinated() -> bool:
+  """jax.distributed is up with its preemption sync manager (jax_enable_preemption_service)."""
+  if not jax.distributed.is_initialized():
+    return False
+  from jax.experimental import multihost_utils
+  try:  # Counter 0 is the manager's initial value: asking for it changes nothing.
+    multihost_utils.reached_preemption_sync_point(0)
+  except RuntimeError:
+    return False
+  return True
+
+
+class Preemption:
+  """SIGTERM -> a stop at a call boundary all processes agree on (see the module docstring).
+
+  `reached(counter)` is the agreed check (`Checkpointer.reached_preemption`); `check()` is
+  called by every process after every call. Use as a context manager (restores the handler).
+  """
+
+  def __init__(self, reached: Callable[[int], bool], *, coordinated: Optional[bool] = None):
+    self._reached = reached
+    self.coordinated = _coordinated() if coordinated is None else coordinated
+    self.requested = False
+    self._previous = None
+    if self.coordinated:
+      logging.info("preemption: jax's sync manager (SIGTERM on any process stops all at the "
+                   "same call)")
+    elif jax.process_count() > 1:
+      logging.warning("preemption: jax.distributed runs without its preemption service "
+                      "(jax_enable_preemption_service=False); SIGTERM ends a process unsaved")
+    elif threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):  # pylint: disable=unused-argument
+    logging.warning("SIGTERM received: saving a checkpoint and exiting")
+    self.requested = True
+
+  def check(self) -> bool:
+    """True when the run must stop after the call just made (the same on every process)."""
+    if self.coordinated:
+      counter = next(_CALLS)
+      self.requested = bool(self._reached(counter))
+      if self.requested:
+        logging.warning("preemption sync point reached at call %d of this process", counter)
+    return self.requested
+
+  def restore(self) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
+
+  def __enter__(self) -> "Preemption":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.restore()
+
+
+@dataclasses.dataclass(frozen=True)
+class Call:
+  """One jitted call: steps first..last (1-based; `last` steps are done after it)."""
+  first: int
+  last: int
+  log: bool
+  eval: bool
+  ckpt: bool
+
+  @property
+  def n(self) -> int:
+    return self.last - self.first + 1
+
+
+class Cadence:
+  """The calls of a run and what happens between them (see the module docstring)."""
+
+  def __init__(self, *, total: int, start: int, log_every: int, eval_every: int,
+               ckpt_every: int, images_per_step: int, writer: report.ScalarWriter,
+               preemption: Preemption, steps_per_call: int = 1, name: str = "",
+               echo: bool = False, hooks: Sequence[Hook] = ()):
+    self.total, self.start = int(total), int(start)
+    self.every = {"log": int(log_every), "eval": int(eval_every), "ckpt": int(ckpt_every)}
+    self.k = int(steps_per_call)
+    self.writer, self.preemption = writer, preemption
+    self.progress = report.Progress(self.total, images_per_step, first_step=self.start)
+    self._name, self._echo = name, echo
+    self._hooks = tuple(hooks)
+    if self.k == 1:
+      self.plan = [1] * max(self.total - self.start, 0)
+    else:
+      self.plan = chunks.plan_chunks(self.start, self.total, self.k,
+                                     (self.every["log"], self.every["ckpt"], self.every["eval"]))
+
+  def calls(self) -> Iterator[Call]:
+    done = self.start
+    for n in self.plan:
+      first, done = done + 1, done + n
+      yield Call(first, done, *(due(done, self.every[f], self.total)
+                                for f in ("log", "eval", "ckpt")))
+
+  def log(self, step: int, loss: float, lr: float, scalars: Mapping[str, float],
+          extra: Optional[Mapping[str, float]] = None) -> str:
+    """A progress line (logged; printed too with `echo`) and the step's TensorBoard scalars."""
+    line = self.progress.line(step, loss, lr, extra=extra, prefix=self._name)
+    if self._echo and jax.process_index() == 0:
+      print(line, flush=True)
+    self.writer.scalars(step, scalars)
+    return line
+
+  def after(self, call: Call) -> bool:
+    """Hooks, then the preemption check: True when the run must save and stop here."""
+    for hook in self._hooks + tuple(_HOOKS):
+      hook(call.first, call.last)
+    return self.preemption.check()
