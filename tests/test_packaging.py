@@ -8,6 +8,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -95,8 +96,13 @@ def test_pip_install_then_console_script_trains(tmp_path, bpe_path):
   # cannot build a wheel offline); what gets installed still lands in the venv.
   subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
   py = venv / "bin" / "python"
+  # Install from a copy of the tree without build outputs: pip builds in-tree, and a stale
+  # build/lib (modules since moved or deleted) would otherwise be packaged too.
+  src = tmp_path / "src"
+  shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(
+      ".git", "build", "*.egg-info", "__pycache__", ".pytest_cache", "benchmarks", "notebooks"))
   pip = subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-index",
-                        "--no-build-isolation", str(REPO)], capture_output=True, text=True,
+                        "--no-build-isolation", str(src)], capture_output=True, text=True,
                        env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
   assert pip.returncode == 0, pip.stdout + pip.stderr
   cwd = tmp_path / "elsewhere"
