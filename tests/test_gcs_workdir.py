@@ -11,13 +11,11 @@ its checkpoint; the test then checks what is in the bucket and that nothing mirr
 """
 from __future__ import annotations
 
-import collections
 import json
 import logging
 import os
 import pathlib
 import socket
-import struct
 
 import numpy as np
 import pytest
@@ -109,19 +107,6 @@ def _objects(uri: str) -> list[str]:
   return sorted(p[len(root) + 1:] for p in fs.find(root))
 
 
-def _scalar_steps(data: bytes) -> dict[str, list[int]]:
-  """{tag: [steps]} of one tensorboardX event file (TFRecord framing)."""
-  from tensorboardX.proto import event_pb2
-  out, pos = collections.defaultdict(list), 0
-  while pos < len(data):
-    (n,) = struct.unpack("<Q", data[pos:pos + 8])
-    event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
-    pos += 12 + n + 4
-    for v in event.summary.value:
-      out[v.tag].append(int(event.step))
-  return out
-
-
 @pytest.fixture(scope="module")
 def trained(gcs, tmp_path_factory, bpe_path):
   """Everything that writes, in an empty working directory (so anything written to a local path
@@ -203,7 +188,7 @@ def test_restart_resumed_from_the_checkpoint(trained):
   # first run's at 2 and 4 (log_every=2).
   events = [o for o in _objects(workdir) if o.startswith("tensorboard/events.out.tfevents.")]
   assert len(events) == 2, events
-  logged = sorted(_scalar_steps((epath.Path(workdir) / e).read_bytes())["train/loss"]
+  logged = sorted(fx.event_scalar_steps((epath.Path(workdir) / e).read_bytes())["train/loss"]
                   for e in events)
   assert logged == [[2, 4], [6]]
   # The groups came back with the checkpoint: no second grouping warm-up.

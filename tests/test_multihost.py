@@ -9,7 +9,6 @@ Each subprocess logs the records it reads (MMAP_JAX_READ_LOG) and the files it w
 """
 from __future__ import annotations
 
-import collections
 import json
 import os
 import pathlib
@@ -316,13 +315,19 @@ def test_killed_two_process_run_resumes_to_the_uninterrupted_result(env, two):
   assert _latest(workdir) in (2, 4)
   resumed = _ok(launch(cmd, env["root"] / "logs_resumed", processes=2, devices=2, port=port))
   assert all("resumed from" in r.stderr for r in resumed)
+  ref = _assert_same_learned_state(w_ref, workdir)
+  assert json.loads((workdir / "results.json").read_text())["tasks"] == ref["tasks"]
+
+
+def _assert_same_learned_state(w_ref, workdir) -> dict:
+  """Both workdirs end at step 6 with bit-identical learned pytrees; returns the reference's
+  results.json."""
   s_a, a = _learned(w_ref)
   s_b, b = _learned(workdir)
   assert s_a == s_b == 6
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
     np.testing.assert_array_equal(x, y)
-  ref = json.loads((w_ref / "results.json").read_text())
-  assert json.loads((workdir / "results.json").read_text())["tasks"] == ref["tasks"]
+  return json.loads((w_ref / "results.json").read_text())
 
 
 _PREEMPTED_AT = re.compile(r"preempted: checkpoint of step (\d+) saved")
@@ -354,12 +359,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_and_resumes(env, two
   resumed = _ok(launch(every5(_cmd(env, "launch.train", workdir)),
                        env["root"] / "logs_sigterm_resumed", processes=2, devices=2, port=port))
   assert all(f"at step {step}" in r.stderr for r in resumed)
-  s_a, a = _learned(w_ref)
-  s_b, b = _learned(workdir)
-  assert s_a == s_b == 6
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-    np.testing.assert_array_equal(x, y)
-  ref = json.loads((w_ref / "results.json").read_text())
+  ref = _assert_same_learned_state(w_ref, workdir)
   got = json.loads((workdir / "results.json").read_text())
   assert got["tasks"] == ref["tasks"] and got["selection"] == ref["selection"]
 

@@ -83,18 +83,25 @@ def predicted_accuracy(classifier, task, image_size: int) -> float:
   return float((probs.argmax(-1) == np.concatenate(labels)).mean())
 
 
-def scalar_steps(logdir: pathlib.Path) -> dict[str, list[int]]:
-  """{tag: [steps]} from tensorboardX event files (TFRecord framing, no TensorFlow)."""
+def event_scalar_steps(data: bytes) -> dict[str, list[int]]:
+  """{tag: [steps]} of one tensorboardX event file's bytes (TFRecord framing, no TensorFlow)."""
   import collections
   import struct
   from tensorboardX.proto import event_pb2
-  out = collections.defaultdict(list)
-  for path in pathlib.Path(logdir).glob("events.out.tfevents.*"):
-    data, pos = path.read_bytes(), 0
-    while pos < len(data):
-      (n,) = struct.unpack("<Q", data[pos:pos + 8])
-      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
-      pos += 12 + n + 4
-      for v in event.summary.value:
-        out[v.tag].append(int(event.step))
+  out, pos = collections.defaultdict(list), 0
+  while pos < len(data):
+    (n,) = struct.unpack("<Q", data[pos:pos + 8])
+    event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
+    pos += 12 + n + 4
+    for v in event.summary.value:
+      out[v.tag].append(int(event.step))
+  return out
+
+
+def scalar_steps(logdir: pathlib.Path) -> dict[str, list[int]]:
+  """{tag: [steps]} over every tensorboardX event file in `logdir`."""
+  out: dict[str, list[int]] = {}
+  for path in sorted(pathlib.Path(logdir).glob("events.out.tfevents.*")):
+    for tag, steps in event_scalar_steps(path.read_bytes()).items():
+      out.setdefault(tag, []).extend(steps)
   return out
