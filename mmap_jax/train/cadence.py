@@ -159,11 +159,8 @@ class Cadence:
     self.progress = report.Progress(self.total, images_per_step, first_step=self.start)
     self._name, self._echo = name, echo
     self._hooks = tuple(hooks)
-    if self.k == 1:
-      self.plan = [1] * max(self.total - self.start, 0)
-    else:
-      self.plan = chunks.plan_chunks(self.start, self.total, self.k,
-                                     (self.every["log"], self.every["ckpt"], self.every["eval"]))
+    self.plan = chunks.plan_chunks(self.start, self.total, self.k,
+                                   (self.every["log"], self.every["ckpt"], self.every["eval"]))
 
   def calls(self) -> Iterator[Call]:
     done = self.start
