@@ -20,6 +20,9 @@ run() {  # name, then env assignments
 }
 run glibc MMAP_JAX_ALLOCATOR=system
 run glibc_tuned MMAP_JAX_ALLOCATOR=glibc   # GLIBC_TUNABLES (host_runtime.GLIBC_TUNED): no package
+# the same tunables without arena_max=1: XLA's threads then mmap/munmap each call's temporaries
+run glibc_tuned_no_arena_max MMAP_JAX_ALLOCATOR=system \
+  GLIBC_TUNABLES=glibc.malloc.hugetlb=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736
 if [ -f $lib/libtcmalloc_minimal.so.4 ]; then
   run tcmalloc MMAP_JAX_TCMALLOC=$lib/libtcmalloc_minimal.so.4
   run tcmalloc_release_rate_0 MMAP_JAX_TCMALLOC=$lib/libtcmalloc_minimal.so.4 TCMALLOC_RELEASE_RATE=0

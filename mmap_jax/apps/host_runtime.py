@@ -11,7 +11,9 @@ chosen when the process is loaded, so `reexec_with_allocator` re-executes the la
   (madvise; 2 MiB pages, ~500x fewer faults where THP is "madvise" or "always"), and
   `mmap_max=0` + a 64 GiB `trim_threshold` keep freed temporaries in the heap for the next
   call instead of returning them to the kernel (`bash benchmarks/allocators.sh`; WORKSPACE.md,
-  Performance). Unknown tunables are ignored by older glibc; with THP "never" only the heap
+  Performance), and `arena_max=1` makes every thread allocate from that heap: XLA runs a call
+  on its own threads, and a thread's arena cannot hold a multi-GB buffer, so glibc mmaps it
+  there whatever `mmap_max` says and munmaps it on free (WORKSPACE.md, Performance). Unknown tunables are ignored by older glibc; with THP "never" only the heap
   reuse remains.
 Neither changes arithmetic, so one is on by default for the launchers: MMAP_JAX_ALLOCATOR =
 tcmalloc (default: tcmalloc if found, else tuned glibc) | glibc (tuned glibc even if tcmalloc is
@@ -20,11 +22,16 @@ already (then nothing happens). The cost of a retaining allocator: the freed tem
 resident (peak RSS holds them; tcmalloc can also split the span and hold two).
 Also measured and not used: TCMALLOC_RELEASE_RATE=0, jemalloc without decay.
 
-Why XLA flags: `CPU_FAST_XLA_FLAGS` make XLA:CPU run the attention's small batched products with
-its own dots instead of YNNPACK's fusions: 1.14x faster on the benchmark step, same loss
-(`python3 benchmarks/xla_cpu_dots.py`, results/xla_cpu_dots.json). They change float rounding (a different matmul kernel), so they are applied
-where the result is a timing (launch.benchmark) and are opt-in for training runs, whose
-committed accuracies must stay reproducible: export XLA_FLAGS yourself to use them.
+Why XLA flags: `CPU_FAST_XLA_FLAGS` make XLA:CPU (1) run the attention's small batched products
+with its own dots instead of YNNPACK's fusions and (2) skip the tree-reduction rewrite, which
+turns every reduction over more than 32 elements (LayerNorm's 768 features, softmax's 213 keys)
+into an unfused, single-threaded reduce-window kernel (468 of them per benchmark step). Each is
+measured alone and together by `python3 benchmarks/xla_cpu_dots.py` (results/xla_cpu_dots.json).
+They change float rounding (another matmul kernel; sequential instead of 32-wide partial sums:
+~1e-5 relative on the benchmark's prompt gradients), so they are applied where the result is a
+timing (launch.benchmark) and are opt-in for training runs, whose committed accuracies must stay
+reproducible: export XLA_FLAGS yourself to use them. Both are CPU compiler passes; GPU and TPU
+compilers do not read them.
 """
 from __future__ import annotations
 
@@ -33,10 +40,10 @@ import os
 import sys
 from typing import Mapping, MutableMapping, Optional, Sequence
 
-# XLA:CPU: no YNNPACK library fusions (XLA's Eigen dots and loop fusions instead). Only the CPU
-# backend reads it. benchmarks/xla_cpu_dots.py (same process, interleaved runs, tcmalloc):
-# 14.21 s vs 16.17 s median per benchmark step, identical loss.
-CPU_FAST_XLA_FLAGS: tuple[str, ...] = ("--xla_cpu_experimental_ynn_fusion_type=",)
+# XLA:CPU: no YNNPACK library fusions (XLA's Eigen dots and loop fusions instead), and no
+# tree-reduction rewrite (reductions stay fusible). Evidence: benchmarks/xla_cpu_dots.py.
+CPU_FAST_XLA_FLAGS: tuple[str, ...] = ("--xla_cpu_experimental_ynn_fusion_type=",
+                                       "--xla_disable_hlo_passes=tree_reduction_rewriter")
 
 ALLOCATOR_ENV = "MMAP_JAX_ALLOCATOR"          # "system": keep the process's allocator
 TCMALLOC_ENV = "MMAP_JAX_TCMALLOC"            # an explicit path to libtcmalloc*.so
@@ -91,7 +98,7 @@ ALLOCATOR_CHOICES = ("tcmalloc", "glibc", "system")
 GLIBC_TUNABLES_ENV = "GLIBC_TUNABLES"
 # glibc malloc tuned for XLA:CPU's per-call temporaries (see the module docstring).
 GLIBC_TUNED = ("glibc.malloc.hugetlb=1", "glibc.malloc.mmap_max=0",
-               "glibc.malloc.trim_threshold=68719476736")
+               "glibc.malloc.trim_threshold=68719476736", "glibc.malloc.arena_max=1")
 
 
 def glibc_tunables(current: str) -> str:
