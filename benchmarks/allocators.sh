@@ -2,7 +2,9 @@
 # The host-allocator comparison quoted in WORKSPACE.md (Performance): the benchmark's train step
 # (parts=none, 5 timed steps) under each allocator, one JSON per variant in $OUT_DIR.
 #
-#   bash benchmarks/allocators.sh [OUT_DIR]      # default benchmarks/results/allocators
+#   bash benchmarks/allocators.sh [OUT_DIR] [CONFIG_ARGS]
+#     OUT_DIR default benchmarks/results/allocators; CONFIG_ARGS are added to parts=none, e.g.
+#     steps_per_call=4,runs=8,single=false (K = 4 steps per call, 2 timed calls)
 #
 # glibc / glibc_tuned need nothing installed (glibc_tuned is the launchers' default where
 # tcmalloc is missing); jemalloc / tcmalloc rows need the Debian packages libjemalloc2 / libtcmalloc-minimal4; rows
@@ -10,19 +12,20 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-benchmarks/results/allocators}
+extra=${2:+,$2}
 mkdir -p "$out"
 lib=/usr/lib/x86_64-linux-gnu
 run() {  # name, then env assignments
   local name=$1; shift
   echo "== $name: $*" >&2
-  env "$@" python3 -m launch.benchmark --config=configs/benchmark.py:parts=none \
+  env "$@" python3 -m launch.benchmark --config=configs/benchmark.py:parts=none$extra \
     --out="$out/$name.json" >/dev/null
 }
 run glibc MMAP_JAX_ALLOCATOR=system
 run glibc_tuned MMAP_JAX_ALLOCATOR=glibc   # GLIBC_TUNABLES (host_runtime.GLIBC_TUNED): no package
-# the same tunables without arena_max=1: XLA's threads then mmap/munmap each call's temporaries
-run glibc_tuned_no_arena_max MMAP_JAX_ALLOCATOR=system \
-  GLIBC_TUNABLES=glibc.malloc.hugetlb=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736
+# + arena_max=1: XLA's worker threads allocate from the main heap too (measured, not used)
+run glibc_tuned_arena_max_1 MMAP_JAX_ALLOCATOR=system \
+  GLIBC_TUNABLES=glibc.malloc.hugetlb=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736:glibc.malloc.arena_max=1
 if [ -f $lib/libtcmalloc_minimal.so.4 ]; then
   run tcmalloc MMAP_JAX_TCMALLOC=$lib/libtcmalloc_minimal.so.4
   run tcmalloc_release_rate_0 MMAP_JAX_TCMALLOC=$lib/libtcmalloc_minimal.so.4 TCMALLOC_RELEASE_RATE=0

@@ -11,10 +11,13 @@ chosen when the process is loaded, so `reexec_with_allocator` re-executes the la
   (madvise; 2 MiB pages, ~500x fewer faults where THP is "madvise" or "always"), and
   `mmap_max=0` + a 64 GiB `trim_threshold` keep freed temporaries in the heap for the next
   call instead of returning them to the kernel (`bash benchmarks/allocators.sh`; WORKSPACE.md,
-  Performance), and `arena_max=1` makes every thread allocate from that heap: XLA runs a call
-  on its own threads, and a thread's arena cannot hold a multi-GB buffer, so glibc mmaps it
-  there whatever `mmap_max` says and munmaps it on free (WORKSPACE.md, Performance). Unknown tunables are ignored by older glibc; with THP "never" only the heap
-  reuse remains.
+  Performance). Unknown tunables are ignored by older glibc; with THP "never" only the heap
+  reuse remains. Known limit: XLA runs a call on its own threads, and a thread's arena cannot
+  hold a multi-GB buffer, so glibc mmaps it there whatever `mmap_max` says and munmaps it on
+  free (huge pages make the faults fewer and larger; the zeroing stays). `arena_max=1` (every thread on
+  the main heap) stops that; measured and left opt-in (GLIBC_TUNABLES=glibc.malloc.arena_max=1):
+  faster in some invocations, slower with a fragmented 10 GB heap in others (`bash
+  benchmarks/allocators.sh`; WORKSPACE.md, Performance).
 Neither changes arithmetic, so one is on by default for the launchers: MMAP_JAX_ALLOCATOR =
 tcmalloc (default: tcmalloc if found, else tuned glibc) | glibc (tuned glibc even if tcmalloc is
 there) | system (the process's allocator untouched). TPU VM images usually preload tcmalloc
@@ -98,7 +101,7 @@ ALLOCATOR_CHOICES = ("tcmalloc", "glibc", "system")
 GLIBC_TUNABLES_ENV = "GLIBC_TUNABLES"
 # glibc malloc tuned for XLA:CPU's per-call temporaries (see the module docstring).
 GLIBC_TUNED = ("glibc.malloc.hugetlb=1", "glibc.malloc.mmap_max=0",
-               "glibc.malloc.trim_threshold=68719476736", "glibc.malloc.arena_max=1")
+               "glibc.malloc.trim_threshold=68719476736")
 
 
 def glibc_tunables(current: str) -> str:
