@@ -23,9 +23,9 @@ run() {  # name, then env assignments
 }
 run glibc MMAP_JAX_ALLOCATOR=system
 run glibc_tuned MMAP_JAX_ALLOCATOR=glibc   # GLIBC_TUNABLES (host_runtime.GLIBC_TUNED): no package
-# + arena_max=1: XLA's worker threads allocate from the main heap too (measured, not used)
-run glibc_tuned_arena_max_1 MMAP_JAX_ALLOCATOR=system \
-  GLIBC_TUNABLES=glibc.malloc.hugetlb=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736:glibc.malloc.arena_max=1
+# + arena_max=1 (XLA's worker threads on the main heap too; measured, left opt-in): the
+# launcher adds GLIBC_TUNED to what GLIBC_TUNABLES already holds
+run glibc_tuned_arena_max_1 MMAP_JAX_ALLOCATOR=glibc GLIBC_TUNABLES=glibc.malloc.arena_max=1
 if [ -f $lib/libtcmalloc_minimal.so.4 ]; then
   run tcmalloc MMAP_JAX_TCMALLOC=$lib/libtcmalloc_minimal.so.4
   run tcmalloc_release_rate_0 MMAP_JAX_TCMALLOC=$lib/libtcmalloc_minimal.so.4 TCMALLOC_RELEASE_RATE=0

@@ -14,9 +14,9 @@ chosen when the process is loaded, so `reexec_with_allocator` re-executes the la
   Performance). Unknown tunables are ignored by older glibc; with THP "never" only the heap
   reuse remains. Known limit: XLA runs a call on its own threads, and a thread's arena cannot
   hold a multi-GB buffer, so glibc mmaps it there whatever `mmap_max` says and munmaps it on
-  free (huge pages make the faults fewer and larger; the zeroing stays). `arena_max=1` (every thread on
-  the main heap) stops that; measured and left opt-in (GLIBC_TUNABLES=glibc.malloc.arena_max=1):
-  faster in some invocations, slower with a fragmented 10 GB heap in others (`bash
+  free (huge pages make the faults fewer and larger; the zeroing stays). `arena_max=1` (every
+  thread on the main heap) stops that; measured and left opt-in (GLIBC_TUNABLES=glibc.malloc.arena_max=1):
+  faster in some invocations, slower with a fragmented 10 GB heap in another (`bash
   benchmarks/allocators.sh`; WORKSPACE.md, Performance).
 Neither changes arithmetic, so one is on by default for the launchers: MMAP_JAX_ALLOCATOR =
 tcmalloc (default: tcmalloc if found, else tuned glibc) | glibc (tuned glibc even if tcmalloc is
@@ -28,10 +28,10 @@ Also measured and not used: TCMALLOC_RELEASE_RATE=0, jemalloc without decay.
 Why XLA flags: `CPU_FAST_XLA_FLAGS` make XLA:CPU (1) run the attention's small batched products
 with its own dots instead of YNNPACK's fusions and (2) skip the tree-reduction rewrite, which
 turns every reduction over more than 32 elements (LayerNorm's 768 features, softmax's 213 keys)
-into an unfused, single-threaded reduce-window kernel (468 of them per benchmark step). Each is
-measured alone and together by `python3 benchmarks/xla_cpu_dots.py` (results/xla_cpu_dots.json).
+into an unfused reduce-window kernel. Each is measured alone and together by `python3
+benchmarks/xla_cpu_dots.py` (results/xla_cpu_dots_2026-12-03.json: 1.28x and 1.31x together).
 They change float rounding (another matmul kernel; sequential instead of 32-wide partial sums:
-~1e-5 relative on the benchmark's prompt gradients), so they are applied where the result is a
+loss 4.1902475 vs 4.190248 there), so they are applied where the result is a
 timing (launch.benchmark) and are opt-in for training runs, whose committed accuracies must stay
 reproducible: export XLA_FLAGS yourself to use them. Both are CPU compiler passes; GPU and TPU
 compilers do not read them.
