@@ -5,12 +5,16 @@ client is pointed at it: gcsfs (epath's gs:// backend without TensorFlow) by
 STORAGE_EMULATOR_HOST with anonymous credentials, orbax's tensorstore gcs kvstore by
 TENSORSTORE_GCS_HTTP_URL with GOOGLE_AUTH_TOKEN_FOR_TESTING (tensorstore's test credentials),
 and every metadata-server lookup at a closed loopback port, so nothing can leave the machine.
+The emulator is made to keep two promises of real GCS that tensorstore relies on (see
+`_faithful_generations`): media reads carry the object's generation, and an upload with
+`ifGenerationMatch` is refused (412) when the generation moved.
 The tiny config trains into gs://<bucket>/run, is restarted with more steps and resumes from
 its checkpoint; the test then checks what is in the bucket and that nothing mirroring the URI
 (a `gs:` directory) appeared on the local disk.
 """
 from __future__ import annotations
 
+import http
 import json
 import logging
 import os
@@ -62,6 +66,48 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+def _faithful_generations(mp, handlers, objects, not_found):
+  """Makes the emulator answer like GCS where tensorstore depends on it.
+
+  GCS sends `x-goog-generation` with every media read; the emulator does not, so tensorstore
+  records generation 0 for anything it reads back (an OCDBT manifest re-read while other arrays
+  of the same checkpoint commit) and its next conditional write fails as "Malformed
+  StorageGeneration" (0 is not a valid GCS generation). That was a timing-dependent CI failure.
+  GCS also refuses an upload whose `ifGenerationMatch` no longer holds; the emulator ignores the
+  condition, which would let a lost compare-and-swap pass unnoticed.
+  """
+  download, insert = objects.download, objects.insert
+
+  def download_with_generation(request, response, storage, *args, **kwargs):
+    download(request, response, storage, *args, **kwargs)
+    if response.status.value in (200, 206):
+      obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
+      response["x-goog-generation"] = str(obj["generation"])
+      response["x-goog-metageneration"] = str(obj["metageneration"])
+
+  def insert_if_generation_matches(request, response, storage, *args, **kwargs):
+    wanted = request.query.get("ifGenerationMatch")
+    name = request.query.get("name")
+    if wanted and name:
+      try:
+        current = int(storage.get_file_obj(request.params["bucket_name"], name[0])["generation"])
+      except not_found:
+        current = 0   # GCS: ifGenerationMatch=0 means "only if absent"
+      if int(wanted[0]) != current:
+        response.status = http.HTTPStatus.PRECONDITION_FAILED
+        return None
+    return insert(request, response, storage, *args, **kwargs)
+
+  mp.setattr(objects, "download", download_with_generation)   # objects.get calls it by name
+  mp.setattr(objects, "insert", insert_if_generation_matches)
+  for _, by_method in handlers:
+    for method, fn in list(by_method.items()):
+      if fn is download:
+        mp.setitem(by_method, method, download_with_generation)
+      elif fn is insert:
+        mp.setitem(by_method, method, insert_if_generation_matches)
+
+
 @pytest.fixture(scope="module")
 def gcs():
   """An in-memory GCS emulator on loopback with one bucket; yields 'gs://<bucket>'."""
@@ -70,6 +116,7 @@ def gcs():
   import fsspec
   import gcsfs.core
   from etils.epath import backend
+  from gcp_storage_emulator.exceptions import NotFound
   port = _free_port()
   url = f"http://127.0.0.1:{port}"
   closed = "127.0.0.1:9"   # discard port: a metadata-server lookup fails at once, locally
@@ -79,6 +126,7 @@ def gcs():
          "GCE_METADATA_ROOT": closed, "GOOGLE_CLOUD_PROJECT": "test"}
   server = emulator.create_server("127.0.0.1", port, in_memory=True, default_bucket=BUCKET)
   with pytest.MonkeyPatch.context() as mp:
+    _faithful_generations(mp, emulator.HANDLERS, emulator.objects, NotFound)
     for k, v in env.items():
       mp.setenv(k, v)
     # Plain GCSFileSystem (not gcsfs' zonal-bucket probe, which asks a gRPC control API the
@@ -97,6 +145,26 @@ def gcs():
       server.stop()
       backend.fsspec_backend._get_filesystem.cache_clear()
       gcsfs.core.GCSFileSystem.clear_instance_cache()
+
+
+def test_emulator_keeps_the_generation_contract_tensorstore_relies_on(gcs):
+  """A read back reports the object's generation, a write conditioned on it succeeds, and a
+  write conditioned on a stale generation (or on absence) is refused, as on GCS."""
+  import tensorstore as ts
+  kv = ts.KvStore.open({"driver": "gcs", "bucket": BUCKET, "path": "contract/"}).result()
+  written = kv.write("k", b"hello").result().generation
+  ranged = kv.read("k", byte_range=slice(1, 3)).result()
+  assert ranged.value == b"el" and ranged.stamp.generation == written
+  assert kv.read("k").result().stamp.generation == written
+  rewritten = kv.write("k", b"again", if_equal=written).result().generation
+  assert rewritten not in (b"", written)
+  assert kv.write("k", b"lost", if_equal=written).result().generation == b""   # 412: unknown
+  absent = kv.read("missing").result()
+  assert absent.state == "missing"
+  # Conditioned on absence (ifGenerationMatch=0): refused for an existing key, done for a new one.
+  assert kv.write("k", b"lost", if_equal=absent.stamp.generation).result().generation == b""
+  assert kv.write("new", b"x", if_equal=absent.stamp.generation).result().generation != b""
+  assert kv.read("k").result().value == b"again"
 
 
 def _objects(uri: str) -> list[str]:
