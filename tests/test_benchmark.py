@@ -324,3 +324,32 @@ def test_known_accelerator_peaks():
     assert accelerator.known_peak(kind).name == name, kind
   assert accelerator.known_peak("cpu") is None
   assert accelerator.known_peak("NVIDIA H100 80GB HBM3").bfloat16 == pytest.approx(989.4e12)
+
+
+# ----------------------------------------------------------------------------- block parts
+
+def test_block_parts_script_times_every_part_and_splits_the_step_dots(tmp_path):
+  """benchmarks/block_parts.py --tiny: every part timed against the probe, and the step's dot
+  FLOPs read from its optimised HLO add up to XLA's own count (less the few elementwise FLOPs)."""
+  out = tmp_path / "parts.json"
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "benchmarks/block_parts.py", "--tiny", "--rounds", "1",
+                         "--step_mix", "--out", str(out)],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(out.read_text())
+  groups = {p["group"] for p in result["parts"].values()}
+  assert groups == {"probe", "dense", "attention", "softmax attention", "block", "elementwise"}
+  for name, p in result["parts"].items():
+    assert p["s_median"] > 0 and p["flops"] > 0, name
+    assert p["of_probe_median"] == pytest.approx(
+        p["gflops_per_s"] / result["probe_gflops_per_s_median"]), name
+  # The block's forward FLOPs: its 4 dense products and 2 attention products (+ elementwise).
+  dots = sum(p["flops"] for n, p in result["parts"].items()
+             if p["group"] in ("dense", "attention") and "backward" not in n)
+  assert dots <= result["parts"]["block forward"]["flops"] <= 1.1 * dots
+  mix = result["step_mix"]
+  assert 0 < mix["batched"] < mix["plain"]
+  assert 0.8 * mix["total_cost_analysis"] <= mix["plain"] + mix["batched"] <= mix["total_cost_analysis"]
+  assert 0 < mix["bound_of_probe"] and mix["batched_share"] == pytest.approx(
+      mix["batched"] / (mix["plain"] + mix["batched"]))
