@@ -16,7 +16,6 @@ benchmark is.
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import re
 import statistics
@@ -89,22 +88,11 @@ def _cases(jax, jnp, clip, width: int, heads: int, images: int, tokens: int, pro
 
 def step_dot_mix(config_arg: str, options: dict[str, str]) -> dict[str, float]:
   """FLOPs of the benchmark train step's dots (optimised HLO): plain (rank-2 output) vs batched."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from configs import benchmark as benchmark_config
-  from mmap_jax.apps import benchmark
-  from mmap_jax.prompts import multitask
-  from mmap_jax.train import step as train_step
-  config = benchmark_config.get_config(config_arg)
-  w = benchmark.build_workload(config)
-  frozen = {"clip": benchmark.random_clip_params(w.clip_cfg, 0),
-            "class_tokens": benchmark.class_tokens_for(w, w.spec)}
-  opt = benchmark._optimizer(config)  # pylint: disable=protected-access
-  learned = multitask.init_learned(jax.random.key(0, impl="rbg"), w.clip_cfg, w.spec,
-                                   w.num_tasks, w.groups)
-  state = train_step.init_state(learned, opt)
-  step = train_step.make_train_step(benchmark.train_loss_fn(w), opt, donate=False)
-  batch = benchmark.host_batches(w, 1, 0)[0]
-  compiled = step.lower(state, frozen, batch).compile(compiler_options=options or None)
+  from configs import benchmark as benchmark_config  # pylint: disable=g-import-not-at-top
+  from mmap_jax.apps import benchmark  # pylint: disable=g-import-not-at-top
+  _, step, state, frozen, batches = benchmark.single_train_step(
+      benchmark_config.get_config(config_arg))
+  compiled = step.lower(state, frozen, batches[0]).compile(compiler_options=options or None)
   shapes, dots = {}, []
   instr = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\w+\[[0-9,]*\])\S*\s+([\w\-]+)\((.*)$")
   for line in compiled.as_text().splitlines():
@@ -158,6 +146,7 @@ def main():
 
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from mmap_jax.apps import benchmark  # pylint: disable=g-import-not-at-top
   from mmap_jax.models import clip  # pylint: disable=g-import-not-at-top
   # ViT-B/16 at the benchmark's 4 tasks x 8 images and 197 + 16 prompt tokens.
   width, heads, images, tokens, probe = (64, 4, 2, 20, 256) if args.tiny else (768, 12, 32, 213, 2048)
@@ -167,8 +156,7 @@ def main():
                                                  probe).items():
     c = jax.jit(fn).lower(*fargs).compile(compiler_options=options)
     jax.block_until_ready(c(*fargs))
-    compiled[name] = (c, fargs, flops if flops is not None else
-                      __import__("mmap_jax.apps.benchmark", fromlist=["x"]).cost_flops(c), group)
+    compiled[name] = (c, fargs, flops if flops is not None else benchmark.cost_flops(c), group)
   times: dict[str, list[float]] = {k: [] for k in compiled}
   for _ in range(args.rounds):                     # interleaved: host drift hits all alike
     for name, (c, fargs, _, _) in compiled.items():
@@ -198,10 +186,7 @@ def main():
                           "dense_of_probe": dense, "attention_of_probe": attention,
                           # time at these rates, everything else free: the fraction it allows
                           "bound_of_probe": total / (mix["plain"] / dense + mix["batched"] / attention)}
-  text = json.dumps(result, indent=2)
-  print(text)
-  if args.out:
-    pathlib.Path(args.out).write_text(text + "\n")
+  print(benchmark.write_json(result, args.out))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ Performance).
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import statistics
 import sys
@@ -35,19 +34,10 @@ def main():
   import jax  # pylint: disable=g-import-not-at-top
   from configs import benchmark as benchmark_config
   from mmap_jax.apps import benchmark
-  from mmap_jax.train import step as train_step
-  from mmap_jax.prompts import multitask
 
   config = benchmark_config.get_config(args.config)
-  w = benchmark.build_workload(config)
-  frozen = {"clip": benchmark.random_clip_params(w.clip_cfg, 0),
-            "class_tokens": benchmark.class_tokens_for(w, w.spec)}
-  opt = benchmark._optimizer(config)  # pylint: disable=protected-access
-  learned = multitask.init_learned(jax.random.key(0, impl="rbg"), w.clip_cfg, w.spec,
-                                   w.num_tasks, w.groups)
-  state = train_step.init_state(learned, opt)
-  step = train_step.make_train_step(benchmark.train_loss_fn(w), opt, donate=False)
-  batches = [jax.device_put(b) for b in benchmark.host_batches(w, 2, 0)]
+  _, step, state, frozen, host_batches = benchmark.single_train_step(config)
+  batches = [jax.device_put(b) for b in host_batches]
   fast = dict(_option(f) for f in host_runtime.CPU_FAST_XLA_FLAGS)
   alone = {f"only:{k}": {k: v} for k, v in fast.items()} if len(fast) > 1 else {}
   variants = {"xla_default": {}, **alone, "cpu_fast_xla_flags": fast}
@@ -68,10 +58,7 @@ def main():
             "all_s": {k: [round(x, 3) for x in t] for k, t in times.items()}}
   result["speedup"] = {k: result["step_s_median"]["xla_default"] / t
                        for k, t in result["step_s_median"].items() if k != "xla_default"}
-  text = json.dumps(result, indent=2)
-  print(text)
-  if args.out:
-    pathlib.Path(args.out).write_text(text + "\n")
+  print(benchmark.write_json(result, args.out))
 
 
 if __name__ == "__main__":

@@ -677,6 +677,20 @@ def _log_train(log, t: dict[str, Any]) -> None:
       f"(allocator: {host_runtime.allocator_in_use()})")
 
 
+def single_train_step(config: mlc.ConfigDict, donate: bool = False):
+  """One un-jitted-yet step of the workload on the default device, for the scripts in
+  benchmarks/ that compile it their own way: (workload, step, state, frozen, host batches)."""
+  from mmap_jax.train import step as train_step
+  w = build_workload(config)
+  frozen = {"clip": random_clip_params(w.clip_cfg, 0), "class_tokens": class_tokens_for(w, w.spec)}
+  optimizer = _optimizer(config)
+  learned = multitask.init_learned(jax.random.key(0, impl="rbg"), w.clip_cfg, w.spec,
+                                   w.num_tasks, w.groups)
+  state = train_step.init_state(learned, optimizer)
+  step = train_step.make_train_step(train_loss_fn(w), optimizer, donate=donate)
+  return w, step, state, frozen, host_batches(w, 2, 0)
+
+
 def single_step_flops(w: Workload, config, clip_params, device_ct, pl: Placement) -> float:
   """FLOPs of one training step (the single-step program's cost analysis; compiled, not run)."""
   from mmap_jax.train import step as train_step
