@@ -16,6 +16,7 @@ benchmark is.
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
 import re
 import statistics
@@ -63,17 +64,17 @@ def _cases(jax, jnp, clip, width: int, heads: int, images: int, tokens: int, pro
       return pull(0.01 * out)[0]
     return g
 
-  def attention_core(y, p):
+  def attention_core(qkv, p):
     del p
-    q = y.reshape(y.shape[:-1] + (heads, d))
-    return clip._softmax_attend(q, q, q, None)  # pylint: disable=protected-access
+    return clip._softmax_attend(*qkv, None)  # pylint: disable=protected-access
 
   def whole_block(y, p):
     return clip.residual_block(y, p, heads, None, "quick_gelu")
 
-  for name, f in (("softmax attention", attention_core), ("block", whole_block)):
-    cases[f"{name} forward"] = (f, (x, block), None, name)
-    cases[f"{name} forward+backward (d/dx)"] = (vjp(f), (x, block), None, name)
+  qkv = tuple(normal(images, tokens, heads, d) for _ in range(3))   # as _qkv returns them
+  for name, f, arg in (("softmax attention", attention_core, qkv), ("block", whole_block, x)):
+    cases[f"{name} forward"] = (f, (arg, block), None, name)
+    cases[f"{name} forward+backward (d/dx)"] = (vjp(f), (arg, block), None, name)
   # The backward's largest elementwise passes, alone (FLOPs: XLA's count of the elementwise ops).
   logits = normal(images, heads, tokens, tokens)
   hidden = normal(rows, 4 * width)
@@ -122,7 +123,7 @@ def _torch_bmm(images: int, heads: int, tokens: int, d: int, rounds: int) -> dic
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError:
     return {"skipped": "torch not installed"}
-  torch.set_num_threads(len(__import__("os").sched_getaffinity(0)))
+  torch.set_num_threads(len(os.sched_getaffinity(0)))
   a, b = torch.randn(images * heads, tokens, d), torch.randn(images * heads, tokens, d)
   for _ in range(2):
     torch.bmm(a, b.transpose(1, 2))

@@ -87,7 +87,7 @@ def _faithful_generations(mp, handlers, objects, not_found):
 
   def insert_if_generation_matches(request, response, storage, *args, **kwargs):
     wanted = request.query.get("ifGenerationMatch")
-    name = request.query.get("name")
+    name = request.query.get("name")   # media uploads (tensorstore's); multipart ones pass as-is
     if wanted and name:
       try:
         current = int(storage.get_file_obj(request.params["bucket_name"], name[0])["generation"])

@@ -462,6 +462,18 @@ def _stack(batches: Sequence[dict]) -> dict:
   return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
 
 
+def _train_state_and_step(w: Workload, config, donate: bool, steps_per_call: int = 1):
+  """The optimizer state the benchmark starts from (seed `config.seed`) and the trainer's step
+  (K = `steps_per_call` steps per call), not yet placed or compiled."""
+  from mmap_jax.train import step as train_step
+  optimizer = _optimizer(config)
+  learned = multitask.init_learned(jax.random.key(config.seed, impl="rbg"), w.clip_cfg, w.spec,
+                                   w.num_tasks, w.groups)
+  make = train_step.make_train_step if steps_per_call == 1 else train_step.make_train_steps
+  return train_step.init_state(learned, optimizer), make(train_loss_fn(w), optimizer,
+                                                         donate=donate)
+
+
 def bench_train_step(w: Workload, config, clip_params, device_ct, pl: Placement,
                      steps_per_call: int = 1, single_flops: Optional[float] = None
                      ) -> dict[str, Any]:
@@ -474,15 +486,10 @@ def bench_train_step(w: Workload, config, clip_params, device_ct, pl: Placement,
   `page_faults_per_call` keep the raw ones). FLOPs per step come from the single-step program
   (`single_flops`): XLA's cost analysis counts a while loop's body once, whatever its trip count.
   """
-  from mmap_jax.train import step as train_step
   k = int(steps_per_call)
-  optimizer = _optimizer(config)
-  learned = multitask.init_learned(jax.random.key(config.seed, impl="rbg"), w.clip_cfg, w.spec,
-                                   w.num_tasks, w.groups)
-  state = pl.put(train_step.init_state(learned, optimizer))
+  state, step = _train_state_and_step(w, config, donate=True, steps_per_call=k)
+  state = pl.put(state)
   frozen = {"clip": clip_params, "class_tokens": device_ct}
-  make = train_step.make_train_step if k == 1 else train_step.make_train_steps
-  step = make(train_loss_fn(w), optimizer, donate=True)
   batches = host_batches(w, 2 * k, config.seed)
   sharding = pl.batch
   if k > 1:
@@ -677,30 +684,23 @@ def _log_train(log, t: dict[str, Any]) -> None:
       f"(allocator: {host_runtime.allocator_in_use()})")
 
 
-def single_train_step(config: mlc.ConfigDict, donate: bool = False):
-  """One un-jitted-yet step of the workload on the default device, for the scripts in
-  benchmarks/ that compile it their own way: (workload, step, state, frozen, host batches)."""
-  from mmap_jax.train import step as train_step
+def single_train_step(config: mlc.ConfigDict):
+  """The workload's one-step train program (jitted, not yet compiled) on the default device,
+  for the scripts in benchmarks/ that compile it their own way:
+  (workload, step, state, frozen, two host batches)."""
   w = build_workload(config)
-  frozen = {"clip": random_clip_params(w.clip_cfg, 0), "class_tokens": class_tokens_for(w, w.spec)}
-  optimizer = _optimizer(config)
-  learned = multitask.init_learned(jax.random.key(0, impl="rbg"), w.clip_cfg, w.spec,
-                                   w.num_tasks, w.groups)
-  state = train_step.init_state(learned, optimizer)
-  step = train_step.make_train_step(train_loss_fn(w), optimizer, donate=donate)
-  return w, step, state, frozen, host_batches(w, 2, 0)
+  frozen = {"clip": random_clip_params(w.clip_cfg, int(config.seed)),
+            "class_tokens": class_tokens_for(w, w.spec)}
+  state, step = _train_state_and_step(w, config, donate=False)
+  return w, step, state, frozen, host_batches(w, 2, config.seed)
 
 
 def single_step_flops(w: Workload, config, clip_params, device_ct, pl: Placement) -> float:
   """FLOPs of one training step (the single-step program's cost analysis; compiled, not run)."""
-  from mmap_jax.train import step as train_step
-  optimizer = _optimizer(config)
-  learned = multitask.init_learned(jax.random.key(config.seed, impl="rbg"), w.clip_cfg, w.spec,
-                                   w.num_tasks, w.groups)
-  state = pl.put(train_step.init_state(learned, optimizer))
-  step = train_step.make_train_step(train_loss_fn(w), optimizer, donate=True)
+  state, step = _train_state_and_step(w, config, donate=True)
   batch = pl.put(host_batches(w, 1, config.seed)[0], "batch")
-  compiled, _ = _compile(step, state, {"clip": clip_params, "class_tokens": device_ct}, batch)
+  compiled, _ = _compile(step, pl.put(state), {"clip": clip_params, "class_tokens": device_ct},
+                         batch)
   return cost_flops(compiled)
 
 
