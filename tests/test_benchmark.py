@@ -16,7 +16,7 @@ import pytest
 
 from configs import benchmark as benchmark_config
 from mmap_jax import heads
-from mmap_jax.apps import benchmark, host_runtime
+from mmap_jax.apps import benchmark, host_runtime, xla_profile
 from mmap_jax.models import clip
 from mmap_jax.prompts import multitask
 
@@ -203,7 +203,7 @@ def test_benchmark_command_writes_json(bpe_path, tmp_path):
   env["XLA_FLAGS"] = ""                     # one CPU device, not the suite's simulated pod
   env["JAX_PLATFORMS"] = "cpu"
   cmd = [sys.executable, "-m", "launch.benchmark",
-         f"--config=configs/benchmark.py:tiny,vocab={bpe_path},vs_torch,steps_per_call=2",
+         f"--config=configs/benchmark.py:tiny,vocab={bpe_path},vs_torch,steps_per_call=2,profile=true",
          "--config.xla_opt_level=0", f"--out={out}"]
   proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -248,6 +248,15 @@ def test_benchmark_command_writes_json(bpe_path, tmp_path):
     assert len(t["page_faults"]) == t["runs"] and min(t["page_faults"]) >= 0
     assert t["temp_bytes"] > 0 and t["finite"]
   assert train["page_faults"] == [f / 2 for f in train["page_faults_per_call"]]
+  # profile=true: one traced call of each step program, per-step seconds by kind (the tiny
+  # step has attention's batched products and LayerNorm reductions; its plain dots' FLOPs count).
+  for t in (train, single):
+    prof = t["profile"]
+    assert set(prof["by_kind_s"]) == set(xla_profile.KINDS)
+    assert prof["by_kind_s"]["batched_dot"] > 0 and prof["by_kind_s"]["reduce"] > 0
+    assert prof["unattributed_s"] == pytest.approx(prof["wall_s"] - sum(prof["by_kind_s"].values()))
+    assert prof["dense_dot_flops"] > 0 and prof["batched_dot_flops"] > 0 and prof["largest_ops"]
+  assert train["profile"]["steps"] == 2 and single["profile"]["steps"] == 1
   # The peak probe ran before and after the steps, every sample kept; fractions against both.
   for when in ("before", "after"):
     probe = result["matmul_peak"][when]

@@ -507,10 +507,19 @@ def bench_train_step(w: Workload, config, clip_params, device_ct, pl: Placement,
     calls = int(config.runs) if k == 1 else max(2, -(-int(config.runs) // k))
     state, metrics, call_times = timed_loop(lambda st, bt: compiled(st, frozen, bt), state,
                                             batches, calls, int(config.warmup), sharding, faults)
+  profile = None
+  if config.profile and jax.default_backend() != "cpu":
+    profile = {"skipped": "the op breakdown reads XLA:CPU thunk events; use the TensorBoard "
+                          "profiler on " + jax.default_backend()}
+  elif config.profile:                            # one more call, traced, after the timed ones
+    from mmap_jax.apps import xla_profile
+    batch = jax.device_put(batches[0], sharding)
+    (state, metrics), profile = xla_profile.profile_call(
+        lambda: compiled(state, frozen, batch), compiled.as_text(), steps=k)
   metrics = jax.device_get(metrics)               # the only host read, after the loop
   losses = np.asarray(metrics["loss"]).reshape(-1)
   s = summarize([t / k for t in call_times])
-  return {**s, "steps_per_call": k, "steps_timed": k * len(call_times),
+  return {**s, "steps_per_call": k, "steps_timed": k * len(call_times), "profile": profile,
           "call_s": [round(t, 4) for t in call_times], "compile_s": compile_s, "flops": flops,
           "program_flops_cost_analysis": program_flops, "memory": mem.as_dict(),
           "page_faults": [f / k for f in faults], "page_faults_per_call": faults,
