@@ -203,7 +203,8 @@ def test_benchmark_command_writes_json(bpe_path, tmp_path):
   env["XLA_FLAGS"] = ""                     # one CPU device, not the suite's simulated pod
   env["JAX_PLATFORMS"] = "cpu"
   cmd = [sys.executable, "-m", "launch.benchmark",
-         f"--config=configs/benchmark.py:tiny,vocab={bpe_path},vs_torch,steps_per_call=2,profile=true",
+         f"--config=configs/benchmark.py:tiny,vocab={bpe_path},vs_torch,steps_per_call=2,"
+         "profile=true",
          "--config.xla_opt_level=0", f"--out={out}"]
   proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]

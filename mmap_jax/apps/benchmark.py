@@ -511,10 +511,10 @@ def bench_train_step(w: Workload, config, clip_params, device_ct, pl: Placement,
   if config.profile and jax.default_backend() != "cpu":
     profile = {"skipped": "the op breakdown reads XLA:CPU thunk events; use the TensorBoard "
                           "profiler on " + jax.default_backend()}
-  elif config.profile:                            # one more call, traced, after the timed ones
+  elif config.profile:     # one more call, traced, after the timed ones (whose metrics are kept)
     from mmap_jax.apps import xla_profile
     batch = jax.device_put(batches[0], sharding)
-    (state, metrics), profile = xla_profile.profile_call(
+    (state, _), profile = xla_profile.profile_call(
         lambda: compiled(state, frozen, batch), compiled.as_text(), steps=k)
   metrics = jax.device_get(metrics)               # the only host read, after the loop
   losses = np.asarray(metrics["loss"]).reshape(-1)
