@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
-import re
 import statistics
 import sys
 import time
@@ -90,30 +89,13 @@ def _cases(jax, jnp, clip, width: int, heads: int, images: int, tokens: int, pro
 def step_dot_mix(config_arg: str, options: dict[str, str]) -> dict[str, float]:
   """FLOPs of the benchmark train step's dots (optimised HLO): plain (rank-2 output) vs batched."""
   from configs import benchmark as benchmark_config  # pylint: disable=g-import-not-at-top
-  from mmap_jax.apps import benchmark  # pylint: disable=g-import-not-at-top
+  from mmap_jax.apps import benchmark, xla_profile  # pylint: disable=g-import-not-at-top
   _, step, state, frozen, batches = benchmark.single_train_step(
       benchmark_config.get_config(config_arg))
   compiled = step.lower(state, frozen, batches[0]).compile(compiler_options=options or None)
-  shapes, dots = {}, []
-  instr = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\w+\[[0-9,]*\])\S*\s+([\w\-]+)\((.*)$")
-  for line in compiled.as_text().splitlines():
-    m = instr.match(line)
-    if m:
-      name, shape, opcode, args = m.groups()
-      shapes[name] = shape
-      if opcode == "dot":
-        dots.append((shape, args))
-  dims = lambda s: [int(v) for v in s[s.index("[") + 1:-1].split(",") if v]
-  mix = {"plain": 0.0, "batched": 0.0}
-  for shape, args in dots:
-    lhs = dims(shapes[re.match(r"\s*%?([\w.\-]+)", args).group(1)])
-    contracted = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", args).group(1)
-    flops = 2.0
-    for v in dims(shape):
-      flops *= v
-    for c in contracted.split(","):
-      flops *= lhs[int(c)]
-    mix["batched" if len(dims(shape)) > 2 else "plain"] += flops
+  instrs, _ = xla_profile.parse_hlo(compiled.as_text())
+  mix = {"plain": xla_profile.dot_flops(instrs, batched=False),
+         "batched": xla_profile.dot_flops(instrs, batched=True)}
   mix["total_cost_analysis"] = benchmark.cost_flops(compiled)
   return mix
 
@@ -151,7 +133,7 @@ def main():
   from mmap_jax.models import clip  # pylint: disable=g-import-not-at-top
   # ViT-B/16 at the benchmark's 4 tasks x 8 images and 197 + 16 prompt tokens.
   width, heads, images, tokens, probe = (64, 4, 2, 20, 256) if args.tiny else (768, 12, 32, 213, 2048)
-  options = dict(f.lstrip("-").split("=", 1) for f in host_runtime.CPU_FAST_XLA_FLAGS)
+  options = host_runtime.compiler_options()
   compiled: dict[str, tuple[Callable, tuple, float, str]] = {}
   for name, (fn, fargs, flops, group) in _cases(jax, jnp, clip, width, heads, images, tokens,
                                                  probe).items():

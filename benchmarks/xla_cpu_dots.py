@@ -17,12 +17,6 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from mmap_jax.apps import host_runtime  # pylint: disable=g-import-not-at-top
 
 
-def _option(flag: str) -> tuple[str, str]:
-  """'--name=value' -> ('name', 'value'): the form compile(compiler_options=...) takes."""
-  name, _, value = flag.lstrip("-").partition("=")
-  return name, value
-
-
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--runs", type=int, default=6)
@@ -38,7 +32,7 @@ def main():
   config = benchmark_config.get_config(args.config)
   _, step, state, frozen, host_batches = benchmark.single_train_step(config)
   batches = [jax.device_put(b) for b in host_batches]
-  fast = dict(_option(f) for f in host_runtime.CPU_FAST_XLA_FLAGS)
+  fast = host_runtime.compiler_options()
   alone = {f"only:{k}": {k: v} for k, v in fast.items()} if len(fast) > 1 else {}
   variants = {"xla_default": {}, **alone, "cpu_fast_xla_flags": fast}
   lowered = step.lower(state, frozen, batches[0])

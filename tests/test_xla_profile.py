@@ -8,7 +8,7 @@ import pytest
 
 from mmap_jax.apps import host_runtime, xla_profile
 
-FAST = dict(f.lstrip("-").split("=", 1) for f in host_runtime.CPU_FAST_XLA_FLAGS)
+FAST = host_runtime.compiler_options()
 
 
 def _program(options=None):

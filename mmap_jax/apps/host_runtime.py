@@ -48,6 +48,12 @@ from typing import Mapping, MutableMapping, Optional, Sequence
 CPU_FAST_XLA_FLAGS: tuple[str, ...] = ("--xla_cpu_experimental_ynn_fusion_type=",
                                        "--xla_disable_hlo_passes=tree_reduction_rewriter")
 
+
+def compiler_options(flags: Sequence[str] = CPU_FAST_XLA_FLAGS) -> dict[str, str]:
+  """'--name=value' flags -> {'name': 'value'}: the form `compile(compiler_options=...)` takes,
+  for scripts that compile one program several ways in one process."""
+  return dict(f.lstrip("-").partition("=")[::2] for f in flags)
+
 ALLOCATOR_ENV = "MMAP_JAX_ALLOCATOR"          # "system": keep the process's allocator
 TCMALLOC_ENV = "MMAP_JAX_TCMALLOC"            # an explicit path to libtcmalloc*.so
 REEXEC_MARK = "MMAP_JAX_REEXECED"             # set in the child: never re-exec twice

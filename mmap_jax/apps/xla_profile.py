@@ -127,17 +127,16 @@ def summarize_trace(xplane_path: str, hlo_text: str, wall_s: float, steps: int,
         if ev.name in instrs:
           by_name[ev.name] += ev.duration_ns * 1e-9
           counts[ev.name] += 1
+  kinds = {name: kind_of(instrs[name], comps) for name in by_name}
   by_kind = {k: 0.0 for k in KINDS}
   for name, s in by_name.items():
-    kind = kind_of(instrs[name], comps)
-    if kind is not None:
-      by_kind[kind] += s
+    if kinds[name] is not None:
+      by_kind[kinds[name]] += s
   attributed = sum(by_kind.values())
   dense_flops = dot_flops(instrs, batched=False, standalone_only=True)
   per = lambda s: s / steps
   remainder = max(wall_s - attributed, 1e-12)
-  largest = sorted(((s, n) for n, s in by_name.items() if kind_of(instrs[n], comps)),
-                   reverse=True)[:top]
+  largest = sorted(((s, n) for n, s in by_name.items() if kinds[n]), reverse=True)[:top]
   return {
       "steps": steps, "wall_s": per(wall_s),
       "by_kind_s": {k: per(v) for k, v in by_kind.items()},
@@ -146,7 +145,7 @@ def summarize_trace(xplane_path: str, hlo_text: str, wall_s: float, steps: int,
       "dense_dot_flops": dot_flops(instrs, batched=False),
       "standalone_dense_dot_flops": dense_flops,
       "dense_dot_gflops_per_s_lower_bound": dense_flops / per(remainder) / 1e9,
-      "largest_ops": [{"name": n, "kind": kind_of(instrs[n], comps), "shape": instrs[n]["dims"],
+      "largest_ops": [{"name": n, "kind": kinds[n], "shape": instrs[n]["dims"],
                        "s": round(per(s), 5), "events": counts[n]} for s, n in largest],
       "note": ("per-step seconds from one traced call; rank-2 dots' work is in unattributed_s "
                "(their thunk events cover only the dispatch); concurrent thunks each count"),
