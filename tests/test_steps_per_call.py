@@ -117,10 +117,67 @@ def test_chunk_plan_ends_at_every_boundary():
 
 
 def test_the_host_names_the_first_non_finite_inner_step():
+  from mmap_jax.train import cadence
   chunk = {"finite": np.asarray([True, False, False]), "loss": np.asarray([1.0, np.inf, 2.0])}
-  assert loop.first_non_finite(chunk, 5) == (6, np.inf)       # chunk of steps 5, 6, 7
-  assert loop.first_non_finite({"finite": np.asarray([True] * 3), "loss": np.ones(3)}, 5) is None
-  assert loop.first_non_finite({"finite": np.asarray(False), "loss": np.asarray(np.nan)}, 4)[0] == 4
+  assert cadence.first_non_finite(chunk, 5) == (6, np.inf)       # chunk of steps 5, 6, 7
+  assert cadence.first_non_finite({"finite": np.asarray([True] * 3), "loss": np.ones(3)},
+                                  5) is None
+  assert cadence.first_non_finite({"finite": np.asarray(False),
+                                   "loss": np.asarray(np.nan)}, 4)[0] == 4
+
+
+def test_cadence_checks_one_call_late_and_saves_on_preemption():
+  """Cadence owns the non-finite check (deferred one call, at once before a log / eval /
+  checkpoint step or a preemption save) and the checkpoint saves (checkpoint steps, and the
+  step a preemption stops at)."""
+  from mmap_jax.train import cadence
+
+  class Ckpt:
+    directory = "/ckpt"
+    def __init__(self):
+      self.saved, self.waited = [], 0
+    def latest_step(self):
+      return self.saved[-1] if self.saved else None
+    def wait(self):
+      self.waited += 1
+
+  ok = {"finite": np.asarray(True), "loss": np.asarray(1.0)}
+  bad = {"finite": np.asarray(False), "loss": np.asarray(np.nan)}
+
+  def make(stop_at, on_non_finite=None):
+    ckpt = Ckpt()
+    c = cadence.Cadence(total=6, start=0, log_every=3, eval_every=0, ckpt_every=0,
+                        images_per_step=8, writer=None, steps_per_call=1,
+                        preemption=cadence.Preemption(lambda n: False, coordinated=False),
+                        save=ckpt.saved.append, checkpointer=ckpt, on_non_finite=on_non_finite)
+    c.preemption.check = lambda: c.preemption.requested
+    try:
+      for call in c.calls():
+        c.preemption.requested = call.last == stop_at
+        yield call, c, ckpt
+        if c.after(call):
+          return
+    finally:
+      c.preemption.restore()
+
+  # Step 1 goes bad: found when step 2's metrics arrive, naming the last good checkpoint.
+  seen = []
+  with pytest.raises(cadence.NonFiniteError, match="step 1 .*last good checkpoint: step None"):
+    for call, c, _ in make(stop_at=None):
+      seen.append(call.last)
+      c.ran(call, bad if call.last == 1 else ok)
+  assert seen == [1, 2]
+  # A bad log step (3) is found at once, before the host logs it.
+  found, seen = [], []
+  for call, c, ckpt in make(stop_at=None, on_non_finite=lambda s, l: found.append((s, seen[-1]))):
+    seen.append(call.last)
+    c.ran(call, bad if call.last == 3 else ok)
+  assert found == [(3, 3)] and ckpt.saved == [6]   # the last step is always a checkpoint step
+  # Preempted after step 4 (not a checkpoint step): step 4 checked, saved, written; stop.
+  found = []
+  for call, c, ckpt in make(stop_at=4, on_non_finite=lambda s, l: found.append(s)):
+    c.ran(call, bad if call.last == 4 else ok)
+  assert found == [4] and ckpt.saved == [4] and ckpt.waited == 1
 
 
 def test_scanned_grouping_steps_equal_single_grouping_steps(bpe_path):

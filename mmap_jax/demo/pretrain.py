@@ -526,20 +526,22 @@ def pretrain(config: mlc.ConfigDict, workdir: str | os.PathLike, *,
       total=steps, start=start, log_every=int(config.train.log_every),
       eval_every=int(config.train.eval_every), ckpt_every=int(config.train.ckpt_every),
       images_per_step=int(config.data.batch_size), writer=writer, preemption=preemption,
-      name="pretrain", echo=progress)
+      name="pretrain", echo=progress, checkpointer=ckpt,
+      save=lambda step: ckpt.save(step, state, {"next_step": step}, meta),
+      on_non_finite=lambda step, loss: logging.warning(
+          "pretrain step %d: non-finite loss or gradient (%s), update skipped", step, loss))
   t_loop = time.time()
   try:
     for c in cadence.calls():
       done = c.last
       batch = jax.device_put(next(stream), batch_sharding)
       state, metrics = train_step(state, {}, batch)
+      cadence.ran(c, metrics)
       recent.append(metrics["loss"])
       if c.log:
         m = jax.device_get(metrics)
         loss, lr = float(m["loss"]), float(schedule(done - 1))
         losses.append((done, loss))
-        if not bool(m["finite"]):
-          logging.warning("pretrain step %d: non-finite loss or gradient, update skipped", done)
         extra = {"i2t": float(m["i2t_acc"]), "t2i": float(m["t2i_acc"]),
                  "scale": float(m["logit_scale"])}
         cadence.log(done, loss, lr, {"train/loss": loss, "train/lr": lr,
@@ -551,14 +553,7 @@ def pretrain(config: mlc.ConfigDict, workdir: str | os.PathLike, *,
         history.append({"step": done, **acc})
         writer.scalars(done, _zero_shot_scalars("eval/zero_shot", acc))
         logging.info("pretrain step %d zero-shot: %s", done, _fmt_acc(acc))
-      if c.ckpt:
-        ckpt.save(done, state, {"next_step": done}, meta)
-      if cadence.after(c):
-        if not c.ckpt:
-          ckpt.save(done, state, {"next_step": done}, meta)
-        ckpt.wait()
-        logging.warning("pretrain preempted: checkpoint of step %d saved in %s", done,
-                        ckpt.directory)
+      if cadence.after(c):   # checkpoint, hooks, preemption (then saved)
         raise cadence_lib.Preempted(done, ckpt.directory)
   except BaseException:
     writer.close()

@@ -6,7 +6,12 @@ One place decides, for a run of `total` steps resumed at `start`:
     the field, and always the last step);
   - the progress lines (loss, lr, images/s, ETA; report.Progress) and the TensorBoard scalars
     (report.ScalarWriter: process 0 only, tensorboardX);
-  - what runs after every call: registered hooks, then the preemption check.
+  - what runs after every call: the checkpoint at a checkpoint step, registered hooks, then
+    the preemption check, and on preemption the save-and-stop (a checkpoint of the step just
+    done, whether or not it is a checkpoint step; `after` returns True);
+  - the non-finite check of each call's metrics (`ran`), deferred by one call so the device
+    never waits for the host, and made at once before the host reads or saves a state (log,
+    eval, checkpoint and preemption steps).
 
 Why not clu (metric_writers, periodic_actions): clu 0.0.12's `clu.metric_writers` imports its
 TensorFlow SummaryWriter at import time (`import tensorflow`), and `clu.periodic_actions` imports
@@ -31,9 +36,10 @@ import dataclasses
 import itertools
 import signal
 import threading
-from typing import Callable, Iterator, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import jax
+import numpy as np
 from absl import logging
 
 from mmap_jax.train import chunks, report
@@ -66,6 +72,20 @@ class Preempted(Exception):
   def __init__(self, step: int, directory: str):
     super().__init__(f"preempted: checkpoint of step {step} saved in {directory}")
     self.step, self.directory = step, directory
+
+
+class NonFiniteError(FloatingPointError):
+  """The loss or a gradient became NaN/inf; the last good checkpoint is kept."""
+
+
+def first_non_finite(metrics: Mapping[str, Any], first: int) -> Optional[tuple[int, float]]:
+  """(step, loss) of the first non-finite step of a call's metrics (scalars for one step,
+  stacked [n] for a chunk whose first step is `first`), or None when all were finite."""
+  finite = np.asarray(metrics["finite"]).reshape(-1)
+  if finite.all():
+    return None
+  i = int(np.argmin(finite))
+  return first + i, float(np.asarray(metrics["loss"]).reshape(-1)[i])
 
 
 def due(step: int, every: int, total: int) -> bool:
@@ -146,12 +166,23 @@ class Call:
 
 
 class Cadence:
-  """The calls of a run and what happens between them (see the module docstring)."""
+  """The calls of a run and what happens between them (see the module docstring).
+
+  The loop body is: run the call, `ran(call, metrics)`, log / evaluate as the call's flags say,
+  then `if cadence.after(call): stop` (the checkpoint is already saved and written).
+  `save(step)` writes the checkpoint of the state the loop holds after `step`; `checkpointer`
+  is what it saves into (`wait`, `directory`, `latest_step`). `on_non_finite(step, loss)` is
+  called for the first non-finite step of a call; the default raises NonFiniteError naming the
+  last good checkpoint (the step's NaN guard already skipped the update). Without `save` the
+  cadence saves nothing; only calls handed to `ran` are checked.
+  """
 
   def __init__(self, *, total: int, start: int, log_every: int, eval_every: int,
                ckpt_every: int, images_per_step: int, writer: report.ScalarWriter,
                preemption: Preemption, steps_per_call: int = 1, name: str = "",
-               echo: bool = False, hooks: Sequence[Hook] = ()):
+               echo: bool = False, hooks: Sequence[Hook] = (),
+               save: Optional[Callable[[int], None]] = None, checkpointer: Any = None,
+               on_non_finite: Optional[Callable[[int, float], None]] = None):
     self.total, self.start = int(total), int(start)
     self.every = {"log": int(log_every), "eval": int(eval_every), "ckpt": int(ckpt_every)}
     self.k = int(steps_per_call)
@@ -159,6 +190,9 @@ class Cadence:
     self.progress = report.Progress(self.total, images_per_step, first_step=self.start)
     self._name, self._echo = name, echo
     self._hooks = tuple(hooks)
+    self._save, self._checkpointer = save, checkpointer
+    self._on_non_finite = on_non_finite or self._raise_non_finite
+    self._pending = None   # (metrics, first step) of the last call, not yet checked
     self.plan = chunks.plan_chunks(self.start, self.total, self.k,
                                    (self.every["log"], self.every["ckpt"], self.every["eval"]))
 
@@ -168,6 +202,32 @@ class Cadence:
       first, done = done + 1, done + n
       yield Call(first, done, *(due(done, self.every[f], self.total)
                                 for f in ("log", "eval", "ckpt")))
+    self._check()
+
+  def ran(self, call: Call, metrics: Mapping[str, Any]) -> None:
+    """A call's metrics (with "finite" and "loss"): the previous call's are checked now, this
+    call's one call later, or now when this call ends at a log / eval / checkpoint step."""
+    self._check()
+    self._pending = (metrics, call.first)
+    if call.log or call.eval or call.ckpt:
+      self._check()
+
+  def _check(self) -> None:
+    pending, self._pending = self._pending, None
+    if pending is not None:
+      metrics, first = pending
+      bad = first_non_finite(jax.device_get({k: metrics[k] for k in ("finite", "loss")}),
+                             first)
+      if bad is not None:
+        self._on_non_finite(*bad)
+
+  def _raise_non_finite(self, step: int, loss: float) -> None:
+    ckpt = self._checkpointer
+    where = (f"; last good checkpoint: step {ckpt.latest_step()} in {ckpt.directory}"
+             if ckpt is not None else "")
+    raise NonFiniteError(
+        f"non-finite loss or gradient at step {step} (loss={loss}); the update was not "
+        f"applied{where}. Lower optim.lr, enable optim.grad_clip, or use clip.dtype=float32.")
 
   def log(self, step: int, loss: float, lr: float, scalars: Mapping[str, float],
           extra: Optional[Mapping[str, float]] = None) -> str:
@@ -179,7 +239,21 @@ class Cadence:
     return line
 
   def after(self, call: Call) -> bool:
-    """Hooks, then the preemption check: True when the run must save and stop here."""
+    """The checkpoint of a checkpoint step, hooks, then the preemption check. True: the run
+    must stop here; the checkpoint of `call.last` is then saved and written."""
+    if call.ckpt and self._save is not None:
+      self._save(call.last)
     for hook in self._hooks + tuple(_HOOKS):
       hook(call.first, call.last)
-    return self.preemption.check()
+    if not self.preemption.check():
+      return False
+    self._check()
+    if self._save is not None:
+      if not call.ckpt:
+        self._save(call.last)
+      if self._checkpointer is not None:
+        self._checkpointer.wait()
+        logging.warning("%s: checkpoint of step %d saved in %s",
+                        f"{self._name} preempted".strip(), call.last,
+                        self._checkpointer.directory)
+    return True

@@ -37,10 +37,6 @@ from mmap_jax.train import selection as selection_lib, setup, step as train_step
 PREEMPTED_EXIT_CODE = cadence_lib.PREEMPTED_EXIT_CODE
 
 
-class NonFiniteError(FloatingPointError):
-  """The loss or a gradient became NaN/inf; the last good checkpoint is kept."""
-
-
 def _model(config: mlc.ConfigDict, workdir: str, clip: setup.Clip, tasks, mesh,
            groups_from_checkpoint: Optional[list] = None):
   """(spec, groups, group_init) for this run; runs the grouping warm-up when groups.mode asks.
@@ -267,32 +263,23 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict:
   return run.write_results(config, workdir, accuracy, step, val_accuracy=val, selection=record)
 
 
-def first_non_finite(metrics: dict, first: int) -> Optional[tuple[int, float]]:
-  """(step, loss) of the first non-finite step of a call's metrics (scalars for one step,
-  stacked [n] for a chunk whose first step is `first`), or None when all were finite."""
-  finite = np.asarray(metrics["finite"]).reshape(-1)
-  if finite.all():
-    return None
-  i = int(np.argmin(finite))
-  return first + i, float(np.asarray(metrics["loss"]).reshape(-1)[i])
-
-
 def _train(config, run: _Run, it, meta, writer, start, preempt, run_eval) -> bool:
   """The step loop; `run.state` always holds the newest good state. True: stopped preempted.
 
   With train.steps_per_call = K > 1 each jitted call runs a chunk of up to K steps
   (`chunks.plan_chunks`: chunks end at every log / checkpoint / eval step and at the end), so
   logging, checkpoints, evaluation, SIGTERM and resumption happen at the same steps as with K=1.
-  The calls and what runs between them are `cadence.Cadence`'s.
+  The calls, checkpoints, the non-finite check and save-on-preemption are `cadence.Cadence`'s.
   """
-  total, ckpt = run.total, run.ckpt
+  total = run.total
   k = int(config.train.get("steps_per_call", 1))
   loss_fn = _loss_fn(run.clip.cfg, run.spec, run.groups, run.dtype, config.clip.remat)
   cadence = cadence_lib.Cadence(
       total=total, start=start, log_every=config.train.log_every,
       eval_every=config.train.eval_every, ckpt_every=config.train.ckpt_every,
       images_per_step=config.input.batch_size * len(run.tasks), writer=writer,
-      preemption=preempt, steps_per_call=k)
+      preemption=preempt, steps_per_call=k, checkpointer=run.ckpt,
+      save=lambda step: run.save(step, it.get_state(), meta))
   if k == 1:
     single = train_step.make_train_step(loss_fn, run.optimizer,
                                         accum_steps=config.optim.accum_steps)
@@ -304,25 +291,12 @@ def _train(config, run: _Run, it, meta, writer, start, preempt, run_eval) -> boo
     logging.info("steps_per_call=%d: %d calls of lengths %s", k, len(cadence.plan),
                  sorted(set(cadence.plan)))
   schedule = optim.learning_rate_schedule(run.recipe.recipe, max(total, 1))
-  pending = None  # The previous call's metrics: checked one call late so the device never idles.
-
-  def check(metrics, first):
-    bad = first_non_finite(metrics, first)
-    if bad is not None:
-      step, loss = bad
-      raise NonFiniteError(
-          f"non-finite loss or gradient at step {step} (loss={loss}); the "
-          f"update was not applied; last good checkpoint: step {ckpt.latest_step()} in "
-          f"{ckpt.directory}. Lower optim.lr, enable optim.grad_clip, or use clip.dtype=float32.")
 
   for c in cadence.calls():
     done = c.last
     run.state, metrics = call(c.n)
-    if pending is not None:
-      check(*pending)
-    pending = (metrics, c.first)
+    cadence.ran(c, metrics)   # the non-finite check (deferred one call, at once at boundaries)
     if c.log:
-      check(*pending)
       last = jax.device_get(metrics)
       if k > 1:  # stacked [n, ...]: the chunk's last step is the step being logged
         last = jax.tree.map(lambda x: x[-1], last)
@@ -333,20 +307,9 @@ def _train(config, run: _Run, it, meta, writer, start, preempt, run_eval) -> boo
                   | {f"train/task_loss/{name}": float(v) for name, v in
                      zip(run.names, np.asarray(last["per_task_loss"]))})
     if c.eval:
-      check(*pending)
       run_eval(done)  # Validation, before the save: the checkpoint then holds its record.
-    if c.ckpt:
-      check(*pending)
-      run.save(done, it.get_state(), meta)
-    if cadence.after(c):  # hooks, then the preemption check (all processes agree)
-      if not c.ckpt:
-        check(*pending)
-        run.save(done, it.get_state(), meta)
-      ckpt.wait()
-      logging.warning("preempted: checkpoint of step %d saved in %s", done, ckpt.directory)
+    if cadence.after(c):  # checkpoint, hooks, preemption (all processes agree; saved if so)
       return True
-  if pending is not None:
-    check(*pending)
   return False
 
 
