@@ -35,7 +35,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
                 truncate=True, vs_torch=False, torch_runs=3, torch_warmup=1, steps_per_call=1,
                 single=True, peak_sizes="1024|2048|3072", peak_runs=7, peak_warmup_s=2.0,
                 accelerator=False, sweep_dtypes="bfloat16|float32", sweep_remat="false|true",
-                batch_start=0, max_batch=1024, profile=False)
+                batch_start=0, max_batch=1024)
   c = mlc.ConfigDict()
   c.model = a.model                   # a key of mmap_jax.models.config.VARIANTS
   c.method = "mmap_mt"
@@ -64,8 +64,6 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.parts = {"all": ALL_PARTS, "none": ""}.get(a.parts, a.parts.replace("|", ","))
   c.part_runs = a.part_runs           # measured calls per part
   c.part_warmup = 1
-  c.profile = a.profile               # trace one extra train-step call: where its time goes
-                                      # (mmap_jax/apps/xla_profile.py), in train_step.profile
   c.grouping_runs = a.part_runs
   c.eval_batch_size = 32              # images per evaluator call
   c.xla_opt_level = -1                # >= 0: XLA backend optimisation level (tests use 0); -1: XLA's

@@ -144,9 +144,3 @@ def test_tuned_glibc_stops_the_page_fault_storm():
   one_arena = (*host_runtime.GLIBC_TUNED, "glibc.malloc.arena_max=1")
   assert faults("thread", one_arena) < plain / 50
 
-
-def test_compiler_options_are_the_flags_without_dashes():
-  assert host_runtime.compiler_options(("--xla_a=1", "--xla_b=", "--xla_c=x=y")) == {
-      "xla_a": "1", "xla_b": "", "xla_c": "x=y"}
-  assert set(host_runtime.compiler_options()) == {
-      f.lstrip("-").split("=")[0] for f in host_runtime.CPU_FAST_XLA_FLAGS}

@@ -507,19 +507,10 @@ def bench_train_step(w: Workload, config, clip_params, device_ct, pl: Placement,
     calls = int(config.runs) if k == 1 else max(2, -(-int(config.runs) // k))
     state, metrics, call_times = timed_loop(lambda st, bt: compiled(st, frozen, bt), state,
                                             batches, calls, int(config.warmup), sharding, faults)
-  profile = None
-  if config.profile and jax.default_backend() != "cpu":
-    profile = {"skipped": "the op breakdown reads XLA:CPU thunk events; use the TensorBoard "
-                          "profiler on " + jax.default_backend()}
-  elif config.profile:     # one more call, traced, after the timed ones (whose metrics are kept)
-    from mmap_jax.apps import xla_profile
-    batch = jax.device_put(batches[0], sharding)
-    (state, _), profile = xla_profile.profile_call(
-        lambda: compiled(state, frozen, batch), compiled.as_text(), steps=k)
   metrics = jax.device_get(metrics)               # the only host read, after the loop
   losses = np.asarray(metrics["loss"]).reshape(-1)
   s = summarize([t / k for t in call_times])
-  return {**s, "steps_per_call": k, "steps_timed": k * len(call_times), "profile": profile,
+  return {**s, "steps_per_call": k, "steps_timed": k * len(call_times),
           "call_s": [round(t, 4) for t in call_times], "compile_s": compile_s, "flops": flops,
           "program_flops_cost_analysis": program_flops, "memory": mem.as_dict(),
           "page_faults": [f / k for f in faults], "page_faults_per_call": faults,
@@ -691,17 +682,6 @@ def _log_train(log, t: dict[str, Any]) -> None:
       f"{t['flops'] / 1e9:.1f} GFLOP/step, {t['flops'] / t['s_median'] / 1e9:.1f} GFLOP/s, "
       f"{statistics.median(t['page_faults']):.0f} host page faults/step "
       f"(allocator: {host_runtime.allocator_in_use()})")
-
-
-def single_train_step(config: mlc.ConfigDict):
-  """The workload's one-step train program (jitted, not yet compiled) on the default device,
-  for the scripts in benchmarks/ that compile it their own way:
-  (workload, step, state, frozen, two host batches)."""
-  w = build_workload(config)
-  frozen = {"clip": random_clip_params(w.clip_cfg, int(config.seed)),
-            "class_tokens": class_tokens_for(w, w.spec)}
-  state, step = _train_state_and_step(w, config, donate=False)
-  return w, step, state, frozen, host_batches(w, 2, config.seed)
 
 
 def single_step_flops(w: Workload, config, clip_params, device_ct, pl: Placement) -> float:

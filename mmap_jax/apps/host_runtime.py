@@ -28,8 +28,9 @@ Also measured and not used: TCMALLOC_RELEASE_RATE=0, jemalloc without decay.
 Why XLA flags: `CPU_FAST_XLA_FLAGS` make XLA:CPU (1) run the attention's small batched products
 with its own dots instead of YNNPACK's fusions and (2) skip the tree-reduction rewrite, which
 turns every reduction over more than 32 elements (LayerNorm's 768 features, softmax's 213 keys)
-into an unfused reduce-window kernel. Each is measured alone and together by `python3
-benchmarks/xla_cpu_dots.py` (results/xla_cpu_dots_2026-12-03.json: 1.28x and 1.31x together).
+into an unfused reduce-window kernel. Each was measured alone and together in one process
+(1.28x and 1.31x together; the script and its JSON are in git history:
+`git show 076d4cf:benchmarks/results/xla_cpu_dots_2026-12-03.json`).
 They change float rounding (another matmul kernel; sequential instead of 32-wide partial sums:
 loss 4.1902475 vs 4.190248 there), so they are applied where the result is a
 timing (launch.benchmark) and are opt-in for training runs, whose committed accuracies must stay
@@ -44,15 +45,9 @@ import sys
 from typing import Mapping, MutableMapping, Optional, Sequence
 
 # XLA:CPU: no YNNPACK library fusions (XLA's Eigen dots and loop fusions instead), and no
-# tree-reduction rewrite (reductions stay fusible). Evidence: benchmarks/xla_cpu_dots.py.
+# tree-reduction rewrite (reductions stay fusible). Evidence: the module docstring.
 CPU_FAST_XLA_FLAGS: tuple[str, ...] = ("--xla_cpu_experimental_ynn_fusion_type=",
                                        "--xla_disable_hlo_passes=tree_reduction_rewriter")
-
-
-def compiler_options(flags: Sequence[str] = CPU_FAST_XLA_FLAGS) -> dict[str, str]:
-  """'--name=value' flags -> {'name': 'value'}: the form `compile(compiler_options=...)` takes,
-  for scripts that compile one program several ways in one process."""
-  return dict(f.lstrip("-").partition("=")[::2] for f in flags)
 
 ALLOCATOR_ENV = "MMAP_JAX_ALLOCATOR"          # "system": keep the process's allocator
 TCMALLOC_ENV = "MMAP_JAX_TCMALLOC"            # an explicit path to libtcmalloc*.so
