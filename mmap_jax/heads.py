@@ -96,12 +96,6 @@ def build_class_tokens(tokenizer, class_names_per_task: Sequence[Sequence[str]],
                      class_mask=np.stack(mask))
 
 
-def task_slice(class_tokens: ClassTokens, tasks: Sequence[int]) -> ClassTokens:
-  """The class tokens of a subset of tasks (numpy indexing, outside jit)."""
-  idx = np.asarray(tasks)
-  return ClassTokens(*(np.asarray(x)[idx] for x in class_tokens))
-
-
 # ----------------------------------------------------------------------------- features / logits
 
 def _axis(x: Any, per_task: bool) -> Optional[int]:

@@ -3,7 +3,8 @@
 The frozen CLIP text encoder only gives the features it was trained to give if
 prompts are tokenized exactly as during CLIP's training, so this follows
 OpenAI's original code step by step (ftfy + double HTML unescape cleanup, the
-same pre-tokenization regex, `</w>` word ends, an explicit EOT pooling index)
+same pre-tokenization regex, `</w>` word ends; CLIP pools at the first EOT:
+`models.clip.eot_positions`)
 rather than Hugging Face's `CLIPTokenizer`, which skips ftfy and HTML
 unescaping and so differs on smart quotes, entities, ligatures, fullwidth
 letters and mojibake.
@@ -111,25 +112,6 @@ def _parse_merges(lines: Iterable[tuple[int, str]], path: PathLike) -> list[tupl
   if not merges:
     raise TokenizerFileError(f"{path}: no BPE merges found")
   return merges
-
-
-def eot_index(token_ids, eot_token: int = CLIP_EOT_TOKEN) -> np.ndarray:
-  """Position of each row's first end-of-text token, where CLIP pools.
-
-  OpenAI takes `argmax(ids)`, which is the first EOT only because EOT is the
-  largest id; searching for the EOT id explicitly does not depend on that and
-  fails loudly on a row without one (e.g. padded or truncated by hand).
-  Works on [..., L] arrays and returns [...] int32 positions.
-  """
-  ids = np.asarray(token_ids)
-  if ids.ndim == 0 or ids.shape[-1] == 0:
-    raise ValueError(f"expected token ids of shape [..., L] with L > 0, got {ids.shape}")
-  is_eot = ids == eot_token
-  has_eot = is_eot.any(axis=-1)
-  if not np.all(has_eot):
-    bad = [tuple(r) for r in np.argwhere(~np.atleast_1d(has_eot))[:5].tolist()]
-    raise ValueError(f"no end-of-text token {eot_token} in row(s) {bad} of ids {ids.shape}")
-  return np.argmax(is_eot, axis=-1).astype(np.int32)
 
 
 class ClipTokenizer:

@@ -23,7 +23,8 @@ import numpy as np
 import pytest
 
 from mmap_jax import tokenizer as tk
-from mmap_jax.tokenizer import ClipTokenizer, TokenizerFileError, clean_text, eot_index
+from mmap_jax.models.clip import eot_positions
+from mmap_jax.tokenizer import ClipTokenizer, TokenizerFileError, clean_text
 
 TESTDATA = pathlib.Path(__file__).resolve().parent / "testdata"
 
@@ -106,7 +107,7 @@ def test_class_prompts_match_hf(tok, hf_tok, hf_dir):
   ours_hf_files = ClipTokenizer.from_hf_files(hf_dir / "vocab.json", hf_dir / "merges.txt")
   np.testing.assert_array_equal(ours_hf_files.tokenize(prompts), ours)
   assert ours.dtype == np.int32 and ours.shape == (410, 77)
-  eot = eot_index(ours)
+  eot = eot_positions(ours)
   for row, (prompt, pos) in enumerate(zip(prompts, eot)):
     expected = hf_tok(prompt)["input_ids"]  # SOT ... EOT, no padding
     assert ours[row, :pos + 1].tolist() == expected, prompt
@@ -247,7 +248,7 @@ def test_truncation_keeps_eot_last(tok):
   # 'a ' * 100 -> 100 words, each 'a</w>' = 320, plus SOT/EOT = 102 ids.
   out = tok.tokenize("a " * 100)
   assert out[0].tolist() == [49406] + [320] * 75 + [49407]
-  assert eot_index(out).tolist() == [76]
+  assert eot_positions(out).tolist() == [76]
   # 75 words fit exactly (77 with SOT/EOT): nothing cut.
   fit = tok.tokenize("a " * 75, truncate=False)
   assert fit[0].tolist() == [49406] + [320] * 75 + [49407]
@@ -261,18 +262,18 @@ def test_no_truncate_raises_with_text_and_length(tok):
     tok.tokenize(["a dog", long_text], truncate=False)
 
 
-def test_eot_index():
+def test_eot_positions():
   ids = np.array([[49406, 320, 49407, 0, 0],
                   # Hugging Face pads with EOT itself: the first one counts.
                   [49406, 49407, 49407, 49407, 49407],
                   # An id above EOT (extended vocabulary) would fool argmax.
                   [49406, 50000, 320, 49407, 0]])
-  assert eot_index(ids).tolist() == [2, 1, 3]
+  assert eot_positions(ids).tolist() == [2, 1, 3]
   assert ids.argmax(-1).tolist()[2] == 1  # what OpenAI's argmax would pick
-  assert eot_index(ids[0]).tolist() == 2
-  assert eot_index(ids[[0, 2]], eot_token=320).tolist() == [1, 2]
+  assert eot_positions(ids[0]).tolist() == 2
+  assert eot_positions(ids[[0, 2]], eot_token=320).tolist() == [1, 2]
   with pytest.raises(ValueError, match="no end-of-text token"):
-    eot_index(np.array([[49406, 320, 0], [49406, 49407, 0]]))
+    eot_positions(np.array([[49406, 320, 0], [49406, 49407, 0]]))
 
 
 # ------------------------------------------------------------------ decoding
@@ -385,4 +386,4 @@ def test_small_custom_vocabulary(tmp_path):
   assert t.vocab_size == 512 + 3 + 2
   assert (t.sot_token, t.eot_token) == (515, 516)
   assert t.encode("cat ##") == [512 + 1, 512 + 2]  # 'cat</w>', '##</w>'
-  assert eot_index(t.tokenize("cat"), eot_token=t.eot_token).tolist() == [2]
+  assert eot_positions(t.tokenize("cat"), eot_token=t.eot_token).tolist() == [2]

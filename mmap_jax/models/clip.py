@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmap_jax.models.config import ClipConfig
+from mmap_jax.tokenizer import CLIP_EOT_TOKEN
 
 Params = dict[str, Any]
 LN_EPS = 1e-5
@@ -338,8 +339,10 @@ def embed_tokens(params: Params, token_ids: jax.Array) -> jax.Array:
   return jnp.take(params["text"]["token_embedding"]["embedding"], token_ids, axis=0)
 
 
-def eot_positions(token_ids: np.ndarray, eot_token: int = 49407) -> np.ndarray:
-  """Index of the end-of-text token per row (where CLIP pools); an error if a row has none."""
+def eot_positions(token_ids: np.ndarray, eot_token: int = CLIP_EOT_TOKEN) -> np.ndarray:
+  """Index of the first end-of-text token per row (where CLIP pools); an error if a row has
+  none. OpenAI pools at `argmax(ids)`, the first EOT only while EOT is the largest id; the
+  explicit search does not depend on that."""
   ids = np.asarray(token_ids)
   has = (ids == eot_token).any(-1)
   if not has.all():
@@ -347,7 +350,7 @@ def eot_positions(token_ids: np.ndarray, eot_token: int = 49407) -> np.ndarray:
   return (ids == eot_token).argmax(-1).astype(np.int32)
 
 
-def truncate_to_longest(token_ids: np.ndarray, eot_token: int = 49407) -> np.ndarray:
+def truncate_to_longest(token_ids: np.ndarray, eot_token: int = CLIP_EOT_TOKEN) -> np.ndarray:
   """Drop the columns after the last end-of-text token of any row: exact under the causal mask."""
   return np.asarray(token_ids)[..., : int(eot_positions(token_ids, eot_token).max()) + 1]
 

@@ -10,7 +10,6 @@ from typing import Any, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import ml_collections as mlc
-import numpy as np
 from etils import epath
 
 from mmap_jax import heads, parallel, paths, resources
@@ -237,10 +236,6 @@ def explicit_groups(spec_str: str, task_names: Sequence[str]) -> tuple[tuple[int
 
 def compute_dtype(config: mlc.ConfigDict):
   return DTYPES[config.clip.dtype]
-
-
-def host_params(tree: Any) -> Any:
-  return jax.tree.map(np.asarray, tree)
 
 
 def workdir_paths(workdir: paths.PathLike) -> dict[str, epath.Path]:
