@@ -9,6 +9,8 @@ from typing import Any
 
 import ml_collections as mlc
 
+import mmap_jax.demo  # noqa: F401  registers 'demo_domains', the base config's dataset
+
 
 def parse_arg(arg: str | None, **defaults: Any) -> mlc.ConfigDict:
   """"a=1,b,c=x" -> ConfigDict(a=1, b=True, c="x"), typed like `defaults`; unknown keys are errors.

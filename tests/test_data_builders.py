@@ -303,10 +303,13 @@ def test_modules_reimport_without_registration_clash():
   import tensorflow_datasets as tfds
   import mmap_jax.data.builders as builders
   for _ in range(2):
-    for name in ("common", "office_home", "mini_domainnet", "domainnet", "image_folder",
-                 "demo_domains"):
+    for name in ("common", "office_home", "mini_domainnet", "domainnet", "image_folder"):
       importlib.reload(sys.modules[f"mmap_jax.data.builders.{name}"])
     importlib.reload(builders)
+    importlib.reload(importlib.import_module("mmap_jax.demo.dataset"))  # registers again
+  assert "demo_domains" in builders.DATASETS
+  with pytest.raises(ValueError, match="already registered by mmap_jax.data.builders.office_home"):
+    builders.register(common.FolderDataset("office_home", type("Other", (), {})))
   registered = tfds.core.registered.list_imported_builders()
   for module in builders.DATASETS.values():
     assert module.Builder.name not in registered

@@ -6,14 +6,18 @@ Nothing is downloaded: on first use `demo_world.generate_tree` draws
 like any image folder (seeded 80/20 split per class). With the defaults (4
 domains x 10 classes x 40 images of 64 px) it builds in seconds. Config names
 carry the generator parameters ('demo_domains/photo-seed0-n40-px64').
+
+It lives in the demo package and registers itself (`builders.register`) when `mmap_jax.demo` is
+imported (configs/common.py does), so the core's data code never imports the demo.
 """
 
 from __future__ import annotations
 
 import os
 
-from mmap_jax.demo import world as demo_world
+from mmap_jax.data import builders
 from mmap_jax.data.builders import common
+from mmap_jax.demo import world as demo_world
 
 NAME = "demo_domains"
 
@@ -47,4 +51,4 @@ class _DemoDomains(common.FolderDataset):
     return root
 
 
-DATASET = _DemoDomains(NAME, Builder, demo_world.DOMAINS)
+DATASET = builders.register(_DemoDomains(NAME, Builder, demo_world.DOMAINS))
