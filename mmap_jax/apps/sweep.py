@@ -45,6 +45,7 @@ through `mmap_jax.paths` (etils.epath), results.json atomically.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import importlib.util
@@ -57,6 +58,8 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import ml_collections as mlc
 import numpy as np
+from absl import flags
+from ml_collections import config_flags
 from ml_collections.config_flags import config_path
 
 from mmap_jax import paths
@@ -267,23 +270,20 @@ def format_value(v: Any) -> str:
   return repr(v) if isinstance(v, float) else str(v)
 
 
-def parse_value(field: str, raw: str, kind: type) -> Any:
-  """A command-line string as `kind` (the config field's type); the error names the field."""
-  try:
-    if kind is bool:
-      if raw.lower() not in ("true", "false", "1", "0"):
-        raise ValueError("expected true or false")
-      return raw.lower() in ("true", "1")
-    if kind is int:
-      return int(raw)
-    if kind is float:
-      return float(raw)
-    if kind is str:
-      return raw
-  except ValueError as e:
-    raise SweepError(f"{field}={raw!r}: not a valid {kind.__name__} ({e})") from None
-  raise SweepError(f"{field}: fields of type {getattr(kind, '__name__', kind)} cannot be swept "
-                   "(only str, int, float and bool leaves)")
+def parse_value(field: str, raw: str, config: mlc.ConfigDict) -> Any:
+  """A command-line string typed exactly as `--config.<field>=<raw>` types it: ml_collections'
+  config flag parses it (on a private copy of `config`); the error names the field."""
+  argv = ["sweep", f"--config.{field}={raw}"]
+  values = flags.FlagValues()
+  try:   # defining the flag defines its override flags (an unsupported field type fails there)
+    config_flags.DEFINE_config_dict("config", copy.deepcopy(config), flag_values=values,
+                                    sys_argv=argv, lock_config=False)
+    values(argv)
+  except flags.Error as e:
+    kind = config_path.get_type(field, config)
+    raise SweepError(f"{field}={raw!r}: not a valid {getattr(kind, '__name__', kind)} ({e})"
+                     ) from None
+  return config_path.get_value(field, values.config)
 
 
 def _typed(field: str, value: Any, config: mlc.ConfigDict, where: str) -> Any:
@@ -296,7 +296,7 @@ def _typed(field: str, value: Any, config: mlc.ConfigDict, where: str) -> Any:
   if value is None:  # nullable fields (FieldReference(None, ...)) keep meaning "the default"
     return None
   if isinstance(value, str):
-    return parse_value(field, value, kind)
+    return parse_value(field, value, config)
   if kind is float and isinstance(value, int) and not isinstance(value, bool):
     return float(value)
   if not isinstance(value, kind):
