@@ -40,7 +40,7 @@ def main(argv: Sequence[str]) -> None:
 
 def run():
   """The `mmap-convert` console script."""
-  entry.run(main, tcmalloc=False)
+  entry.run(main)
 
 
 if __name__ == "__main__":

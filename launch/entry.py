@@ -1,7 +1,8 @@
 """What every launcher runs, as `python -m launch.X` and as the `mmap-X` console scripts.
 
-Order matters: the host allocator is chosen first (re-exec under tcmalloc, before JAX or any
-thread starts), then `--config=configs/<file>.py[:args]` is resolved, then absl parses the flags.
+Order matters: the host allocator is applied first when asked for (`MMAP_JAX_ALLOCATOR=tcmalloc|glibc`
+on a CPU host re-executes the launcher once, before JAX or any thread starts; unset, the default,
+changes nothing: mmap_jax/apps/host_runtime.py), then `--config=configs/<file>.py[:args]` is resolved, then absl parses the flags.
 Resolution lets an installed package run from any directory: a config path that does not exist
 relative to the working directory but names a file of the installed `configs` package (e.g.
 `configs/demo.py`) is replaced by that file's absolute path. Paths that exist are left alone, so a
@@ -56,11 +57,13 @@ def resolve_config_args(argv: Sequence[str]) -> list[str]:
   return out
 
 
-def run(main: Callable[[list[str]], None], *, tcmalloc: bool = True,
-        xla_flags: Optional[str] = None) -> None:
-  """Allocator re-exec (when `tcmalloc`), optional XLA flags, config resolution, absl."""
-  if tcmalloc:
+def run(main: Callable[[list[str]], None], *, xla_flags: Optional[str] = None) -> None:
+  """Opt-in allocator re-exec, optional XLA flags, config resolution, absl."""
+  try:
     host_runtime.reexec_with_allocator()
+  except (ValueError, FileNotFoundError) as e:   # a bad $MMAP_JAX_ALLOCATOR: one line, exit 2
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
   if xla_flags:
     host_runtime.apply_xla_flags(xla_flags)
   sys.argv = resolve_config_args(sys.argv)

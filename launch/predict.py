@@ -47,7 +47,7 @@ def main(argv: Sequence[str]) -> None:
 
 def run():
   """The `mmap-predict` console script."""
-  entry.run(main, tcmalloc=False)
+  entry.run(main)
 
 
 if __name__ == "__main__":
