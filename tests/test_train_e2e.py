@@ -381,6 +381,47 @@ def test_half_written_checkpoint_is_never_latest(tmp_path):
   ckpt.close()
 
 
+def _tree_bytes(root: pathlib.Path) -> dict[str, bytes | None]:
+  """Every file (its bytes) and directory (None) under `root`, by relative path."""
+  return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None)
+          for p in sorted(root.rglob("*"))}
+
+
+def test_read_only_tools_never_touch_a_run(env, finished, tmp_path):
+  """Prediction and evaluation of a run that is still being written (a temporary step dir
+  orbax is filling, an unfinished later step) create, clean and delete nothing there."""
+  import shutil
+  from mmap_jax import predict
+  from PIL import Image
+  workdir_ref, result, *_ = finished
+  workdir = tmp_path / "run"
+  shutil.copytree(workdir_ref, workdir)
+  ckpts = workdir / "checkpoints"
+  planted = ckpts / "999.orbax-checkpoint-tmp-123" / "state"
+  planted.mkdir(parents=True)
+  (planted / "partial").write_bytes(b"\1" * 10)
+  unfinished = ckpts / "8.orbax-checkpoint-tmp-456"
+  shutil.copytree(ckpts / "6", unfinished)
+  (unfinished / "state" / "_METADATA").unlink(missing_ok=True)
+  before = _tree_bytes(workdir)
+  image = tmp_path / "x.png"
+  Image.fromarray(np.full((40, 40, 3), 200, np.uint8)).save(image)
+  out = predict.predict_files(None, None, [image], workdir=str(workdir), task="sketch")
+  assert out[0]["top"]
+  again = loop.evaluate_workdir(fx.tiny_config(env["clip"], env["data"]), str(workdir),
+                                out=str(tmp_path / "eval"))
+  assert again["tasks"] == json.loads(json.dumps(result))["tasks"]
+  assert _tree_bytes(workdir) == before
+  # A workdir with no checkpoint (e.g. grouping only) is not given a checkpoints/ directory.
+  empty = tmp_path / "grouping_only"
+  empty.mkdir()
+  with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    loop.evaluate_workdir(fx.tiny_config(env["clip"], env["data"]), str(empty))
+  with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    predict.predict_files(None, None, [image], workdir=str(empty), task="sketch")
+  assert list(empty.iterdir()) == []
+
+
 def test_predict_with_trained_prompts_matches_evaluation(env, finished, tmp_path):
   from mmap_jax import predict
   from mmap_jax.checkpoints import store

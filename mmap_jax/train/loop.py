@@ -70,9 +70,9 @@ def _loss_fn(clip_cfg, spec, groups, dtype, remat):
   return loss_fn
 
 
-def _checkpointer(config, workdir) -> checkpointing.Checkpointer:
+def _checkpointer(config, workdir, read_only: bool = False) -> checkpointing.Checkpointer:
   return checkpointing.Checkpointer(setup.workdir_paths(workdir)["checkpoints"],
-                                    keep=config.train.keep_checkpoints)
+                                    keep=config.train.keep_checkpoints, read_only=read_only)
 
 
 @dataclasses.dataclass
@@ -149,11 +149,13 @@ class _Run:
 
 
 def _prepare(config: mlc.ConfigDict, workdir: str, *, step: Optional[int] = None,
-             require_checkpoint: bool = False) -> _Run:
+             require_checkpoint: bool = False, read_only: bool = False) -> _Run:
+  """`read_only` (evaluation): the workdir's checkpoints are read, nothing there is created."""
   mesh = parallel.data_mesh()
   setup.validate(config, mesh.devices.size)
   recipe = setup.recipe(config)
-  paths.as_path(workdir).mkdir(parents=True, exist_ok=True)
+  if not read_only:
+    paths.as_path(workdir).mkdir(parents=True, exist_ok=True)
   clip = setup.load_clip(config)
   # Fails on a bad prompt config before the data is built.
   setup.ctx_init_ids(clip, setup.prompt_spec(config, clip.cfg))
@@ -161,7 +163,7 @@ def _prepare(config: mlc.ConfigDict, workdir: str, *, step: Optional[int] = None
   logging.info("tasks: %s", ", ".join(f"{t.info.name} ({t.info.num_classes} classes, "
                                       f"{t.info.num_train} train / {t.info.num_val} val / "
                                       f"{t.info.num_test} test)" for t in tasks))
-  ckpt = _checkpointer(config, workdir)
+  ckpt = _checkpointer(config, workdir, read_only=read_only)
   # Process 0's view of the shared directory decides, so every process restores the same step.
   step = parallel.broadcast_from_process0(ckpt.latest_step()) if step is None else step
   if step is None and require_checkpoint:
@@ -368,7 +370,8 @@ def evaluate_workdir(config: mlc.ConfigDict, workdir: str, *, step: Optional[int
   if state not in EVAL_STATES:
     raise ValueError(f"state={state!r}; allowed: {EVAL_STATES}")
   workdir = paths.as_path(workdir)
-  run = _prepare(config, workdir, step=step, require_checkpoint=config.method != "zeroshot")
+  run = _prepare(config, workdir, step=step, require_checkpoint=config.method != "zeroshot",
+                 read_only=True)
   try:
     restored = run.restore()
   finally:

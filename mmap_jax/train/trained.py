@@ -40,7 +40,8 @@ def load_trained(workdir: paths.PathLike, step: Optional[int] = None,
   """
   if state not in ("selected", "checkpoint"):
     raise ValueError(f"state={state!r}; allowed: ('selected', 'checkpoint')")
-  ckpt = checkpointing.Checkpointer(paths.as_path(workdir) / "checkpoints")
+  # Read-only: the run may still be training (a cleanup would delete the save being written).
+  ckpt = checkpointing.Checkpointer(paths.as_path(workdir) / "checkpoints", read_only=True)
   try:
     step = ckpt.latest_step() if step is None else step
     if step is None:
