@@ -21,23 +21,15 @@ JAX_NUM_PROCESSES, JAX_PROCESS_ID); see launch/distributed_flags.py.
 """
 import sys
 
-from absl import app, flags
-from ml_collections import config_flags
-
-from launch import distributed_flags
+from launch import distributed_flags, entry, shared_flags
 from mmap_jax.train import loop
-from launch import entry
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:args].",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, logs and results go: a local "
-                                "directory or a gs:// URI.")
-flags.mark_flags_as_required(["config", "workdir"])
+_CONFIG = shared_flags.config()
+_WORKDIR = shared_flags.workdir()
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  shared_flags.no_arguments(argv)
   distributed_flags.initialize()
   out = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   if out.get("preempted"):   # checkpoint saved; the same command resumes

@@ -246,6 +246,35 @@ def test_kill_and_resume_is_bit_exact(env, finished):
     np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.slow
+def test_cli_user_errors_are_one_block_with_exit_status_2(env, tmp_path):
+  """What a user sees: no traceback, exit 2, the field or file named (a missing checkpoint in
+  one line, without orbax's cleanup thread dying at interpreter exit)."""
+  empty = tmp_path / "grouping_only"
+  empty.mkdir()
+  runs = {
+      "evaluate": ["launch.evaluate", f"--workdir={empty}"],
+      "predict": ["launch.predict", f"--workdir={empty}", "--task=photo", str(tmp_path / "x.png")],
+      "train": ["launch.train", "--config=configs/demo.py:runlocal", "--config.method=mmap_mtt",
+                "--config.seed=-1", f"--workdir={tmp_path / 'w'}"],
+      "file_workdir": ["launch.train", f"--config=configs/demo.py:clip={env['clip']},runlocal",
+                       f"--workdir={tmp_path / 'a_file'}", *fx.override_flags(env["data"])],
+  }
+  (tmp_path / "a_file").write_text("x")
+  for name, args in runs.items():
+    proc = subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=fx.subprocess_env(),
+                          capture_output=True, text=True, timeout=600)
+    lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    assert proc.returncode == 2 and len(lines) == 1, (name, proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr and "futures" not in proc.stderr, (name, proc.stderr)
+    if name in ("evaluate", "predict"):
+      assert "no checkpoint in" in lines[0] and not (empty / "checkpoints").exists()
+    elif name == "train":   # every bad field in the one block
+      assert "method='mmap_mtt'" in proc.stderr and "seed=-1" in proc.stderr
+    else:
+      assert f"workdir {tmp_path / 'a_file'} is a file" in lines[0]
+
+
 def test_evaluate_reproduces_final_accuracy(env, finished):
   workdir, result, *_ = finished
   out = env["root"] / "reeval"
@@ -408,8 +437,8 @@ def test_read_only_tools_never_touch_a_run(env, finished, tmp_path):
   Image.fromarray(np.full((40, 40, 3), 200, np.uint8)).save(image)
   out = predict.predict_files(None, None, [image], workdir=str(workdir), task="sketch")
   assert out[0]["top"]
-  again = loop.evaluate_workdir(fx.tiny_config(env["clip"], env["data"]), str(workdir),
-                                out=str(tmp_path / "eval"))
+  # No config given: the one the run recorded in its checkpoint.
+  again = loop.evaluate_workdir(None, str(workdir), out=str(tmp_path / "eval"))
   assert again["tasks"] == json.loads(json.dumps(result))["tasks"]
   assert _tree_bytes(workdir) == before
   # A workdir with no checkpoint (e.g. grouping only) is not given a checkpoints/ directory.

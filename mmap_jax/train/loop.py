@@ -32,6 +32,7 @@ from mmap_jax.prompts import multitask
 from mmap_jax.train import cadence as cadence_lib, checkpointing, evaluate as evaluation
 from mmap_jax.train import grouping_run, optim, report
 from mmap_jax.train import selection as selection_lib, setup, step as train_step
+from mmap_jax.train import trained as trained_lib
 
 # Exit status of a launcher whose run was preempted after saving its checkpoint (143).
 PREEMPTED_EXIT_CODE = cadence_lib.PREEMPTED_EXIT_CODE
@@ -155,11 +156,9 @@ def _prepare(config: mlc.ConfigDict, workdir: str, *, step: Optional[int] = None
   setup.validate(config, mesh.devices.size)
   recipe = setup.recipe(config)
   if not read_only:
+    setup.check_workdir(workdir)
     paths.as_path(workdir).mkdir(parents=True, exist_ok=True)
-  clip = setup.load_clip(config)
-  # Fails on a bad prompt config before the data is built.
-  setup.ctx_init_ids(clip, setup.prompt_spec(config, clip.cfg))
-  tasks = setup.build_tasks(config)
+  clip, tasks = setup.load_inputs(config)
   logging.info("tasks: %s", ", ".join(f"{t.info.name} ({t.info.num_classes} classes, "
                                       f"{t.info.num_train} train / {t.info.num_val} val / "
                                       f"{t.info.num_test} test)" for t in tasks))
@@ -355,7 +354,7 @@ def _train(config, run: _Run, it, meta, writer, start, preempt, run_eval) -> boo
 EVAL_STATES = ("selected", "checkpoint")
 
 
-def evaluate_workdir(config: mlc.ConfigDict, workdir: str, *, step: Optional[int] = None,
+def evaluate_workdir(config: Optional[mlc.ConfigDict], workdir: str, *, step: Optional[int] = None,
                      out: Optional[str] = None, split: str = "test",
                      state: str = "selected") -> dict:
   """Accuracy on `split` ('test', default, or 'val') of a workdir's checkpoint, or zero-shot CLIP.
@@ -364,12 +363,15 @@ def evaluate_workdir(config: mlc.ConfigDict, workdir: str, *, step: Optional[int
   that checkpoint's validation record selected (train.select; what results.json reports when it
   is the final checkpoint), `state='checkpoint'` the checkpoint's own current state. The results
   file says which split (`split`) and which state (`evaluated_state`, `step`) it reports.
+  `config` None: the config the checkpoint recorded (`trained.recorded_config`).
   """
   if split not in pipeline.EVAL_SPLITS:
     raise ValueError(f"split={split!r}; allowed: {pipeline.EVAL_SPLITS}")
   if state not in EVAL_STATES:
     raise ValueError(f"state={state!r}; allowed: {EVAL_STATES}")
   workdir = paths.as_path(workdir)
+  if config is None:
+    config = trained_lib.recorded_config(workdir, step)
   run = _prepare(config, workdir, step=step, require_checkpoint=config.method != "zeroshot",
                  read_only=True)
   try:
@@ -399,10 +401,10 @@ def group_tasks(config: mlc.ConfigDict, workdir: str) -> list[list[str]]:
   """Runs only the grouping warm-up (whatever config.method says) and returns groups by name."""
   mesh = parallel.data_mesh()
   setup.validate(config, mesh.devices.size)
+  setup.check_workdir(workdir)
   workdir = paths.as_path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  clip = setup.load_clip(config)
-  tasks = setup.build_tasks(config)
+  clip, tasks = setup.load_inputs(config)
   names = [t.info.name for t in tasks]
   groups = grouping_run.run_grouping(config, workdir, clip, tasks, mesh).groups
   return [[names[i] for i in g] for g in groups]
