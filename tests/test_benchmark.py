@@ -197,6 +197,7 @@ def test_torch_reference_matches_jax_loss_and_gradients(bpe_path):
 
 # ----------------------------------------------------------------------------- the command
 
+@pytest.mark.slow
 def test_benchmark_command_writes_json(bpe_path, tmp_path):
   out = tmp_path / "bench.json"
   env = dict(os.environ)
@@ -269,6 +270,7 @@ def test_benchmark_command_writes_json(bpe_path, tmp_path):
 
 # ----------------------------------------------------------------------------- accelerator sweep
 
+@pytest.mark.slow
 def test_accelerator_script_runs_the_tiny_sweep_on_cpu(bpe_path, tmp_path):
   """benchmarks/accelerator.sh unchanged on CPU: every dtype x remat row, MFU against the probe."""
   out = tmp_path / "accel.json"
@@ -297,6 +299,7 @@ def test_accelerator_script_runs_the_tiny_sweep_on_cpu(bpe_path, tmp_path):
   assert "| dtype | remat | batch/task |" in proc.stderr and "MFU" in proc.stderr
 
 
+@pytest.mark.slow
 def test_accelerator_sweep_doubles_the_batch_until_out_of_memory():
   from mmap_jax.apps import accelerator
   config = benchmark_config.get_config("tiny,vocab=none,sweep_dtypes=float32,max_batch=64")
@@ -335,6 +338,7 @@ def test_known_accelerator_peaks():
 
 # ----------------------------------------------------------------------------- block parts
 
+@pytest.mark.slow
 def test_block_parts_script_times_every_part_and_splits_the_step_dots(tmp_path):
   """benchmarks/block_parts.py --tiny: every part timed against the probe, and the step's dot
   FLOPs read from its optimised HLO add up to XLA's own count (less the few elementwise FLOPs)."""

@@ -211,6 +211,7 @@ def two(env):
   return workdir, logs
 
 
+@pytest.mark.slow
 def test_two_processes_learn_what_one_process_learns(one, two):
   (w1, _), (w2, _) = one, two
   s1, a = _learned(w1)
@@ -237,6 +238,7 @@ def test_two_processes_learn_what_one_process_learns(one, two):
                              atol=1e-5)
 
 
+@pytest.mark.slow
 def test_outputs_are_written_once_by_process_zero(one, two):
   (w1, _), (w2, logs) = one, two
   top = sorted(p.name for p in w2.iterdir())
@@ -264,6 +266,7 @@ def test_outputs_are_written_once_by_process_zero(one, two):
   c.close()
 
 
+@pytest.mark.slow
 def test_no_record_is_read_by_two_processes_within_a_step(one, two):
   """Each process reads exactly its slice of every task's batch: the first / second half."""
   (_, logs1), (_, logs2) = one, two
@@ -303,6 +306,7 @@ def test_no_record_is_read_by_two_processes_within_a_step(one, two):
   assert distinct_steps >= len(keys) // 2
 
 
+@pytest.mark.slow
 def test_killed_two_process_run_resumes_to_the_uninterrupted_result(env, two):
   w_ref, _ = two
   workdir, logs = env["root"] / "killed", env["root"] / "logs_killed"
@@ -333,6 +337,7 @@ def _assert_same_learned_state(w_ref, workdir) -> dict:
 _PREEMPTED_AT = re.compile(r"preempted: checkpoint of step (\d+) saved")
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_process_stops_both_at_the_same_step_and_resumes(env, two):
   """SIGTERM to process 0 only, after step 2: jax's preemption sync point makes both processes
   save the same step and exit 143 (a per-process flag would leave process 1 training alone and
@@ -364,6 +369,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_and_resumes(env, two
   assert got["tasks"] == ref["tasks"] and got["selection"] == ref["selection"]
 
 
+@pytest.mark.slow
 def test_group_and_evaluate_in_two_processes_agree_with_one(env, one):
   w1, _ = one
   # launch.group, started with the flags this time.
@@ -426,6 +432,7 @@ def test_bad_distributed_values_are_rejected_before_jax_starts(kwargs, env, need
     parallel.distributed_args(**kwargs, env=env)
 
 
+@pytest.mark.slow
 def test_launcher_rejects_bad_values_before_connecting(env, tmp_path):
   """The documented command with an id out of range fails at once, naming the flag."""
   proc = subprocess.run(

@@ -115,6 +115,7 @@ def test_stream_is_a_function_of_seed_and_step(bpe_path):
   assert not np.array_equal(expected[0][0][half:], expected[1][0][:half])
 
 
+@pytest.mark.slow
 def test_regeneration_writes_a_loadable_clip(local_run, bpe_path):
   _, out = local_run
   cfg, params, tokenizer = store.load(out)
@@ -132,6 +133,7 @@ def test_regeneration_writes_a_loadable_clip(local_run, bpe_path):
   assert np.any(table[cup] != 0) and not np.any(table[tokenizer.encode("zebra")[0]])
 
 
+@pytest.mark.slow
 def test_same_seed_same_params_and_resume(local_run, tmp_path, bpe_path):
   root, first = local_run
   config = get_config("runlocal")
@@ -146,6 +148,7 @@ def test_same_seed_same_params_and_resume(local_run, tmp_path, bpe_path):
   _assert_same_weights(first, resumed)
 
 
+@pytest.mark.slow
 def test_pretraining_logs_on_the_trainers_cadence(local_run):
   """Progress lines and TensorBoard scalars as the main trainer writes them (train.cadence)."""
   root, _ = local_run
@@ -170,6 +173,7 @@ class _NullWriter:
     pass
 
 
+@pytest.mark.slow
 def test_sigterm_saves_exits_143_and_resumes(local_run, tmp_path, bpe_path):
   """launch.pretrain under SIGTERM after step 1 (tests/faults.py): checkpoint 1 (ckpt_every=2,
   so only the SIGTERM made it), status 143, no output; the same call resumes to the weights
