@@ -24,6 +24,7 @@ from absl import app
 from absl import logging as absl_logging
 
 import mmap_jax
+from mmap_jax import resources
 from mmap_jax.apps import host_runtime
 
 CONFIG_FLAGS = ("--config", "-config")
@@ -35,21 +36,9 @@ _OS_USER_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADi
 _PROJECT_DIRS = tuple(pathlib.Path(m).resolve().parent for m in (__file__, mmap_jax.__file__))
 
 
-def packaged_configs_dir() -> pathlib.Path:
-  import configs  # The experiment configs ship as a package beside mmap_jax.
-  return pathlib.Path(configs.__file__).resolve().parent
-
-
-def resolve_config_path(value: str) -> str:
-  """'configs/demo.py:runlocal' -> '<installed configs>/demo.py:runlocal' when only that exists."""
-  path, sep, arg = value.partition(":")
-  if not path or os.path.exists(path):
-    return value
-  parts = pathlib.PurePath(path).parts
-  if len(parts) != 2 or parts[0] != "configs":
-    return value   # Not one of ours: config_flags reports the missing file itself.
-  candidate = packaged_configs_dir() / parts[1]
-  return f"{candidate}{sep}{arg}" if candidate.is_file() else value
+# The one config-path resolution (shared with launch.sweep and the notebook): mmap_jax.resources.
+packaged_configs_dir = resources.configs_dir
+resolve_config_path = resources.resolve_config_path
 
 
 def resolve_config_args(argv: Sequence[str]) -> list[str]:
