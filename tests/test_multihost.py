@@ -338,20 +338,22 @@ _PREEMPTED_AT = re.compile(r"preempted: checkpoint of step (\d+) saved")
 
 
 @pytest.mark.slow
-def test_sigterm_to_one_process_stops_both_at_the_same_step_and_resumes(env, two):
-  """SIGTERM to process 0 only, after step 2: jax's preemption sync point makes both processes
-  save the same step and exit 143 (a per-process flag would leave process 1 training alone and
-  hang in its next collective); the same command then resumes to the uninterrupted result.
-  Checkpoints every 5 steps here, so the agreed step's checkpoint exists only for the SIGTERM."""
+@pytest.mark.parametrize("sig,codes", [("SIGTERM", [143, 143]), ("SIGINT", [130, 143])])
+def test_sigterm_to_one_process_stops_both_at_the_same_step_and_resumes(env, two, sig, codes):
+  """SIGTERM (or Ctrl-C) to process 0 only, after step 2: jax's preemption sync point makes both
+  processes save the same step and exit 143 (a per-process flag would leave process 1 training
+  alone and hang in its next collective); process 0 exits 130 after a Ctrl-C, which it forwards
+  to itself as SIGTERM. The same command then resumes to the uninterrupted result.
+  Checkpoints every 5 steps here, so the agreed step's checkpoint exists only for the signal."""
   w_ref, _ = two
-  workdir, logs = env["root"] / "sigterm", env["root"] / "logs_sigterm"
+  workdir, logs = env["root"] / sig.lower(), env["root"] / f"logs_{sig.lower()}"
   port = _free_port()
   every5 = lambda cmd: [("--config.train.ckpt_every=5" if a.startswith(
       "--config.train.ckpt_every=") else a) for a in cmd]
-  stopped = launch(every5(_cmd(env, "launch.train", workdir, fault="2:SIGTERM:0")), logs,
+  stopped = launch(every5(_cmd(env, "launch.train", workdir, fault=f"2:{sig}:0")), logs,
                    fresh=workdir, processes=2, devices=2, port=port)
-  assert [r.returncode for r in stopped] == [143, 143], [r.stderr[-3000:] for r in stopped]
-  assert "[tests.faults] sending SIGTERM" in stopped[0].stderr
+  assert [r.returncode for r in stopped] == codes, [r.stderr[-3000:] for r in stopped]
+  assert f"[tests.faults] sending {sig}" in stopped[0].stderr
   assert "[tests.faults]" not in stopped[1].stderr
   saved = [[int(m) for m in _PREEMPTED_AT.findall(r.stderr)] for r in stopped]
   assert len(saved[0]) == 1 and saved[0] == saved[1], saved
@@ -362,7 +364,8 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_and_resumes(env, two
                 if p.name.isdigit()) == [step]
   assert not (workdir / "results.json").exists()
   resumed = _ok(launch(every5(_cmd(env, "launch.train", workdir)),
-                       env["root"] / "logs_sigterm_resumed", processes=2, devices=2, port=port))
+                       env["root"] / f"logs_{sig.lower()}_resumed", processes=2, devices=2,
+                       port=port))
   assert all(f"at step {step}" in r.stderr for r in resumed)
   ref = _assert_same_learned_state(w_ref, workdir)
   got = json.loads((workdir / "results.json").read_text())

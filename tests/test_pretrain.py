@@ -71,6 +71,7 @@ def test_infonce_matches_numpy():
   np.testing.assert_allclose(aux["logit_scale"], 100.0, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_steps_lower_the_loss(bpe_path):
   config = get_config("runlocal")
   cfg, optimizer, step = pretrain.train_step_for(config)
@@ -196,6 +197,7 @@ def test_sigterm_saves_exits_143_and_resumes(local_run, tmp_path, bpe_path):
   _assert_same_weights(first, resumed)
 
 
+@pytest.mark.slow
 def test_ensure_demo_clip_builds_once(tmp_path, bpe_path, monkeypatch):
   local = get_config("runlocal")
   monkeypatch.setattr(pretrain, "default_config", lambda: local)

@@ -217,7 +217,10 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict:
       it.set_state(restored.data_state)
     logging.info("resumed from %s at step %d", run.ckpt.directory, start)
 
-  writer = report.ScalarWriter(setup.workdir_paths(workdir)["tensorboard"])
+  # Resumed: TensorBoard hides the earlier event files' steps after the restored one, which
+  # this run logs again (a kill after the last checkpoint), so each step shows once.
+  writer = report.ScalarWriter(setup.workdir_paths(workdir)["tensorboard"],
+                               purge_step=start + 1 if start else None)
   eval_fns = evaluation.make_eval_fns(run.clip.cfg, run.spec, run.groups, len(run.tasks),
                                       dtype=run.dtype)
   if run.total > 0:
@@ -245,7 +248,8 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict:
   try:
     if start < run.total:
       if _train(config, run, it, meta, writer, start, preempt, run_eval):
-        return {"preempted": True, "step": int(run.state["step"])}
+        return {"preempted": True, "step": int(run.state["step"]),
+                "exit_code": preempt.exit_code, "checkpoints": str(run.ckpt.directory)}
     if run.total == 0:  # Zero-shot: one state, validation and test once each.
       val = run.evaluate(config, eval_fns, split="val") if has_val else {}
       record, learned, step = selection_lib.zeroshot_record(val), None, 0

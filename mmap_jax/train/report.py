@@ -105,14 +105,17 @@ class ScalarWriter:
   (`_EpathRecordFile`).
   """
 
-  def __init__(self, logdir: paths.PathLike):
+  def __init__(self, logdir: paths.PathLike, purge_step: Optional[int] = None):
+    """`purge_step` (a resumed run: restored step + 1): the new event file starts with a
+    SessionLog.START at that step, and TensorBoard drops the earlier files' events at and after
+    it, so steps logged again after a resume appear once."""
     self._writer = None
     if jax.process_index() == 0:
       from tensorboardX import SummaryWriter
       logdir = paths.as_path(logdir)
       if paths.is_uri(logdir):
         _register_epath_event_files()
-      self._writer = SummaryWriter(logdir=str(logdir), flush_secs=10)
+      self._writer = SummaryWriter(logdir=str(logdir), flush_secs=10, purge_step=purge_step)
 
   def scalars(self, step: int, values: Mapping[str, float]) -> None:
     if self._writer is None:
