@@ -8,8 +8,8 @@ r"""Time the MmAP-MT training step (and its parts) on the fixed benchmark worklo
 
 Prints one line per measurement and the JSON (top-level keys: mmap_jax.apps.benchmark.RESULT_KEYS,
 plus TORCH_KEYS with --vs_torch). See configs/benchmark.py for the workload and its arguments.
-Runs under tcmalloc when installed (re-executes once; MMAP_JAX_ALLOCATOR=system to opt out) and
-with host_runtime.CPU_FAST_XLA_FLAGS; both are recorded in the JSON's `environment`.
+Runs with host_runtime.CPU_FAST_XLA_FLAGS (and, when MMAP_JAX_ALLOCATOR=tcmalloc|glibc asks for
+it, a retaining allocator); both are recorded in the JSON's `environment`.
 """
 import sys
 

@@ -11,10 +11,9 @@ from typing import Sequence
 
 from absl import app, flags
 
-from mmap_jax.checkpoints import CheckpointError
 from mmap_jax.checkpoints.convert import convert
 from mmap_jax.models.config import ACTIVATIONS
-from launch import entry
+from launch import entry, shared_flags
 _SRC = flags.DEFINE_string("src", None, "Hugging Face CLIP directory, or an OpenAI / open_clip "
                            "checkpoint file (.pt TorchScript, .bin/.pth state dict, .safetensors).")
 _OUT = flags.DEFINE_string("out", None, "Directory to write the converted checkpoint to.")
@@ -28,19 +27,15 @@ _ACTIVATION = flags.DEFINE_enum("activation", "quick_gelu", list(ACTIVATIONS),
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace --out if it exists.")
 
 def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  shared_flags.no_arguments(argv)
   if not _SRC.value or not _OUT.value:
     raise app.UsageError("--src and --out are required")
-  try:
-    convert(_SRC.value, _OUT.value, _TOKENIZER.value, _ACTIVATION.value, _OVERWRITE.value)
-  except (CheckpointError, OSError, ValueError) as e:
-    raise SystemExit(f"error: {e}") from None
+  convert(_SRC.value, _OUT.value, _TOKENIZER.value, _ACTIVATION.value, _OVERWRITE.value)
 
 
 def run():
   """The `mmap-convert` console script."""
-  entry.run(main, tcmalloc=False)
+  entry.run(main)
 
 
 if __name__ == "__main__":

@@ -5,23 +5,15 @@ r"""Gradient-driven task grouping alone: warm up a shared MmAP, measure, partiti
 Writes affinity.npy, affinity.png (labelled heatmap) and groups.json into the workdir; a later
 `launch.train` with the same workdir reuses them.
 """
-from absl import app, flags
-from ml_collections import config_flags
-
-from launch import distributed_flags
+from launch import distributed_flags, entry, shared_flags
 from mmap_jax.train import loop
-from launch import entry
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:args].",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where the grouping files go: a local "
-                               "directory or a gs:// URI.")
-flags.mark_flags_as_required(["config", "workdir"])
+_CONFIG = shared_flags.config()
+_WORKDIR = shared_flags.workdir("Where the grouping files go: a local directory or a gs:// URI.")
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  shared_flags.no_arguments(argv)
   distributed_flags.initialize()
   groups = loop.group_tasks(_CONFIG.value, _WORKDIR.value)
   print("groups:", "; ".join(" + ".join(g) for g in groups), flush=True)

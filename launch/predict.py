@@ -14,18 +14,16 @@ from typing import Sequence
 
 from absl import app, flags
 
-from mmap_jax.checkpoints import CheckpointError
-from mmap_jax.data.images import UnreadableImageError
 from mmap_jax.predict import DEFAULT_TEMPLATE, format_table, predict_files
-from launch import entry
+from launch import entry, shared_flags
 
 _CLIP = flags.DEFINE_string("clip", None, "A converted CLIP checkpoint (python -m launch.convert).")
 _CLASSES = flags.DEFINE_list("classes", None, "Comma-separated class names.")
 _TEMPLATE = flags.DEFINE_string("template", DEFAULT_TEMPLATE, "Zero-shot prompt; {} is the class.")
 _BATCH = flags.DEFINE_integer("batch_size", 32, "Images per forward pass (one compiled shape).")
 _JSON = flags.DEFINE_bool("json", False, "Print machine-readable JSON instead of a table.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir (local or gs://): use "
-                               "its learned prompts.")
+_WORKDIR = shared_flags.workdir("A training workdir (local or gs://): use its learned prompts.",
+                                required=False)
 _TASK = flags.DEFINE_string("task", None, "With --workdir: which task's prompts (a domain name).")
 _STEP = flags.DEFINE_integer("step", None, "With --workdir: checkpoint step (default latest).")
 
@@ -36,18 +34,15 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError("--clip and --classes are required (or --workdir and --task)")
   if not images:
     raise app.UsageError("give at least one image file")
-  try:
-    results = predict_files(_CLIP.value, _CLASSES.value, images, template=_TEMPLATE.value,
-                            batch_size=_BATCH.value, workdir=_WORKDIR.value, task=_TASK.value,
-                            step=_STEP.value)
-  except (CheckpointError, UnreadableImageError, OSError, ValueError) as e:
-    raise SystemExit(f"error: {e}") from None
+  results = predict_files(_CLIP.value, _CLASSES.value, images, template=_TEMPLATE.value,
+                          batch_size=_BATCH.value, workdir=_WORKDIR.value, task=_TASK.value,
+                          step=_STEP.value)
   print(json.dumps(results, indent=2) if _JSON.value else format_table(results))
 
 
 def run():
   """The `mmap-predict` console script."""
-  entry.run(main, tcmalloc=False)
+  entry.run(main)
 
 
 if __name__ == "__main__":

@@ -11,28 +11,23 @@ atomically. A preempted run (SIGTERM) saves a checkpoint and exits with status 1
 """
 import sys
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
-from launch import distributed_flags
+from launch import distributed_flags, shared_flags
 from mmap_jax import resources
 from mmap_jax.demo import pretrain
 from mmap_jax.train import cadence
 from launch import entry
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Pretraining config file[:args].",
-                                          lock_config=False)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where the resumable checkpoints go (a local "
-                               "directory).")
+_CONFIG = shared_flags.config("Pretraining config file[:args].", lock=False)
+_WORKDIR = shared_flags.workdir("Where the resumable checkpoints go (a local directory).")
 _OUT = flags.DEFINE_string("out", None, "Output CLIP directory (default <workdir>/clip).")
 _VOCAB = flags.DEFINE_string("vocab", None, "CLIP's bpe_simple_vocab_16e6.txt.gz (default: the "
                              "copy shipped in mmap_jax/assets/clip_bpe).")
-flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  shared_flags.no_arguments(argv)
   distributed_flags.initialize()
   try:
     out = pretrain.launch(_CONFIG.value, workdir=_WORKDIR.value, vocab=_VOCAB.value or resources.clip_bpe_path(), out=_OUT.value)

@@ -25,28 +25,23 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from launch import distributed_flags
+from launch import distributed_flags, entry, shared_flags
 from mmap_jax.apps import sweep
-from launch import entry
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Base experiment config file[:args]; --config.* overrides apply to every "
-    "setting.", lock_config=True)
+_CONFIG = shared_flags.config("Base experiment config file[:args]; --config.* overrides apply "
+                               "to every setting.")
 _SWEEP = flags.DEFINE_string("sweep", None, "field=v1,v2,...[;field2=...]: the grid to run.")
 _SEEDS = flags.DEFINE_string("seeds", None, "Comma-separated int seeds, e.g. 0,1,2: every "
                              "setting runs once per seed; the table shows mean ± std. Default: "
                              "the config's own seed.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "The sweep's directory: one sub-workdir per "
-                               "(setting, seed), the table and the plots; "
-                               "a local directory or a gs:// URI.")
+_WORKDIR = shared_flags.workdir("The sweep's directory: one sub-workdir per (setting, seed), the "
+                                "table and the plots; a local directory or a gs:// URI.")
 _PRINT_ONLY = flags.DEFINE_bool("print_only", False, "Print the launch.train command of every "
                                 "(setting, seed) instead of running them.")
-flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  shared_flags.no_arguments(argv)
   config_flag = flags.FLAGS["config"]
   try:
     settings = sweep.make_settings(config_flags.get_config_filename(config_flag), _SWEEP.value,

@@ -14,34 +14,29 @@ data_dir are local paths.
 
 Runs task grouping first when the method asks for it, resumes from the workdir's latest
 checkpoint, evaluates periodically and at the end. A preempted run (SIGTERM) saves a checkpoint and
-exits with loop.PREEMPTED_EXIT_CODE (143), so a restarting scheduler reruns it. On a TPU pod start the same command on every
+exits with loop.PREEMPTED_EXIT_CODE (143), so a restarting scheduler reruns it; Ctrl-C does the
+same with exit status 130 (a second Ctrl-C exits at once, unsaved). On a TPU pod start the same command on every
 worker (launch/tpu_pod.sh). On GPU / CPU clusters start one process per host with
 --coordinator_address=host0:29876 --num_processes=N --process_id=i (or JAX_COORDINATOR_ADDRESS,
 JAX_NUM_PROCESSES, JAX_PROCESS_ID); see launch/distributed_flags.py.
 """
 import sys
 
-from absl import app, flags
-from ml_collections import config_flags
-
-from launch import distributed_flags
+from launch import distributed_flags, entry, shared_flags
 from mmap_jax.train import loop
-from launch import entry
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:args].",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, logs and results go: a local "
-                                "directory or a gs:// URI.")
-flags.mark_flags_as_required(["config", "workdir"])
+_CONFIG = shared_flags.config()
+_WORKDIR = shared_flags.workdir()
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  shared_flags.no_arguments(argv)
   distributed_flags.initialize()
   out = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  if out.get("preempted"):   # checkpoint saved; the same command resumes
-    sys.exit(loop.PREEMPTED_EXIT_CODE)
+  if out.get("preempted"):   # SIGTERM (143) or Ctrl-C (130): checkpoint saved
+    print(f"stopped: checkpoint of step {out['step']} saved in {out['checkpoints']}; run the "
+          "same command again to resume", file=sys.stderr, flush=True)
+    sys.exit(out["exit_code"])
 
 
 def run():

@@ -1,9 +1,11 @@
 """Files shipped inside the package (found with importlib.resources, so they work after
-`pip install .` as well as from a clone): the demo's pretrained CLIP and OpenAI's CLIP BPE merges.
+`pip install .` as well as from a clone): the demo's pretrained CLIP, OpenAI's CLIP BPE merges,
+and the experiment configs (`configs/`, shipped beside `mmap_jax`).
 """
 from __future__ import annotations
 
 import importlib.resources
+import os
 import pathlib
 
 BPE_SHA256 = "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
@@ -39,3 +41,27 @@ def clip_bpe_path() -> pathlib.Path:
   real checkpoints carry their own vocabulary (launch.convert copies it).
   """
   return _asset("clip_bpe", "bpe_simple_vocab_16e6.txt.gz")
+
+
+def configs_dir() -> pathlib.Path:
+  """The `configs` package's directory: the clone's, or the installed copy."""
+  return pathlib.Path(str(importlib.resources.files("configs")))
+
+
+def resolve_config_path(value: str) -> str:
+  """'configs/demo.py:runlocal' -> '<installed configs>/demo.py:runlocal' when only that exists.
+
+  How every config path is resolved (the launchers' --config, launch.sweep, the notebook), so
+  an installed package runs from any directory: a path that exists relative to the working
+  directory is kept (a clone's own, possibly edited, configs win); `configs/<file>` that does
+  not exist there but is a file of the installed configs becomes that file's absolute path;
+  anything else is returned unchanged, for the caller to report as missing.
+  """
+  path, sep, arg = value.partition(":")
+  if not path or os.path.exists(path):
+    return value
+  parts = pathlib.PurePath(path).parts
+  if len(parts) != 2 or parts[0] != "configs":
+    return value
+  candidate = configs_dir() / parts[1]
+  return f"{candidate}{sep}{arg}" if candidate.is_file() else value

@@ -60,7 +60,7 @@ def fault_hook(spec: str):
       return
     print(f"[tests.faults] sending {parts[1]} after step {last}", file=sys.stderr, flush=True)
     os.kill(os.getpid(), sig)
-    if sig == signal.SIGTERM:
+    if sig in (signal.SIGTERM, signal.SIGINT):   # Ctrl-C is forwarded as SIGTERM (cadence)
       _wait_for_sync_protocol()
   return hook
 

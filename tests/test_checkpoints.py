@@ -347,6 +347,7 @@ def _write_images(directory: pathlib.Path, sizes=((48, 40), (30, 64))) -> list[p
   return paths
 
 
+@pytest.mark.slow
 def test_predict_command_line(converted, tmp_path):
   images = _write_images(tmp_path)
   proc = subprocess.run([sys.executable, "-m", "launch.predict", f"--clip={converted}",

@@ -147,6 +147,7 @@ def gcs():
       gcsfs.core.GCSFileSystem.clear_instance_cache()
 
 
+@pytest.mark.slow
 def test_emulator_keeps_the_generation_contract_tensorstore_relies_on(gcs):
   """A read back reports the object's generation, a write conditioned on it succeeds, and a
   write conditioned on a stale generation (or on absence) is refused, as on GCS."""
@@ -224,6 +225,7 @@ def trained(gcs, tmp_path_factory, bpe_path):
           "sweep_ran": ran, "swept_again": swept_again}
 
 
+@pytest.mark.slow
 def test_run_and_resume_write_everything_to_the_bucket(trained):
   workdir = trained["workdir"]
   objects = _objects(workdir)
@@ -248,6 +250,7 @@ def test_run_and_resume_write_everything_to_the_bucket(trained):
   assert not any(".tmp" in o for o in objects)   # no temporary leftovers of atomic writes
 
 
+@pytest.mark.slow
 def test_restart_resumed_from_the_checkpoint(trained):
   workdir = trained["workdir"]
   # The restart restored step 4 from the bucket (the URI reached orbax unmangled) ...
@@ -265,6 +268,7 @@ def test_restart_resumed_from_the_checkpoint(trained):
   assert not any("grouping warm-up" in m for m in trained["logs"])
 
 
+@pytest.mark.slow
 def test_evaluate_and_predict_read_the_bucket(trained):
   from mmap_jax.train import trained as trained_lib
   ev = trained["evaluated"]
@@ -276,6 +280,7 @@ def test_evaluate_and_predict_read_the_bucket(trained):
   assert model.task_names == tuple(trained["second"]["tasks"])
 
 
+@pytest.mark.slow
 def test_sweep_over_a_bucket_runs_once_then_only_tabulates(gcs, trained):
   assert trained["sweep_ran"] == [f"{gcs}/sweep/method=zeroshot/seed=0"]  # then found finished
   again = trained["swept_again"]
@@ -290,6 +295,7 @@ def test_sweep_over_a_bucket_runs_once_then_only_tabulates(gcs, trained):
       ["average"]]
 
 
+@pytest.mark.slow
 def test_nothing_is_written_locally(trained):
   assert list(trained["cwd"].iterdir()) == []
   for base in (REPO, trained["root"], pathlib.Path.cwd()):

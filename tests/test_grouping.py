@@ -132,6 +132,7 @@ def test_affinity_state_update_mean_jit_and_pytree():
     G.AffinityState.zeros(0)
 
 
+@pytest.mark.slow
 def test_grouping_step_update_is_mean_of_task_gradients_and_records_affinity():
   shared, heads, x, y = _mlp_setup(t=4)
   opt, step = _SGD, _STEP
@@ -487,6 +488,7 @@ def _random_clip(cfg, seed=0):
   return jax.tree_util.tree_map_with_path(leaf, clip.param_shapes(cfg))
 
 
+@pytest.mark.slow
 def test_mmap_shared_per_task_gradients_on_tiny_clip(bpe_path):
   """The real per-task loss (heads.per_task_loss_fn, method mmap_shared) through the tiny CLIP:
   vmapped gradients equal a loop of single-task gradients, and a jitted grouping step on it
@@ -776,6 +778,7 @@ def test_stable_from_step():
 
 # ----------------------------------------------------------------------------- init from warm-up
 
+@pytest.mark.slow
 def test_init_groups_from_shared_copies_into_every_group_only():
   from mmap_jax.models.config import VARIANTS
   from mmap_jax.prompts import PromptSpec, init_learned, multitask

@@ -211,6 +211,7 @@ def two(env):
   return workdir, logs
 
 
+@pytest.mark.slow
 def test_two_processes_learn_what_one_process_learns(one, two):
   (w1, _), (w2, _) = one, two
   s1, a = _learned(w1)
@@ -237,6 +238,7 @@ def test_two_processes_learn_what_one_process_learns(one, two):
                              atol=1e-5)
 
 
+@pytest.mark.slow
 def test_outputs_are_written_once_by_process_zero(one, two):
   (w1, _), (w2, logs) = one, two
   top = sorted(p.name for p in w2.iterdir())
@@ -264,6 +266,7 @@ def test_outputs_are_written_once_by_process_zero(one, two):
   c.close()
 
 
+@pytest.mark.slow
 def test_no_record_is_read_by_two_processes_within_a_step(one, two):
   """Each process reads exactly its slice of every task's batch: the first / second half."""
   (_, logs1), (_, logs2) = one, two
@@ -303,6 +306,7 @@ def test_no_record_is_read_by_two_processes_within_a_step(one, two):
   assert distinct_steps >= len(keys) // 2
 
 
+@pytest.mark.slow
 def test_killed_two_process_run_resumes_to_the_uninterrupted_result(env, two):
   w_ref, _ = two
   workdir, logs = env["root"] / "killed", env["root"] / "logs_killed"
@@ -333,20 +337,23 @@ def _assert_same_learned_state(w_ref, workdir) -> dict:
 _PREEMPTED_AT = re.compile(r"preempted: checkpoint of step (\d+) saved")
 
 
-def test_sigterm_to_one_process_stops_both_at_the_same_step_and_resumes(env, two):
-  """SIGTERM to process 0 only, after step 2: jax's preemption sync point makes both processes
-  save the same step and exit 143 (a per-process flag would leave process 1 training alone and
-  hang in its next collective); the same command then resumes to the uninterrupted result.
-  Checkpoints every 5 steps here, so the agreed step's checkpoint exists only for the SIGTERM."""
+@pytest.mark.slow
+@pytest.mark.parametrize("sig,codes", [("SIGTERM", [143, 143]), ("SIGINT", [130, 143])])
+def test_sigterm_to_one_process_stops_both_at_the_same_step_and_resumes(env, two, sig, codes):
+  """SIGTERM (or Ctrl-C) to process 0 only, after step 2: jax's preemption sync point makes both
+  processes save the same step and exit 143 (a per-process flag would leave process 1 training
+  alone and hang in its next collective); process 0 exits 130 after a Ctrl-C, which it forwards
+  to itself as SIGTERM. The same command then resumes to the uninterrupted result.
+  Checkpoints every 5 steps here, so the agreed step's checkpoint exists only for the signal."""
   w_ref, _ = two
-  workdir, logs = env["root"] / "sigterm", env["root"] / "logs_sigterm"
+  workdir, logs = env["root"] / sig.lower(), env["root"] / f"logs_{sig.lower()}"
   port = _free_port()
   every5 = lambda cmd: [("--config.train.ckpt_every=5" if a.startswith(
       "--config.train.ckpt_every=") else a) for a in cmd]
-  stopped = launch(every5(_cmd(env, "launch.train", workdir, fault="2:SIGTERM:0")), logs,
+  stopped = launch(every5(_cmd(env, "launch.train", workdir, fault=f"2:{sig}:0")), logs,
                    fresh=workdir, processes=2, devices=2, port=port)
-  assert [r.returncode for r in stopped] == [143, 143], [r.stderr[-3000:] for r in stopped]
-  assert "[tests.faults] sending SIGTERM" in stopped[0].stderr
+  assert [r.returncode for r in stopped] == codes, [r.stderr[-3000:] for r in stopped]
+  assert f"[tests.faults] sending {sig}" in stopped[0].stderr
   assert "[tests.faults]" not in stopped[1].stderr
   saved = [[int(m) for m in _PREEMPTED_AT.findall(r.stderr)] for r in stopped]
   assert len(saved[0]) == 1 and saved[0] == saved[1], saved
@@ -357,13 +364,15 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_and_resumes(env, two
                 if p.name.isdigit()) == [step]
   assert not (workdir / "results.json").exists()
   resumed = _ok(launch(every5(_cmd(env, "launch.train", workdir)),
-                       env["root"] / "logs_sigterm_resumed", processes=2, devices=2, port=port))
+                       env["root"] / f"logs_{sig.lower()}_resumed", processes=2, devices=2,
+                       port=port))
   assert all(f"at step {step}" in r.stderr for r in resumed)
   ref = _assert_same_learned_state(w_ref, workdir)
   got = json.loads((workdir / "results.json").read_text())
   assert got["tasks"] == ref["tasks"] and got["selection"] == ref["selection"]
 
 
+@pytest.mark.slow
 def test_group_and_evaluate_in_two_processes_agree_with_one(env, one):
   w1, _ = one
   # launch.group, started with the flags this time.
@@ -426,6 +435,7 @@ def test_bad_distributed_values_are_rejected_before_jax_starts(kwargs, env, need
     parallel.distributed_args(**kwargs, env=env)
 
 
+@pytest.mark.slow
 def test_launcher_rejects_bad_values_before_connecting(env, tmp_path):
   """The documented command with an id out of range fails at once, naming the flag."""
   proc = subprocess.run(

@@ -1,4 +1,5 @@
-"""The Colab quickstart runs top to bottom on the demo (tiny settings) and shows the results."""
+"""The Colab quickstart runs top to bottom on the demo (tiny settings), from a working directory
+outside the clone, and shows the results."""
 import importlib.metadata
 import pathlib
 
@@ -11,6 +12,7 @@ from tests import train_fixtures as fx
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_quickstart_notebook_executes(tmp_path, bpe_path, monkeypatch):
   clip_dir = fx.make_tiny_clip(tmp_path / "clip", bpe_path)
   nb = nbformat.read(REPO / "notebooks" / "quickstart.ipynb", as_version=4)
@@ -21,8 +23,12 @@ def test_quickstart_notebook_executes(tmp_path, bpe_path, monkeypatch):
   params.source = (f"WORKDIR = {str(tmp_path / 'run')!r}\nHF_CLIP_DIR = None\n"
                    f"CONFIG = 'configs/demo.py:method=mmap_mt,runlocal,clip={clip_dir}'\n"
                    f"OVERRIDES = {overrides!r}\nREPO_URL = None\n")
+  # Run from outside the clone (as after a Colab restart: package importable, cwd /content):
+  # CONFIG's relative path resolves to the installed configs.
+  elsewhere = tmp_path / "elsewhere"
+  elsewhere.mkdir()
   client = NotebookClient(nb, timeout=600, kernel_name="python3",
-                          resources={"metadata": {"path": str(REPO)}})
+                          resources={"metadata": {"path": str(elsewhere)}})
   for k in ("XLA_FLAGS", "JAX_PLATFORMS", "PYTHONPATH"):  # The kernel inherits these.
     monkeypatch.setenv(k, fx.subprocess_env()[k])
   jax_before = importlib.metadata.version("jax")
@@ -41,3 +47,4 @@ def test_quickstart_notebook_executes(tmp_path, bpe_path, monkeypatch):
       "| **average** |" in o.get("data", {}).get("text/markdown", "") for o in outputs)
   assert any("image/png" in o.get("data", {}) for o in outputs)
   assert (tmp_path / "run" / "groups.json").is_file()
+  assert list(elsewhere.iterdir()) == []   # nothing written to the working directory

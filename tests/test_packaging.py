@@ -13,6 +13,8 @@ import subprocess
 import sys
 import tomllib
 
+import pytest
+
 from launch import entry
 from mmap_jax import resources
 from tests import train_fixtures as fx
@@ -80,6 +82,9 @@ def test_config_paths_resolve_to_the_installed_configs(tmp_path, monkeypatch):
   assert entry.resolve_config_path("configs/demo.py") == f"{configs_dir}/demo.py"
   assert entry.resolve_config_path("configs/nope.py:x") == "configs/nope.py:x"   # reported later
   assert entry.resolve_config_path("other/demo.py") == "other/demo.py"
+  from mmap_jax.apps import sweep   # launch.sweep and the notebook resolve through the same function
+  assert sweep.make_settings("configs/demo.py:runlocal", "method=coop_mt", {})[0].config.method == (
+      "coop_mt")
   (tmp_path / "configs").mkdir()
   (tmp_path / "configs" / "demo.py").write_text("")
   assert entry.resolve_config_path("configs/demo.py:a=1") == "configs/demo.py:a=1"  # local wins
@@ -89,6 +94,7 @@ def test_config_paths_resolve_to_the_installed_configs(tmp_path, monkeypatch):
       "--workdir=x"]
 
 
+@pytest.mark.slow
 def test_pip_install_then_console_script_trains(tmp_path, bpe_path):
   """A fresh venv outside the repo, `pip install <repo>` (no network: the pinned dependencies
   come from the system site-packages that the README's install filled), then `mmap-train` run

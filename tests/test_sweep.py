@@ -70,6 +70,7 @@ def _cells(md_line: str) -> list[str]:
   return [c.strip() for c in md_line.strip().strip("|").split("|")]
 
 
+@pytest.mark.slow
 def test_table_matches_per_run_results(swept):
   workdir, summary = swept["workdir"], swept["summary"]
   assert swept["ran"] == RUNS
@@ -109,6 +110,7 @@ def test_table_matches_per_run_results(swept):
   assert (workdir / "accuracy_vs_params.png").read_bytes()[:8] == PNG_MAGIC
 
 
+@pytest.mark.slow
 def test_seeds_change_the_learned_prompts_not_the_split(swept):
   """config.seed draws the prompt init and batches; the split comes from data.split_seed."""
   from mmap_jax.train import setup, trained
@@ -130,6 +132,7 @@ def test_seeds_change_the_learned_prompts_not_the_split(swept):
   assert all(len(set(a["per_seed"])) == 1 and a["std"] == 0.0 for a in zs["accuracy"].values())
 
 
+@pytest.mark.slow
 def test_resume_reruns_only_the_unfinished_run_from_its_own_checkpoints(swept):
   workdir, settings = swept["workdir"], swept["settings"]
   kept = workdir / "method=coop_mt" / "seed=0" / "results.json"
@@ -155,6 +158,7 @@ def test_resume_reruns_only_the_unfinished_run_from_its_own_checkpoints(swept):
   assert rec.ran == []
 
 
+@pytest.mark.slow
 def test_a_preempted_run_stops_the_sweep_and_a_rerun_resumes_it(swept, tmp_path):
   ran = []
 
@@ -173,6 +177,7 @@ def test_a_preempted_run_stops_the_sweep_and_a_rerun_resumes_it(swept, tmp_path)
   assert ran == RUNS[:2] + RUNS[1:] and "preempted" not in out and out["missing"] == []
 
 
+@pytest.mark.slow
 def test_cli_print_only_runs_as_is_and_resume_only_tabulates(env, swept):
   """--print_only lines are runnable launch.train commands; a finished sweep only tabulates."""
   workdir = swept["workdir"]
@@ -206,6 +211,7 @@ def test_cli_print_only_runs_as_is_and_resume_only_tabulates(env, swept):
       json.dumps(swept["summary"]))
 
 
+@pytest.mark.slow
 def test_cli_rejects_a_seeds_value_that_is_not_an_int_list(env):
   proc = subprocess.run([sys.executable, "-m", "launch.sweep", f"--config={env['ref']}",
                          "--seeds=0,one", "--workdir=/tmp/never", "--print_only"], cwd=REPO,

@@ -95,6 +95,7 @@ def _selected(workdir: pathlib.Path) -> dict:
 _scalar_steps = fx.scalar_steps
 
 
+@pytest.mark.slow
 def test_test_split_is_read_once_and_only_after_training(finished):
   """No test record is read while training or validating; each is read once, at the end."""
   _, _, reads, tasks = finished
@@ -110,6 +111,7 @@ def test_test_split_is_read_once_and_only_after_training(finished):
       (t.task_id, i, s): 1 for t in tasks for i in range(len(t.val)) for s in (2, 4, 6)}
 
 
+@pytest.mark.slow
 def test_selection_is_best_validation_and_recorded(finished):
   workdir, result, *_ = finished
   sel = result["selection"]
@@ -162,6 +164,7 @@ def test_zeroshot_evaluates_val_and_test_once(env, tmp_path):
   assert max(r[4] for r in reads if r[0] == "val") < min(r[4] for r in reads if r[0] == "test")
 
 
+@pytest.mark.slow
 def test_evaluate_val_split_of_the_selected_state(env, finished, tmp_path):
   workdir, result, *_ = finished
   out = loop.evaluate_workdir(fx.tiny_config(env["clip"], env["data"]), str(workdir),
@@ -180,6 +183,7 @@ def _final_learned(workdir: pathlib.Path, config) -> dict:
   return step, jax.device_get(restored["learned"])
 
 
+@pytest.mark.slow
 def test_run_writes_everything(finished):
   workdir, result, *_ = finished
   names = ["photo", "clipart", "sketch", "painting"]
@@ -221,6 +225,7 @@ def _launch_train(env, method: str, workdir, signal_at: str | None = None
                         text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_kill_and_resume_is_bit_exact(env, finished):
   workdir_ref, *_ = finished
   workdir = env["root"] / "killed"
@@ -233,6 +238,9 @@ def test_kill_and_resume_is_bit_exact(env, finished):
   step_a, a = _final_learned(workdir_ref, None)
   step_b, b = _final_learned(workdir, None)
   assert step_a == step_b == 6
+  # Steps logged before the kill and again after the resume show once in TensorBoard.
+  for tag, logged in fx.tensorboard_scalar_steps(workdir / "tensorboard").items():
+    assert len(logged) == len(set(logged)), (tag, logged)
   flat_a, flat_b = jax.tree.leaves(a), jax.tree.leaves(b)
   assert len(flat_a) == len(flat_b) > 0
   for x, y in zip(flat_a, flat_b):
@@ -246,6 +254,36 @@ def test_kill_and_resume_is_bit_exact(env, finished):
     np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.slow
+def test_cli_user_errors_are_one_block_with_exit_status_2(env, tmp_path):
+  """What a user sees: no traceback, exit 2, the field or file named (a missing checkpoint in
+  one line, without orbax's cleanup thread dying at interpreter exit)."""
+  empty = tmp_path / "grouping_only"
+  empty.mkdir()
+  runs = {
+      "evaluate": ["launch.evaluate", f"--workdir={empty}"],
+      "predict": ["launch.predict", f"--workdir={empty}", "--task=photo", str(tmp_path / "x.png")],
+      "train": ["launch.train", "--config=configs/demo.py:runlocal", "--config.method=mmap_mtt",
+                "--config.seed=-1", f"--workdir={tmp_path / 'w'}"],
+      "file_workdir": ["launch.train", f"--config=configs/demo.py:clip={env['clip']},runlocal",
+                       f"--workdir={tmp_path / 'a_file'}", *fx.override_flags(env["data"])],
+  }
+  (tmp_path / "a_file").write_text("x")
+  for name, args in runs.items():
+    proc = subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=fx.subprocess_env(),
+                          capture_output=True, text=True, timeout=600)
+    lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    assert proc.returncode == 2 and len(lines) == 1, (name, proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr and "futures" not in proc.stderr, (name, proc.stderr)
+    if name in ("evaluate", "predict"):
+      assert "no checkpoint in" in lines[0] and not (empty / "checkpoints").exists()
+    elif name == "train":   # every bad field in the one block
+      assert "method='mmap_mtt'" in proc.stderr and "seed=-1" in proc.stderr
+    else:
+      assert f"workdir {tmp_path / 'a_file'} is a file" in lines[0]
+
+
+@pytest.mark.slow
 def test_evaluate_reproduces_final_accuracy(env, finished):
   workdir, result, *_ = finished
   out = env["root"] / "reeval"
@@ -276,6 +314,7 @@ def _fake_grouping_step(affinity):
   return make
 
 
+@pytest.mark.slow
 def test_init_from_warmup_and_restart_before_first_checkpoint(env, tmp_path, monkeypatch):
   """groups.init_from_warmup: every group-shared MmAP starts as the warm-up's shared MmAP (not
   the task-specific ones). A restart before the first checkpoint reads the groups and the
@@ -319,6 +358,7 @@ def test_init_from_warmup_and_restart_before_first_checkpoint(env, tmp_path, mon
     loop._prepare(c, str(workdir))
 
 
+@pytest.mark.slow
 def test_ablation_mode_trains_without_a_warmup(env, tmp_path, monkeypatch):
   """groups.mode=random: a seeded balanced partition, groups.json with the mode, no warm-up."""
   from mmap_jax import grouping
@@ -381,6 +421,49 @@ def test_half_written_checkpoint_is_never_latest(tmp_path):
   ckpt.close()
 
 
+def _tree_bytes(root: pathlib.Path) -> dict[str, bytes | None]:
+  """Every file (its bytes) and directory (None) under `root`, by relative path."""
+  return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None)
+          for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.slow
+def test_read_only_tools_never_touch_a_run(env, finished, tmp_path):
+  """Prediction and evaluation of a run that is still being written (a temporary step dir
+  orbax is filling, an unfinished later step) create, clean and delete nothing there."""
+  import shutil
+  from mmap_jax import predict
+  from PIL import Image
+  workdir_ref, result, *_ = finished
+  workdir = tmp_path / "run"
+  shutil.copytree(workdir_ref, workdir)
+  ckpts = workdir / "checkpoints"
+  planted = ckpts / "999.orbax-checkpoint-tmp-123" / "state"
+  planted.mkdir(parents=True)
+  (planted / "partial").write_bytes(b"\1" * 10)
+  unfinished = ckpts / "8.orbax-checkpoint-tmp-456"
+  shutil.copytree(ckpts / "6", unfinished)
+  (unfinished / "state" / "_METADATA").unlink(missing_ok=True)
+  before = _tree_bytes(workdir)
+  image = tmp_path / "x.png"
+  Image.fromarray(np.full((40, 40, 3), 200, np.uint8)).save(image)
+  out = predict.predict_files(None, None, [image], workdir=str(workdir), task="sketch")
+  assert out[0]["top"]
+  # No config given: the one the run recorded in its checkpoint.
+  again = loop.evaluate_workdir(None, str(workdir), out=str(tmp_path / "eval"))
+  assert again["tasks"] == json.loads(json.dumps(result))["tasks"]
+  assert _tree_bytes(workdir) == before
+  # A workdir with no checkpoint (e.g. grouping only) is not given a checkpoints/ directory.
+  empty = tmp_path / "grouping_only"
+  empty.mkdir()
+  with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    loop.evaluate_workdir(fx.tiny_config(env["clip"], env["data"]), str(empty))
+  with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    predict.predict_files(None, None, [image], workdir=str(empty), task="sketch")
+  assert list(empty.iterdir()) == []
+
+
+@pytest.mark.slow
 def test_predict_with_trained_prompts_matches_evaluation(env, finished, tmp_path):
   from mmap_jax import predict
   from mmap_jax.checkpoints import store
@@ -407,6 +490,7 @@ def test_predict_with_trained_prompts_matches_evaluation(env, finished, tmp_path
     predict.predict_files(None, None, [path], workdir=str(workdir), task="nope")
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_exits(env):
   workdir = env["root"] / "preempted"
   proc = _launch_train(env, "coop_mt", workdir, "3:SIGTERM")
@@ -417,6 +501,65 @@ def test_sigterm_saves_a_checkpoint_and_exits(env):
   assert ckpt.latest_step() == 3  # ckpt_every=2: step 3 exists only because of the SIGTERM
   ckpt.close()
   assert not (workdir / "results.json").exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_exits_130_and_resumes_with_each_step_logged_once(env, finished):
+  """SIGINT after step 3 (not a checkpoint step): the state of step 3 is saved, one line says
+  where and how to resume, exit 130; the rerun ends where the uninterrupted run did, and
+  TensorBoard shows every step once."""
+  workdir_ref, *_ = finished
+  workdir = env["root"] / "interrupted"
+  proc = _launch_train(env, "mmap_mt", workdir, "3:SIGINT")
+  assert proc.returncode == 130, proc.stderr[-3000:]
+  assert "KeyboardInterrupt" not in proc.stderr and "Traceback" not in proc.stderr
+  line = f"stopped: checkpoint of step 3 saved in {workdir / 'checkpoints'}; run the same command"
+  assert line in proc.stderr, proc.stderr[-3000:]
+  ckpt = checkpointing.Checkpointer(str(workdir / "checkpoints"), read_only=True)
+  assert ckpt.latest_step() == 3   # ckpt_every=2: step 3 exists only because of the Ctrl-C
+  ckpt.close()
+  resumed = _launch_train(env, "mmap_mt", workdir)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "resumed from" in resumed.stderr
+  ref = json.loads((workdir_ref / "results.json").read_text())
+  got = json.loads((workdir / "results.json").read_text())
+  assert got["tasks"] == ref["tasks"] and got["selection"] == ref["selection"]
+  steps = fx.tensorboard_scalar_steps(workdir / "tensorboard")
+  assert steps["train/loss"] == [2, 4, 6]
+  for tag, logged in steps.items():
+    assert len(logged) == len(set(logged)), (tag, logged)
+
+
+def test_a_second_ctrl_c_exits_at_once(monkeypatch):
+  """In-process: the handler the loop installs (one process). The first SIGINT asks for a
+  save (exit 130), SIGTERM alone means 143; a second SIGINT exits immediately, unsaved."""
+  import os
+  import signal
+  from mmap_jax.train import cadence
+  exits = []
+  monkeypatch.setattr(cadence.os, "_exit", exits.append)
+  with cadence.Preemption(lambda c: False, coordinated=False) as p:
+    assert not p.check() and p.exit_code == 143
+    os.kill(os.getpid(), signal.SIGINT)   # delivered to the handler before the next bytecode
+    assert p.check() and p.exit_code == 130 == cadence.INTERRUPTED_EXIT_CODE and not exits
+    os.kill(os.getpid(), signal.SIGINT)
+    assert exits == [130]
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # restored
+  with cadence.Preemption(lambda c: False, coordinated=False) as p:
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert p.check() and p.exit_code == 143
+
+
+def test_the_first_progress_line_gives_the_compile_time_not_a_rate(monkeypatch):
+  """The first interval holds the compilation: its line says how long it took (no "nan img/s");
+  the lines after it time the steps since."""
+  from mmap_jax.train import report
+  clock = iter([100.0, 112.5, 122.5])
+  monkeypatch.setattr(report.time, "perf_counter", lambda: next(clock))
+  progress = report.Progress(total_steps=10, images_per_step=4)   # created at t=100
+  first = progress.line(2, 2.5, 1e-3)                               # t=112.5
+  assert first == "step 2/10  loss 2.5000  lr 1.00e-03  compile + first steps 12.5s"
+  assert progress.line(4, 2.0, 1e-3).endswith("  0.8 img/s  ETA 0m30s")   # 2 steps in 10 s
 
 
 def test_non_finite_step_keeps_the_previous_state():
@@ -490,6 +633,7 @@ def single_step_run(env):
   return workdir, result, writes
 
 
+@pytest.mark.slow
 def test_steps_per_call_matches_single_steps_at_every_boundary(env, single_step_run, monkeypatch):
   """K=3 over 7 steps: the same logged losses, evaluations and checkpoints at the same steps,
   and bit-identical final prompts, as one step per call."""
@@ -508,6 +652,7 @@ def test_steps_per_call_matches_single_steps_at_every_boundary(env, single_step_
   assert result["tasks"] == ref_result["tasks"]
 
 
+@pytest.mark.slow
 def test_steps_per_call_resumes_from_any_checkpoint(env, single_step_run, monkeypatch):
   """A K=3 run resumed from the K=1 run's step-3 checkpoint ends with the same state."""
   import shutil

@@ -235,3 +235,110 @@ def test_config_rejects_bad_validation_fields(tmp_path):
   with pytest.raises(setup.ConfigError) as e:
     setup.validate(c)
   assert "data.val_fraction=1.0" in str(e.value) and "train.select='best'" in str(e.value)
+
+
+# ------------------------------------------------------- one clear error ---
+
+
+def test_validation_names_every_bad_field_once():
+  from configs import demo
+  c = demo.get_config("runlocal")
+  c.method, c.seed, c.input.batch_size = "mmap_mtt", -1, 0
+  with pytest.raises(setup.ConfigError) as e:
+    setup.validate(c)
+  msg = str(e.value)
+  for field in ("method='mmap_mtt'", "seed=-1", "input.batch_size=0"):
+    assert field in msg, msg
+  assert msg.count("lora_mt") == 1, msg   # the allowed methods, listed once
+
+
+def test_a_missing_clip_and_a_bad_data_root_are_reported_together(tmp_path):
+  from configs import office_home
+  c = office_home.get_config(f"clip={tmp_path / 'no_clip'}")
+  c.data.root, c.data.data_dir = str(tmp_path / "no_root"), str(tmp_path / "tfds")
+  setup.validate(c)   # the values are well-formed; the files are what is missing
+  with pytest.raises(setup.ConfigError) as e:
+    setup.load_inputs(c)
+  msg = str(e.value)
+  assert "clip.path:" in msg and "no_clip" in msg, msg
+  assert "data:" in msg and "no_root" in msg, msg
+
+
+def test_a_workdir_that_is_a_file_or_unwritable_is_named(tmp_path):
+  setup.check_workdir(tmp_path / "new" / "run")          # creatable: fine
+  setup.check_workdir("gs://bucket/run")                  # object stores: their first write says
+  file = tmp_path / "a_file"
+  file.write_text("x")
+  with pytest.raises(setup.ConfigError, match=f"workdir {file} is a file"):
+    setup.check_workdir(file)
+  with pytest.raises(setup.ConfigError, match=f"{file} is a file"):
+    setup.check_workdir(file / "run")
+  if os.geteuid() != 0:   # root writes anywhere
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    with pytest.raises(setup.ConfigError, match="not writable"):
+      setup.check_workdir(locked / "run")
+
+
+def test_launchers_print_user_errors_as_one_block_and_exit_2(monkeypatch, capsys):
+  """launch.entry.report_user_errors: the project's errors and missing files are one block on
+  stderr (exit 2, no traceback); bugs, and everything under MMAP_JAX_DEBUG=1, keep theirs."""
+  from launch import entry
+
+  def failing(e):
+    def main(argv):
+      raise e
+    return entry.report_user_errors(main)
+
+  monkeypatch.delenv(entry.DEBUG_ENV, raising=False)
+  problem = setup.ConfigError("invalid config:\n  method='x'; allowed: a, b")
+  for error, text in ((problem, str(problem)),
+                      (FileNotFoundError("no checkpoint in /w/checkpoints"),
+                       "no checkpoint in /w/checkpoints"),
+                      (FileExistsError(17, "File exists", "/w"), "File exists: /w")):
+    with pytest.raises(SystemExit) as exit_:
+      failing(error)(["x"])
+    assert exit_.value.code == entry.USER_ERROR_EXIT_CODE == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {text}\n" and "Traceback" not in err
+
+  def bad_state(argv):   # a ValueError the project raises about the user's input
+    from mmap_jax.train import trained
+    trained.load_trained("/nowhere", state="bogus")
+  with pytest.raises(SystemExit):
+    entry.report_user_errors(bad_state)(["x"])
+  assert capsys.readouterr().err.startswith("error: state='bogus'; allowed:")
+  with pytest.raises(ValueError):   # not raised by the project: a bug, with its traceback
+    failing(ValueError("deep inside a library"))(["x"])
+  with pytest.raises(KeyError):
+    failing(KeyError("bug"))(["x"])
+  monkeypatch.setenv(entry.DEBUG_ENV, "1")
+  with pytest.raises(setup.ConfigError):
+    failing(problem)(["x"])
+
+
+def test_library_chatter_stays_off_the_launchers_console():
+  """orbax / grain INFO and TFDS below ERROR are dropped from absl's handler; the project's own
+  lines and the libraries' real problems stay; --verbosity=1 shows everything."""
+  import logging
+  from absl import logging as absl_logging
+  from launch import entry
+  entry.quiet_library_logs()
+  entry.quiet_library_logs()   # idempotent
+  filters = [f for f in absl_logging.get_absl_handler().filters
+             if isinstance(f, entry._LibraryChatterFilter)]
+  assert len(filters) == 1
+  shown = lambda where, level: filters[0].filter(logging.LogRecord(
+      "absl", level, f"/venv/site-packages/{where}.py", 1, "msg", None, None))
+  assert not shown("orbax/checkpoint/checkpoint_manager", logging.INFO)
+  assert shown("orbax/checkpoint/checkpoint_manager", logging.WARNING)
+  assert not shown("tensorflow_datasets/core/dataset_builder", logging.WARNING)
+  assert shown("tensorflow_datasets/core/dataset_builder", logging.ERROR)
+  assert not shown("grain/_src/python/data_loader", logging.INFO)
+  assert shown("mmap_jax/train/loop", logging.INFO)
+  before = absl_logging.get_verbosity()
+  try:
+    absl_logging.set_verbosity(1)
+    assert shown("orbax/checkpoint/checkpoint_manager", logging.INFO)
+  finally:
+    absl_logging.set_verbosity(before)

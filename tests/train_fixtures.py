@@ -105,3 +105,23 @@ def scalar_steps(logdir: pathlib.Path) -> dict[str, list[int]]:
     for tag, steps in event_scalar_steps(path.read_bytes()).items():
       out.setdefault(tag, []).extend(steps)
   return out
+
+
+def tensorboard_scalar_steps(logdir: pathlib.Path) -> dict[str, list[int]]:
+  """{tag: [steps]} as TensorBoard shows them: event files in order, a file that opens with a
+  SessionLog.START at step S (a resumed run's purge_step) hides the earlier files' events at
+  steps >= S."""
+  import struct
+  from tensorboardX.proto import event_pb2
+  out: dict[str, list[int]] = {}
+  for path in sorted(pathlib.Path(logdir).glob("events.out.tfevents.*")):
+    data, pos = path.read_bytes(), 0
+    while pos < len(data):
+      (n,) = struct.unpack("<Q", data[pos:pos + 8])
+      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
+      pos += 12 + n + 4
+      if event.HasField("session_log") and event.session_log.status == event.session_log.START:
+        out = {tag: [s for s in steps if s < event.step] for tag, steps in out.items()}
+      for v in event.summary.value:
+        out.setdefault(v.tag, []).append(int(event.step))
+  return out

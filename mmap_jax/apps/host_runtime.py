@@ -1,29 +1,19 @@
 """Process-level host settings that must be in place before JAX starts: allocator and XLA flags.
 
-Why an allocator: XLA:CPU allocates each execution's temporary buffer afresh (3.96 GB for the
-benchmark's ViT-B/16 train step: the JSON's `train_step.temp_bytes`). glibc serves allocations
-above 32 MiB with mmap and returns them with munmap, so every step faults in ~1M fresh 4 KiB
-pages (`benchmarks/results/cpu_2026-12-02_glibc_steps4.json`: 0.99M faults per call). Two cures,
-chosen when the process is loaded, so `reexec_with_allocator` re-executes the launcher once:
-- tcmalloc (gperftools, a system package) when it is installed: LD_PRELOAD, pages reused;
-- otherwise glibc itself, tuned by `GLIBC_TUNABLES` (no package needed, a fresh machine's
-  default): `glibc.malloc.hugetlb=1` backs malloc's memory with transparent huge pages
-  (madvise; 2 MiB pages, ~500x fewer faults where THP is "madvise" or "always"), and
-  `mmap_max=0` + a 64 GiB `trim_threshold` keep freed temporaries in the heap for the next
-  call instead of returning them to the kernel (`bash benchmarks/allocators.sh`; WORKSPACE.md,
-  Performance). Unknown tunables are ignored by older glibc; with THP "never" only the heap
-  reuse remains. Known limit: XLA runs a call on its own threads, and a thread's arena cannot
-  hold a multi-GB buffer, so glibc mmaps it there whatever `mmap_max` says and munmaps it on
-  free (huge pages make the faults fewer and larger; the zeroing stays). `arena_max=1` (every
-  thread on the main heap) stops that; measured and left opt-in (GLIBC_TUNABLES=glibc.malloc.arena_max=1):
-  faster in some invocations, slower with a fragmented 10 GB heap in another (`bash
-  benchmarks/allocators.sh`; WORKSPACE.md, Performance).
-Neither changes arithmetic, so one is on by default for the launchers: MMAP_JAX_ALLOCATOR =
-tcmalloc (default: tcmalloc if found, else tuned glibc) | glibc (tuned glibc even if tcmalloc is
-there) | system (the process's allocator untouched). TPU VM images usually preload tcmalloc
-already (then nothing happens). The cost of a retaining allocator: the freed temporaries stay
-resident (peak RSS holds them; tcmalloc can also split the span and hold two).
-Also measured and not used: TCMALLOC_RELEASE_RATE=0, jemalloc without decay.
+Why an allocator (opt-in, CPU hosts only): XLA:CPU allocates each execution's temporary buffer
+afresh (3.96 GB for the benchmark's ViT-B/16 train step). glibc serves allocations above 32 MiB
+with mmap and returns them with munmap, so every step faults in fresh pages (the faults cost the
+step 2-7%: WORKSPACE.md, Performance). `MMAP_JAX_ALLOCATOR` chooses a cure, applied when the
+process is loaded, so `reexec_with_allocator` re-executes the launcher once:
+- `tcmalloc`: gperftools' tcmalloc (a system package) preloaded with LD_PRELOAD, pages reused;
+- `glibc`: glibc itself tuned by `GLIBC_TUNABLES` (no package): `hugetlb=1` backs malloc with
+  transparent huge pages, `mmap_max=0` + a 64 GiB `trim_threshold` keep freed temporaries in
+  the heap for the next call instead of returning them to the kernel.
+Unset (or `system`), the default, leaves the process alone: a retaining allocator keeps every
+freed byte resident (grain's worker processes inherit it too), and a launcher should behave as
+an `import` or a notebook does. It is never applied when JAX will not run on the CPU
+(`JAX_PLATFORMS` names another platform, or a GPU / TPU device node exists): the temporaries
+then live in device memory. Neither cure changes arithmetic.
 
 Why XLA flags: `CPU_FAST_XLA_FLAGS` make XLA:CPU (1) run the attention's small batched products
 with its own dots instead of YNNPACK's fusions and (2) skip the tree-reduction rewrite, which
@@ -49,7 +39,7 @@ from typing import Mapping, MutableMapping, Optional, Sequence
 CPU_FAST_XLA_FLAGS: tuple[str, ...] = ("--xla_cpu_experimental_ynn_fusion_type=",
                                        "--xla_disable_hlo_passes=tree_reduction_rewriter")
 
-ALLOCATOR_ENV = "MMAP_JAX_ALLOCATOR"          # "system": keep the process's allocator
+ALLOCATOR_ENV = "MMAP_JAX_ALLOCATOR"          # unset / "system" (default): allocator untouched
 TCMALLOC_ENV = "MMAP_JAX_TCMALLOC"            # an explicit path to libtcmalloc*.so
 REEXEC_MARK = "MMAP_JAX_REEXECED"             # set in the child: never re-exec twice
 TCMALLOC_GLOBS = (
@@ -113,23 +103,51 @@ def glibc_tunables(current: str) -> str:
                   + [kv for kv in GLIBC_TUNED if kv.split("=")[0] not in present])
 
 
-def allocator_env(environ: Mapping[str, str], library: Optional[str]) -> Optional[dict[str, str]]:
+# Device nodes of an accelerator JAX would use instead of the CPU: NVIDIA GPUs, TPU v4+ (accel),
+# TPU v5e+ / v6 (vfio).
+ACCELERATOR_DEVICE_GLOBS = ("/dev/nvidia[0-9]*", "/dev/accel[0-9]*", "/dev/vfio/[0-9]*")
+
+
+def runs_on_cpu(environ: Mapping[str, str],
+                device_globs: Sequence[str] = ACCELERATOR_DEVICE_GLOBS) -> bool:
+  """Whether JAX will compute on the CPU, decided before JAX starts: `JAX_PLATFORMS` when set
+  (every entry 'cpu'), else no GPU / TPU device node on the host."""
+  platforms = [p.strip() for p in environ.get("JAX_PLATFORMS", "").split(",") if p.strip()]
+  if platforms:
+    return all(p == "cpu" for p in platforms)
+  return not any(glob.glob(g) for g in device_globs)
+
+
+def allocator_choice(environ: Mapping[str, str]) -> str:
+  """$MMAP_JAX_ALLOCATOR, checked: 'system' (the default: unset or empty), 'tcmalloc', 'glibc'."""
+  choice = environ.get(ALLOCATOR_ENV) or "system"
+  if choice not in ALLOCATOR_CHOICES:
+    raise ValueError(f"${ALLOCATOR_ENV}={choice!r}: expected one of {ALLOCATOR_CHOICES} "
+                     "(unset: the system allocator, untouched)")
+  return choice
+
+
+def allocator_env(environ: Mapping[str, str], library: Optional[str], *,
+                  on_cpu: bool = True) -> Optional[dict[str, str]]:
   """The environment to re-exec with (tcmalloc preloaded, or glibc tuned), or None: nothing to do.
 
-  Nothing to do: not Linux, opted out ($MMAP_JAX_ALLOCATOR=system), already re-executed, or
-  tcmalloc already preloaded (as on TPU VM images).
+  Nothing to do: not opted in ($MMAP_JAX_ALLOCATOR unset or 'system'), not Linux, JAX not on
+  the CPU (`on_cpu`), already re-executed, tcmalloc already preloaded (as on TPU VM images), or
+  every tunable already set. Asking for tcmalloc where `library` is None is an error.
   """
-  choice = environ.get(ALLOCATOR_ENV, "tcmalloc")
-  if choice not in ALLOCATOR_CHOICES:
-    raise ValueError(f"${ALLOCATOR_ENV}={choice!r}: expected one of {ALLOCATOR_CHOICES}")
-  if sys.platform != "linux":
-    return None
+  choice = allocator_choice(environ)
   preload = environ.get("LD_PRELOAD", "")
-  if choice == "system" or environ.get(REEXEC_MARK) or "tcmalloc" in preload:
+  if (choice == "system" or sys.platform != "linux" or not on_cpu
+      or environ.get(REEXEC_MARK) or "tcmalloc" in preload):
     return None
   env = dict(environ)
   env[REEXEC_MARK] = "1"
-  if choice == "tcmalloc" and library is not None:
+  if choice == "tcmalloc":
+    if library is None:
+      raise FileNotFoundError(
+          f"${ALLOCATOR_ENV}=tcmalloc but no libtcmalloc is installed (apt install "
+          f"libtcmalloc-minimal4, or set ${TCMALLOC_ENV}=/path/to/libtcmalloc.so, or use "
+          f"{ALLOCATOR_ENV}=glibc)")
     env["LD_PRELOAD"] = " ".join(p for p in (library, preload) if p)
     return env
   current = environ.get(GLIBC_TUNABLES_ENV, "")
@@ -142,24 +160,31 @@ def allocator_env(environ: Mapping[str, str], library: Optional[str]) -> Optiona
 
 def reexec_with_allocator(argv: Optional[Sequence[str]] = None,
                           environ: Optional[Mapping[str, str]] = None,
-                          candidates: Sequence[str] = TCMALLOC_GLOBS) -> None:
+                          candidates: Sequence[str] = TCMALLOC_GLOBS,
+                          device_globs: Sequence[str] = ACCELERATOR_DEVICE_GLOBS) -> None:
   """Re-execute this Python process with tcmalloc preloaded or glibc tuned, when
-  `allocator_env` says so.
+  $MMAP_JAX_ALLOCATOR asks for it and `allocator_env` says so.
 
   Call it first thing in a launcher's `__main__` (before JAX or any thread starts). Returns
-  only when nothing is to be done; otherwise the process image is replaced (same argv).
+  when nothing is to be done (the default); otherwise the process image is replaced (same argv).
   """
   environ = os.environ if environ is None else environ
-  choice = environ.get(ALLOCATOR_ENV, "tcmalloc")
+  choice = allocator_choice(environ)
+  if choice == "system":
+    return
+  on_cpu = runs_on_cpu(environ, device_globs)
+  if not on_cpu:
+    print(f"[mmap_jax] {ALLOCATOR_ENV}={choice} ignored: JAX does not run on the CPU here",
+          file=sys.stderr, flush=True)
   library = find_tcmalloc(environ, candidates) if choice == "tcmalloc" else None
-  env = allocator_env(environ, library)
+  env = allocator_env(environ, library, on_cpu=on_cpu)
   if env is None:
     return
   argv = list(sys.orig_argv if argv is None else argv)
   what = (f"LD_PRELOAD={env['LD_PRELOAD']}" if env.get("LD_PRELOAD") != environ.get("LD_PRELOAD")
           else f"{GLIBC_TUNABLES_ENV}={env[GLIBC_TUNABLES_ENV]}")
-  print(f"[mmap_jax] re-executing with {what} (set {ALLOCATOR_ENV}=system to keep the system "
-        "allocator untouched)", file=sys.stderr, flush=True)
+  print(f"[mmap_jax] {ALLOCATOR_ENV}={choice}: re-executing with {what}", file=sys.stderr,
+        flush=True)
   sys.stdout.flush()
   os.execve(sys.executable, [sys.executable] + argv[1:], env)
 

@@ -318,7 +318,10 @@ def _validate(config: mlc.ConfigDict) -> None:
 
 
 def _load_module(path: str):
-  """The config file as a module (a path relative to the working directory, like --config)."""
+  """The config file as a module: a path relative to the working directory, else the installed
+  `configs/<file>` (resources.resolve_config_path, as the launchers' --config)."""
+  from mmap_jax import resources  # pylint: disable=g-import-not-at-top
+  path = resources.resolve_config_path(path)
   if not os.path.isfile(path):
     raise SweepError(f"--config: no config file {path!r}")
   name = "sweep_config_" + re.sub(r"\W", "_", os.path.splitext(path)[0])

@@ -27,10 +27,12 @@ lists a task uses are written beside the prepared data, in
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
+import pathlib
 import shutil
 import uuid
 from typing import Any, Sequence
@@ -227,12 +229,30 @@ def build_tasks(
         data_dir=data_dir, file_format="array_record")
     mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if force_rebuild
             else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        manual_dir=plan.root, download_mode=mode))
+    with _no_progress_bars():
+      builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+          manual_dir=plan.root, download_mode=mode))
     opened[d] = _open(paths[d])
+  if todo:
+    size = sum(f.stat().st_size for d in todo for f in pathlib.Path(paths[d]).rglob("*")
+               if f.is_file())
+    log.info("%s: prepared %d domain(s) under %s (%.1f MB; later runs reuse them)",
+             name, len(todo), os.path.join(data_dir, module.Builder.name), size / 2**20)
 
   return [_task(i, name, d, paths[d], opened[d], skip_corrupt, split_seed=split_seed,
                 val_fraction=val_fraction) for i, d in enumerate(domain_names)]
+
+
+@contextlib.contextmanager
+def _no_progress_bars():
+  """TFDS's per-split progress bars (a dozen stderr lines per domain) off while building."""
+  from tensorflow_datasets.core.utils import tqdm_utils
+  was = getattr(tqdm_utils, "_active", True)
+  tfds.display_progress_bar(False)
+  try:
+    yield
+  finally:
+    tfds.display_progress_bar(was)
 
 
 def _splits_root(path: str) -> str:

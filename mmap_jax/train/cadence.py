@@ -17,8 +17,9 @@ Why not clu (metric_writers, periodic_actions): clu 0.0.12's `clu.metric_writers
 TensorFlow SummaryWriter at import time (`import tensorflow`), and `clu.periodic_actions` imports
 `clu.metric_writers`, so neither imports without TensorFlow, which this project does not install.
 
-Preemption (SIGTERM) stops the run at a call boundary *every process agrees on*:
-  - One process: a Python SIGTERM handler sets a flag, read at the next boundary.
+Preemption (SIGTERM), and Ctrl-C (SIGINT) alike, stops the run at a call boundary *every
+process agrees on*, after saving a checkpoint there; a second Ctrl-C exits at once, unsaved:
+  - One process: a Python SIGTERM / SIGINT handler sets a flag, read at the next boundary.
   - Several processes (jax.distributed): `jax.distributed.initialize` starts jax's preemption
     sync manager, whose C++ notifier installs its own SIGTERM handler (std::signal) and polls
     it from a thread; on a notice each process publishes its last call counter through the
@@ -28,13 +29,16 @@ Preemption (SIGTERM) stops the run at a call boundary *every process agrees on*:
     every call boundary with the number of calls this process has made so far (over all runs
     of the process, e.g. a sweep's: jax's manager keeps the last counter it saw): consecutive
     and never decreasing, as the protocol's "max + 1" needs (chunk end *steps* skip values when
-    K > 1, and restart at a resume).
+    K > 1, and restart at a resume). Ctrl-C on a process (process 0's terminal, typically) is
+    forwarded to that process as SIGTERM, so it takes the same agreed step.
 """
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import os
 import signal
+import sys
 import threading
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
@@ -48,6 +52,8 @@ from mmap_jax.train import chunks, report
 # 128 + SIGTERM, what a shell reports for a process SIGTERM ended. Schedulers that restart
 # terminated tasks then restart it and the rerun resumes; 0 would read as "finished".
 PREEMPTED_EXIT_CODE = 128 + int(signal.SIGTERM)
+# ... and of one stopped by Ctrl-C (SIGINT) after saving: 130, what a shell reports for Ctrl-C.
+INTERRUPTED_EXIT_CODE = 128 + int(signal.SIGINT)
 
 # hook(first, last): called after every call of every training loop in this process, with the
 # (1-based) range of steps that call completed, after that step's log / eval / checkpoint.
@@ -106,29 +112,56 @@ def _coordinated() -> bool:
 
 
 class Preemption:
-  """SIGTERM -> a stop at a call boundary all processes agree on (see the module docstring).
+  """SIGTERM or Ctrl-C -> a stop at a call boundary all processes agree on (module docstring).
 
   `reached(counter)` is the agreed check (`Checkpointer.reached_preemption`); `check()` is
-  called by every process after every call. Use as a context manager (restores the handler).
+  called by every process after every call. `signum` says which signal asked (None: none yet;
+  SIGTERM for the agreed check) and `exit_code` what the launcher exits with. Use as a context
+  manager (restores the handlers).
   """
 
   def __init__(self, reached: Callable[[int], bool], *, coordinated: Optional[bool] = None):
     self._reached = reached
     self.coordinated = _coordinated() if coordinated is None else coordinated
     self.requested = False
-    self._previous = None
+    self.signum: Optional[int] = None
+    self._previous: dict[int, object] = {}
+    main = threading.current_thread() is threading.main_thread()
     if self.coordinated:
       logging.info("preemption: jax's sync manager (SIGTERM on any process stops all at the "
                    "same call)")
+      if main:   # jax's C++ notifier owns SIGTERM; Ctrl-C is forwarded to it
+        self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._forward_sigint)
     elif jax.process_count() > 1:
       logging.warning("preemption: jax.distributed runs without its preemption service "
                       "(jax_enable_preemption_service=False); SIGTERM ends a process unsaved")
-    elif threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    elif main:
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+
+  def _second_interrupt(self, signum) -> None:
+    if signum == signal.SIGINT and self.signum is not None:
+      print("second Ctrl-C: exiting at once, without saving", file=sys.stderr, flush=True)
+      os._exit(INTERRUPTED_EXIT_CODE)  # pylint: disable=protected-access
 
   def _handle(self, signum, frame):  # pylint: disable=unused-argument
-    logging.warning("SIGTERM received: saving a checkpoint and exiting")
+    self._second_interrupt(signum)
+    logging.warning("%s received: saving a checkpoint and exiting%s",
+                    signal.Signals(signum).name,
+                    " (Ctrl-C again: exit at once, unsaved)" if signum == signal.SIGINT else "")
     self.requested = True
+    self.signum = self.signum or signum
+
+  def _forward_sigint(self, signum, frame):  # pylint: disable=unused-argument
+    self._second_interrupt(signum)
+    logging.warning("SIGINT received: all processes save a checkpoint at an agreed step and exit "
+                    "(Ctrl-C again: exit at once, unsaved)")
+    self.signum = signal.SIGINT
+    os.kill(os.getpid(), signal.SIGTERM)
+
+  @property
+  def exit_code(self) -> int:
+    return INTERRUPTED_EXIT_CODE if self.signum == signal.SIGINT else PREEMPTED_EXIT_CODE
 
   def check(self) -> bool:
     """True when the run must stop after the call just made (the same on every process)."""
@@ -136,13 +169,14 @@ class Preemption:
       counter = next(_CALLS)
       self.requested = bool(self._reached(counter))
       if self.requested:
+        self.signum = self.signum or signal.SIGTERM
         logging.warning("preemption sync point reached at call %d of this process", counter)
     return self.requested
 
   def restore(self) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-      self._previous = None
+    for sig, previous in self._previous.items():
+      signal.signal(sig, previous)
+    self._previous = {}
 
   def __enter__(self) -> "Preemption":
     return self

@@ -11,6 +11,9 @@ file instead), so a half-written checkpoint is never listed as the latest.
 
 The directory is an etils.epath.Path (`paths.as_path`): a `gs://` URI reaches orbax untouched
 (its tensorstore kvstore then writes the arrays straight to the bucket), a local path absolute.
+
+Read-only use (`read_only=True`: evaluation, prediction) creates nothing and cleans nothing: a run
+still training may be writing a temporary step there, which a cleanup would delete.
 """
 from __future__ import annotations
 
@@ -36,16 +39,26 @@ class Restored:
 
 
 class Checkpointer:
-  """Keeps the last `keep` checkpoints of a workdir; saves asynchronously."""
+  """Keeps the last `keep` checkpoints of a workdir; saves asynchronously.
 
-  def __init__(self, directory: paths.PathLike, *, keep: int = 3, async_save: bool = True):
+  `read_only`: for tools that only read a run (evaluate, predict): the directory is neither
+  created nor cleaned of temporary steps, nothing is deleted, and `save` refuses.
+  """
+
+  def __init__(self, directory: paths.PathLike, *, keep: int = 3, async_save: bool = True,
+               read_only: bool = False):
     self.directory = paths.as_path(directory)
-    self._manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=True),
-        item_names=(_STATE, _DATA, _META, _SELECTED))
+    self.read_only = read_only
+    if read_only:   # orbax's own read_only flag would log a warning per changed default
+      options = ocp.CheckpointManagerOptions(
+          max_to_keep=None, create=False, cleanup_tmp_directories=False,
+          enable_async_checkpointing=False, save_root_metadata=False)
+    else:
+      options = ocp.CheckpointManagerOptions(
+          max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
+          cleanup_tmp_directories=True)
+    self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                          item_names=(_STATE, _DATA, _META, _SELECTED))
 
   def latest_step(self) -> Optional[int]:
     return self._manager.latest_step()
@@ -55,6 +68,8 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, data_state: Any, meta: dict, *, force: bool = False,
            selected: Any = None) -> bool:
+    if self.read_only:
+      raise RuntimeError(f"{self.directory} was opened read-only")
     items = {
         _STATE: ocp.args.StandardSave(state),
         _DATA: ocp.args.JsonSave(data_state),

@@ -32,6 +32,7 @@ from mmap_jax.prompts import multitask
 from mmap_jax.train import cadence as cadence_lib, checkpointing, evaluate as evaluation
 from mmap_jax.train import grouping_run, optim, report
 from mmap_jax.train import selection as selection_lib, setup, step as train_step
+from mmap_jax.train import trained as trained_lib
 
 # Exit status of a launcher whose run was preempted after saving its checkpoint (143).
 PREEMPTED_EXIT_CODE = cadence_lib.PREEMPTED_EXIT_CODE
@@ -66,9 +67,9 @@ def _loss_fn(clip_cfg, spec, groups, dtype, remat):
   return loss_fn
 
 
-def _checkpointer(config, workdir) -> checkpointing.Checkpointer:
+def _checkpointer(config, workdir, read_only: bool = False) -> checkpointing.Checkpointer:
   return checkpointing.Checkpointer(setup.workdir_paths(workdir)["checkpoints"],
-                                    keep=config.train.keep_checkpoints)
+                                    keep=config.train.keep_checkpoints, read_only=read_only)
 
 
 @dataclasses.dataclass
@@ -145,19 +146,19 @@ class _Run:
 
 
 def _prepare(config: mlc.ConfigDict, workdir: str, *, step: Optional[int] = None,
-             require_checkpoint: bool = False) -> _Run:
+             require_checkpoint: bool = False, read_only: bool = False) -> _Run:
+  """`read_only` (evaluation): the workdir's checkpoints are read, nothing there is created."""
   mesh = parallel.data_mesh()
   setup.validate(config, mesh.devices.size)
   recipe = setup.recipe(config)
-  paths.as_path(workdir).mkdir(parents=True, exist_ok=True)
-  clip = setup.load_clip(config)
-  # Fails on a bad prompt config before the data is built.
-  setup.ctx_init_ids(clip, setup.prompt_spec(config, clip.cfg))
-  tasks = setup.build_tasks(config)
+  if not read_only:
+    setup.check_workdir(workdir)
+    paths.as_path(workdir).mkdir(parents=True, exist_ok=True)
+  clip, tasks = setup.load_inputs(config)
   logging.info("tasks: %s", ", ".join(f"{t.info.name} ({t.info.num_classes} classes, "
                                       f"{t.info.num_train} train / {t.info.num_val} val / "
                                       f"{t.info.num_test} test)" for t in tasks))
-  ckpt = _checkpointer(config, workdir)
+  ckpt = _checkpointer(config, workdir, read_only=read_only)
   # Process 0's view of the shared directory decides, so every process restores the same step.
   step = parallel.broadcast_from_process0(ckpt.latest_step()) if step is None else step
   if step is None and require_checkpoint:
@@ -212,7 +213,10 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict:
       it.set_state(restored.data_state)
     logging.info("resumed from %s at step %d", run.ckpt.directory, start)
 
-  writer = report.ScalarWriter(setup.workdir_paths(workdir)["tensorboard"])
+  # Resumed: TensorBoard hides the earlier event files' steps after the restored one, which
+  # this run logs again (a kill after the last checkpoint), so each step shows once.
+  writer = report.ScalarWriter(setup.workdir_paths(workdir)["tensorboard"],
+                               purge_step=start + 1 if start else None)
   eval_fns = evaluation.make_eval_fns(run.clip.cfg, run.spec, run.groups, len(run.tasks),
                                       dtype=run.dtype)
   if run.total > 0:
@@ -240,7 +244,8 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict:
   try:
     if start < run.total:
       if _train(config, run, it, meta, writer, start, preempt, run_eval):
-        return {"preempted": True, "step": int(run.state["step"])}
+        return {"preempted": True, "step": int(run.state["step"]),
+                "exit_code": preempt.exit_code, "checkpoints": str(run.ckpt.directory)}
     if run.total == 0:  # Zero-shot: one state, validation and test once each.
       val = run.evaluate(config, eval_fns, split="val") if has_val else {}
       record, learned, step = selection_lib.zeroshot_record(val), None, 0
@@ -316,7 +321,7 @@ def _train(config, run: _Run, it, meta, writer, start, preempt, run_eval) -> boo
 EVAL_STATES = ("selected", "checkpoint")
 
 
-def evaluate_workdir(config: mlc.ConfigDict, workdir: str, *, step: Optional[int] = None,
+def evaluate_workdir(config: Optional[mlc.ConfigDict], workdir: str, *, step: Optional[int] = None,
                      out: Optional[str] = None, split: str = "test",
                      state: str = "selected") -> dict:
   """Accuracy on `split` ('test', default, or 'val') of a workdir's checkpoint, or zero-shot CLIP.
@@ -325,13 +330,17 @@ def evaluate_workdir(config: mlc.ConfigDict, workdir: str, *, step: Optional[int
   that checkpoint's validation record selected (train.select; what results.json reports when it
   is the final checkpoint), `state='checkpoint'` the checkpoint's own current state. The results
   file says which split (`split`) and which state (`evaluated_state`, `step`) it reports.
+  `config` None: the config the checkpoint recorded (`trained.recorded_config`).
   """
   if split not in pipeline.EVAL_SPLITS:
     raise ValueError(f"split={split!r}; allowed: {pipeline.EVAL_SPLITS}")
   if state not in EVAL_STATES:
     raise ValueError(f"state={state!r}; allowed: {EVAL_STATES}")
   workdir = paths.as_path(workdir)
-  run = _prepare(config, workdir, step=step, require_checkpoint=config.method != "zeroshot")
+  if config is None:
+    config = trained_lib.recorded_config(workdir, step)
+  run = _prepare(config, workdir, step=step, require_checkpoint=config.method != "zeroshot",
+                 read_only=True)
   try:
     restored = run.restore()
   finally:
@@ -359,10 +368,10 @@ def group_tasks(config: mlc.ConfigDict, workdir: str) -> list[list[str]]:
   """Runs only the grouping warm-up (whatever config.method says) and returns groups by name."""
   mesh = parallel.data_mesh()
   setup.validate(config, mesh.devices.size)
+  setup.check_workdir(workdir)
   workdir = paths.as_path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  clip = setup.load_clip(config)
-  tasks = setup.build_tasks(config)
+  clip, tasks = setup.load_inputs(config)
   names = [t.info.name for t in tasks]
   groups = grouping_run.run_grouping(config, workdir, clip, tasks, mesh).groups
   return [[names[i] for i in g] for g in groups]

@@ -105,14 +105,17 @@ class ScalarWriter:
   (`_EpathRecordFile`).
   """
 
-  def __init__(self, logdir: paths.PathLike):
+  def __init__(self, logdir: paths.PathLike, purge_step: Optional[int] = None):
+    """`purge_step` (a resumed run: restored step + 1): the new event file starts with a
+    SessionLog.START at that step, and TensorBoard drops the earlier files' events at and after
+    it, so steps logged again after a resume appear once."""
     self._writer = None
     if jax.process_index() == 0:
       from tensorboardX import SummaryWriter
       logdir = paths.as_path(logdir)
       if paths.is_uri(logdir):
         _register_epath_event_files()
-      self._writer = SummaryWriter(logdir=str(logdir), flush_secs=10)
+      self._writer = SummaryWriter(logdir=str(logdir), flush_secs=10, purge_step=purge_step)
 
   def scalars(self, step: int, values: Mapping[str, float]) -> None:
     if self._writer is None:
@@ -132,27 +135,30 @@ class Progress:
   def __init__(self, total_steps: int, images_per_step: int, first_step: int = 0):
     self.total, self.images_per_step = total_steps, images_per_step
     self._t0, self._s0 = None, first_step
+    self._created = time.perf_counter()
 
   def line(self, step: int, loss: float, lr: float, *,
            extra: Optional[Mapping[str, float]] = None, prefix: str = "") -> str:
-    """`[prefix ]step s/T  loss  lr  [name value ...]  img/s  ETA`, logged and returned."""
+    """`[prefix ]step s/T  loss  lr  [name value ...]  img/s  ETA`, logged and returned.
+
+    The first line's interval includes compilation, so it reports that time instead of a rate
+    (`compile + first steps 12.3s`); the rate and ETA are timed from it on."""
     now = time.perf_counter()
-    if self._t0 is None:  # The first interval includes compilation: start timing after it.
+    if self._t0 is None:
+      timing = f"compile + first steps {now - self._created:.1f}s"
       self._t0, self._s0 = now, step
-      rate = eta = float("nan")
     else:
       sps = (step - self._s0) / max(now - self._t0, 1e-9)
       rate = sps * self.images_per_step
       eta = (self.total - step) / max(sps, 1e-9)
+      timing = f"{rate:.1f} img/s  ETA {_fmt_seconds(eta)}"
     more = "".join(f"{k} {v:.4g}  " for k, v in (extra or {}).items())
     msg = (f"{prefix + ' ' if prefix else ''}step {step}/{self.total}  loss {loss:.4f}  "
-           f"lr {lr:.2e}  {more}{rate:.1f} img/s  ETA {_fmt_seconds(eta)}")
+           f"lr {lr:.2e}  {more}{timing}")
     logging.info(msg)
     return msg
 
 
 def _fmt_seconds(s: float) -> str:
-  if s != s:  # NaN
-    return "--"
   s = int(s)
   return f"{s // 3600}h{s % 3600 // 60:02d}m{s % 60:02d}s" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"

@@ -5,6 +5,8 @@ Everything here runs before anything compiles, so a bad config fails in seconds,
 from __future__ import annotations
 
 import dataclasses
+import os
+import pathlib
 from typing import Any, Optional, Sequence
 
 import jax
@@ -122,10 +124,11 @@ def validate(config: mlc.ConfigDict, num_devices: Optional[int] = None) -> None:
     need(not config.groups.init_from_warmup or mode == "gradient",
          f"groups.init_from_warmup=True needs groups.mode='gradient' (only it runs the warm-up "
          f"whose shared MmAP it copies), got groups.mode={mode!r}")
-  try:
-    PromptSpec.from_config(config.prompt, config.method).validate_fields()
-  except (ValueError, TypeError) as e:
-    errors.append(str(e))
+  if config.method in METHODS:   # else the method error above says it (and its allowed values)
+    try:
+      PromptSpec.from_config(config.prompt, config.method).validate_fields()
+    except (ValueError, TypeError) as e:
+      errors.append(str(e))
   if errors:
     raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
 
@@ -236,6 +239,50 @@ def explicit_groups(spec_str: str, task_names: Sequence[str]) -> tuple[tuple[int
 
 def compute_dtype(config: mlc.ConfigDict):
   return DTYPES[config.clip.dtype]
+
+
+def check_workdir(workdir: paths.PathLike) -> None:
+  """A local workdir must be a directory this process can write, or creatable (gs:// and other
+  object stores are checked by their first write). Raises ConfigError naming the path."""
+  if paths.is_uri(workdir):
+    return
+  path = pathlib.Path(os.fspath(workdir)).expanduser().absolute()
+  if path.exists() and not path.is_dir():
+    raise ConfigError(f"workdir {path} is a file, not a directory: choose another --workdir")
+  existing = next(p for p in (path, *path.parents) if p.exists())
+  if not existing.is_dir():
+    raise ConfigError(f"workdir {path}: {existing} is a file, not a directory: choose another "
+                      "--workdir")
+  if not os.access(existing, os.W_OK | os.X_OK):
+    what = "is not writable" if existing == path else f"cannot be created ({existing} is not writable)"
+    raise ConfigError(f"workdir {path} {what}: choose another --workdir or fix its permissions")
+
+
+def load_inputs(config: mlc.ConfigDict) -> tuple[Clip, list[sources.TaskData]]:
+  """The frozen CLIP (its tokenizer checked against prompt.ctx_init) and the tasks. When both are wrong (e.g. a CLIP not converted yet and a
+  data.root that does not exist), one ConfigError reports both, so a fix is not followed by the
+  next error on the next try; one problem alone raises its own error."""
+  problems: list[tuple[str, BaseException]] = []
+  clip = tasks = None
+  try:
+    clip = load_clip(config)
+  except (OSError, ValueError) as e:
+    problems.append(("clip.path", e))
+  else:
+    try:   # prompt.ctx_init must fit this CLIP's tokenizer
+      ctx_init_ids(clip, prompt_spec(config, clip.cfg))
+    except ConfigError as e:
+      problems.append(("prompt", e))
+  try:
+    tasks = build_tasks(config)
+  except (OSError, ValueError) as e:
+    problems.append(("data", e))
+  if len(problems) == 1:
+    raise problems[0][1]
+  if problems:
+    raise ConfigError("cannot start:\n  " + "\n  ".join(
+        f"{field}: {str(e).replace(chr(10), chr(10) + '    ')}" for field, e in problems))
+  return clip, tasks
 
 
 def workdir_paths(workdir: paths.PathLike) -> dict[str, epath.Path]:

@@ -9,6 +9,7 @@ import dataclasses
 from typing import Any, Optional
 
 import jax
+import ml_collections as mlc
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -40,7 +41,8 @@ def load_trained(workdir: paths.PathLike, step: Optional[int] = None,
   """
   if state not in ("selected", "checkpoint"):
     raise ValueError(f"state={state!r}; allowed: ('selected', 'checkpoint')")
-  ckpt = checkpointing.Checkpointer(paths.as_path(workdir) / "checkpoints")
+  # Read-only: the run may still be training (a cleanup would delete the save being written).
+  ckpt = checkpointing.Checkpointer(paths.as_path(workdir) / "checkpoints", read_only=True)
   try:
     step = ckpt.latest_step() if step is None else step
     if step is None:
@@ -72,6 +74,23 @@ def load_trained(workdir: paths.PathLike, step: Optional[int] = None,
       groups=tuple(tuple(g) for g in groups) if groups else None,
       learned=jax.device_get(learned),
       clip_path=(meta.get("config") or {}).get("clip", {}).get("path"))
+
+
+def recorded_config(workdir: paths.PathLike, step: Optional[int] = None) -> mlc.ConfigDict:
+  """The experiment config a run recorded in its checkpoint (latest step unless given), with the
+  command-line overrides it ran with: what evaluating the run needs when no config is given."""
+  ckpt = checkpointing.Checkpointer(paths.as_path(workdir) / "checkpoints", read_only=True)
+  try:
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {ckpt.directory}, so no recorded config: "
+                              "give --config")
+    meta = ckpt.read_meta(step)
+  finally:
+    ckpt.close()
+  if not meta.get("config"):
+    raise FileNotFoundError(f"{ckpt.directory}/{step} recorded no config: give --config")
+  return mlc.ConfigDict(meta["config"])
 
 
 def task_model(trained: Trained, clip_cfg: ClipConfig, clip_params: Any,

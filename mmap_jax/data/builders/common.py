@@ -489,6 +489,14 @@ class DomainBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     super().__init__(**kwargs)
     self._skipped: dict[str, list[str]] = {}
 
+  # TFDS prints "Downloading and preparing dataset Unknown size ..." and "... downloaded and
+  # prepared" to stdout; nothing is downloaded here (sources.build_tasks logs what is built).
+  def _log_download_bytes(self) -> None:
+    pass
+
+  def _log_download_done(self) -> None:
+    pass
+
   @property
   def plan(self) -> DomainPlan:
     config = self.builder_config
