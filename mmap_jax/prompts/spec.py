@@ -255,11 +255,26 @@ class PromptSpec:
     return math.gcd(MMAP_SOURCE_DIM, clip_cfg.text.width, clip_cfg.vision.width)
 
   def indep_source_dims(self, clip_cfg: ClipConfig) -> tuple[int, int]:
-    """mmap_indep_mt's (text, visual) source widths: configured, else d_s / 2 each, so the two
-    sources hold MmAP's d_s entries per token together (the count is within 5% of mmap_mt's:
-    only the scaling matrices grow, by d / (d_s / 2) - d / d_s columns each)."""
-    half = self.source_dim_for(clip_cfg) // 2
-    return (self.indep_text_source_dim or half, self.indep_visual_source_dim or half)
+    """mmap_indep_mt's (text, visual) source widths: the configured ones, else the divisors of
+    the tower widths whose unit has the parameter count closest to an MmAP unit's (ties: closest
+    to d_s / 2 each, i.e. the two sources holding MmAP's d_s entries per token together). On
+    ViT-B/16 and ViT-L/14 that is d_s / 2 = 128 each (+5 / +9 parameters per unit)."""
+    d_t, d_v = clip_cfg.text.width, clip_cfg.vision.width
+    d_s = self.source_dim_for(clip_cfg)
+    j = self.depth_for(clip_cfg)
+    ls = self.unit_source_length or 1
+    rows = (self.unit_length or 1) // ls
+    per = j if self.per_layer_scaling else 1
+    unit = lambda a, b: j * ls * (a + b) + per * rows * (d_t // a + d_v // b)
+    target = j * ls * d_s + per * rows * (d_t // d_s + d_v // d_s)
+    divisors = lambda n: [k for k in range(1, n + 1) if n % k == 0]
+    texts = [self.indep_text_source_dim] if self.indep_text_source_dim else divisors(d_t)
+    visuals = [self.indep_visual_source_dim] if self.indep_visual_source_dim else divisors(d_v)
+    if any(not isinstance(x, int) or x < 1 for x in texts + visuals):
+      return (self.indep_text_source_dim, self.indep_visual_source_dim)  # validate() names it
+    return min(((a, b) for a in texts for b in visuals),
+               key=lambda ab: (abs(unit(*ab) - target), abs(ab[0] - d_s / 2) + abs(ab[1] - d_s / 2),
+                               -ab[0]))
 
   @property
   def lora_scale(self) -> float:
