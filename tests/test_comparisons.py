@@ -284,3 +284,27 @@ def test_init_from_warmup_counts_against_the_budget(tmp_path, bpe_path):
   grouping = json.loads((tmp_path / "run" / "groups.json").read_text())
   assert grouping["lr_warmup_steps"] == 1 and grouping["total_steps"] == 3
   assert np.load(tmp_path / "run" / "affinity_history.npy").shape[0] == 2
+
+
+def test_sweep_table_has_a_training_cost_column():
+  """The sweep's row cost: steps (+ the grouping warm-up's, marked when in the budget) and the
+  wall seconds over seeds; rows without cost (older runs) show '-'."""
+  from mmap_jax.apps import sweep
+  costs = [{"steps": 396, "grouping_warmup_steps": 4, "grouping_counted_in_budget": True,
+            "budget_steps": 400, "wall_seconds": w, "host": "h"} for w in (100.0, 110.0, 120.0)]
+  row = {"cost": sweep.cost_summary(costs)}
+  assert row["cost"]["wall_seconds"] == {"mean": 110.0, "std": 10.0}
+  assert sweep._cost_cell(row) == "396 + 4 warm-up (in budget) steps, 110 ± 10 s"
+  plain = {"cost": sweep.cost_summary([{**costs[0], "grouping_warmup_steps": 0,
+                                        "grouping_counted_in_budget": False}])}
+  assert sweep._cost_cell(plain) == "396 steps, 100 s" and sweep._cost_cell({}) == "-"
+  stat = {"mean": 0.5, "std": None, "per_seed": [0.5]}
+  summary = {"tasks": {"a": {"num_classes": 3}}, "seeds": [0],
+             "rows": [{"setting": {"method": m}, "n_seeds": 1, "accuracy": {"a": stat},
+                       "average": stat, "trainable_params_per_seed": [10],
+                       "trainable_percent": 0.1, **extra}
+                      for m, extra in (("mmap_mt", row), ("coop_mt", {}))]}
+  md = sweep.markdown_table(summary, ["method"]).splitlines()
+  assert md[0].rstrip(" |").endswith("training cost")
+  assert md[2].rstrip(" |").endswith("110 ± 10 s") and md[3].rstrip(" |").endswith("-")
+  assert "training cost: optimizer steps on the final parameters" in md[-1]
