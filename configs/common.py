@@ -72,7 +72,12 @@ def base_config(*, method: str = "mmap_mt", runlocal: bool = False) -> mlc.Confi
   c.prompt.source_dim = mlc.FieldReference(None, field_type=int)     # MmAP d_s (None: 256)
   c.prompt.per_layer_scaling = False
   c.prompt.init_std = 0.02
-  c.prompt.vpt_init = "xavier_uniform"
+  c.prompt.vpt_init = "normal"       # MaPLe repo's VPT: N(0, 0.02^2); "xavier_uniform": VPT's own
+  # published: each family's published prompt size; equal: CoOp/VPT/MaPLe/IVLP at MmAP-MT's
+  # prompt tokens per layer and depth (the `equal_budget` config argument).
+  c.prompt.budget = "published"
+  c.prompt.indep_text_source_dim = mlc.FieldReference(None, field_type=int)    # mmap_indep_mt
+  c.prompt.indep_visual_source_dim = mlc.FieldReference(None, field_type=int)  # (None: d_s / 2)
   c.prompt.zeroshot_template = "a photo of a {}."
   # Words the learned text context starts from (coop, maple, ivlp): None = the family's default
   # ("a photo of a" for maple, as published), "" = random init. See PromptSpec.ctx_init.
@@ -80,9 +85,12 @@ def base_config(*, method: str = "mmap_mt", runlocal: bool = False) -> mlc.Confi
   c.prompt.adapter_ratio = 0.2       # clipadapter_*: ratio * adapter(f) + (1 - ratio) * f
   c.prompt.adapter_reduction = 4     # clipadapter_*: bottleneck embed_dim / reduction
   c.prompt.adapter_on = "image"      # clipadapter_*: image | text | both
-  c.prompt.lora_rank = 4             # lora_*: r
-  c.prompt.lora_alpha = 4.0          # lora_*: the update is scaled by alpha / r
-  c.prompt.lora_targets = "q,v"      # lora_*: subset of q,k,v,o ("q+k+v+o" also works)
+  # lora_*: CLIP-LoRA's defaults (mmap_jax/prompts/spec.py cites them)
+  c.prompt.lora_rank = 2             # r
+  c.prompt.lora_alpha = 1.0          # alpha
+  c.prompt.lora_targets = "q,k,v"    # subset of q,k,v,o ("q+k+v+o" also works)
+  c.prompt.lora_dropout = 0.25       # on the LoRA branch's input, training steps only
+  c.prompt.lora_scaling = "sqrt_rank"  # alpha / sqrt(r) (CLIP-LoRA) | rank: alpha / r (Hu et al.)
   c.groups = mlc.ConfigDict()
   # gradient: the paper's gradient-driven grouping (warm-up); explicit: groups.explicit;
   # ablations without a warm-up: random (seeded, groups.num_groups balanced groups),
@@ -164,11 +172,13 @@ def dataset_config(dataset: str, arg: str | None, *, clip_default: str | None = 
 
   Arguments every dataset config accepts: method=..., clip=<converted dir>, root=<manual dir>,
   data_dir=<TFDS dir>, domains=a|b (a '|'-separated subset), split_files=<dir of split lists>,
-  runlocal.
+  runlocal, equal_budget (prompt.budget='equal': CoOp, VPT, MaPLe and IVLP at MmAP-MT's prompt
+  length and depth; the default keeps each family's published sizes).
   """
   a = parse_arg(arg, method="mmap_mt", clip=clip_default, root=root_default, data_dir=None,
-                domains=None, split_files=None, runlocal=False, **extra_args)
+                domains=None, split_files=None, runlocal=False, equal_budget=False, **extra_args)
   c = base_config(method=a.method, runlocal=a.runlocal)
+  c.prompt.budget = "equal" if a.equal_budget else "published"
   c.clip.path = a.clip
   c.data.name = dataset
   c.data.root = a.root

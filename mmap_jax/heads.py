@@ -8,9 +8,12 @@ the softmax by the class mask, never by zeroing logits.
 Shapes: class ids [T, C_max, S], images [T, B, H, W, 3], labels [T, B], logits [T, B, C_max].
 Labels index the task's own classes (< that task's class count).
 
-Loss reduction: the mean of per-task losses, except for single-task (`_st`) methods where it is
-the SUM, so every task's independent parameters get exactly their single-task gradient (a mean
-would scale each by 1/T and silently change the effective learning rate of ST baselines).
+Loss reduction: every form (ST and MT) minimises the SUM over its tasks of each task's mean
+cross-entropy. So a task-specific parameter gets exactly the gradient of its own task's loss in
+every form (mmap_mt's task units as mmap_st's prompts, on the same batch): a mean would scale it
+by 1/T in MT only and give ST and MT forms different effective learning rates at the same lr.
+Shared parameters receive the sum of T tasks' gradients, so MT and ST forms are tuned separately.
+The logged `mean_task_loss` (the mean over tasks) is the number comparable across methods and T.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ import numpy as np
 from mmap_jax.models import clip
 from mmap_jax.models.config import ClipConfig
 from mmap_jax.prompts.base import PromptTokens
-from mmap_jax.prompts.multitask import (FAMILY_MODULES, Groups, clip_params_for, clip_task_axes,
+from mmap_jax.prompts.multitask import (Groups, clip_params_for, clip_task_axes, prompt_module,
                                         task_prompts)
 from mmap_jax.prompts.spec import PromptSpec
 
@@ -191,38 +194,42 @@ def masked_cross_entropy(logits: jax.Array, labels: jax.Array, class_mask: jax.A
 def multitask_loss(learned: Any, clip_params: Any, clip_cfg: ClipConfig, spec: PromptSpec,
                    groups: Optional[Groups], class_tokens: ClassTokens,
                    batch: Mapping[str, jax.Array], *, dtype=jnp.float32, remat: bool = False,
-                   share_prefix: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
+                   share_prefix: bool = True, dropout_key: Optional[jax.Array] = None
+                   ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """(loss, aux) for `jax.value_and_grad(..., has_aux=True)` w.r.t. `learned`.
 
   batch: {"images": [T, B, H, W, 3], "labels": int [T, B], optional "mask": [T, B]}.
   `clip_params` is the frozen CLIP (fullft_* runs with `learned["clip"]` instead).
-  loss = mean over tasks, SUM for `_st` methods (module docstring).
+  `dropout_key`: a training step's key; only with it is LoRA's dropout applied (never at eval).
+  loss = SUM over tasks of each task's mean cross-entropy, for every form (module docstring).
   aux = {"per_task_loss": [T], "mean_task_loss": [] (comparable across methods),
          "logits": [T, B, C_max]}.
   """
   num_tasks = class_tokens.ids.shape[0]
   prompts = task_prompts(learned, clip_cfg, spec, groups, num_tasks=num_tasks)
-  params = clip_params_for(learned, clip_params, spec)
+  params = clip_params_for(learned, clip_params, spec, dropout_key=dropout_key)
   logits = task_logits(params, clip_cfg, prompts, class_tokens, batch["images"], dtype=dtype,
                        remat=remat, share_prefix=share_prefix,
                        clip_per_task=clip_task_axes(params, spec))
   per_task = masked_cross_entropy(logits, batch["labels"], class_tokens.class_mask,
                                   batch.get("mask"))
-  loss = per_task.sum() if spec.single_task else per_task.mean()
+  loss = per_task.sum()
   return loss, {"per_task_loss": per_task, "mean_task_loss": per_task.mean(), "logits": logits}
 
 
 # ----------------------------------------------------------------------------- one task (grouping)
 
 def _shared_tokens(learned: Any, clip_cfg: ClipConfig, spec: PromptSpec) -> PromptTokens:
-  if spec.sharing not in ("mt", "shared", "none"):
+  if spec.grouped:
+    raise ValueError(f"{spec.method} has group/task prompts; use mmap_shared for per-task "
+                     "gradients")
+  if spec.layout not in ("shared", "clip", "none") or spec.sharing == "st":
     raise ValueError(f"single-task losses take a learned pytree shared by all tasks (methods "
-                     f"*_mt except mmap_mt, mmap_shared, zeroshot); got {spec.method!r}")
-  if spec.method == "mmap_mt":
-    raise ValueError("mmap_mt has group/task prompts; use mmap_shared for per-task gradients")
+                     f"*_mt except mmap_mt, mmap_indep_mt, mmap_task_mt; mmap_shared, zeroshot); "
+                     f"got {spec.method!r}")
   if not spec.has_prompts:
     return PromptTokens(None, None)
-  return FAMILY_MODULES[spec.family].expand(learned["shared"], clip_cfg, spec)
+  return prompt_module(spec).expand(learned["shared"], clip_cfg, spec)
 
 
 def per_task_loss_fn(clip_params: Any, clip_cfg: ClipConfig, spec: PromptSpec, *,

@@ -101,7 +101,12 @@ def test_defaults_and_single_task():
   s = PromptSpec(method="clipadapter_mt")
   assert (s.adapter_ratio, s.adapter_reduction, s.adapter_on) == (0.2, 4, "image")
   s = PromptSpec(method="lora_st")
-  assert (s.lora_rank, s.lora_alpha, s.lora_target_list) == (4, 4.0, ("q", "v"))
+  # CLIP-LoRA's shipped configuration (MaxZanella/CLIP-LoRA run_utils.py, loralib/layers.py).
+  assert (s.lora_rank, s.lora_alpha, s.lora_target_list, s.lora_dropout, s.lora_scaling) == (
+      2, 1.0, ("q", "k", "v"), 0.25, "sqrt_rank")
+  assert s.lora_scale == pytest.approx(1 / np.sqrt(2))
+  assert PromptSpec(method="lora_st", lora_scaling="rank", lora_rank=4,
+                    lora_alpha=4.0).lora_scale == 1.0      # Hu et al.'s alpha / r
   assert PromptSpec(method="lora_mt", lora_targets="o, q,k").lora_target_list == ("q", "k", "o")
   assert PromptSpec(method="lora_mt", lora_targets="q+k+v+o").validate(B16).lora_target_list == (
       "q", "k", "v", "o")
@@ -124,6 +129,8 @@ def test_defaults_and_single_task():
     (dict(method="lora_st", lora_targets="q,q"), "prompt.lora_targets='q,q' must list"),
     (dict(method="lora_st", lora_targets="q+"), r"prompt.lora_targets='q\+' must list"),
     (dict(method="lora_st", lora_targets=""), "prompt.lora_targets='' must list"),
+    (dict(method="lora_st", lora_dropout=1.0), r"prompt.lora_dropout=1.0 must be in \[0, 1\)"),
+    (dict(method="lora_mt", lora_scaling="sqrt"), "prompt.lora_scaling='sqrt'; allowed"),
 ])
 def test_validation_names_the_field(kwargs, message):
   with pytest.raises(ValueError, match=message):
@@ -146,7 +153,7 @@ def test_config_validation_rejects_bad_peft_fields_before_loading():
 
 # ----------------------------------------------------------------------------- budgets
 
-def closed_form(method, cfg, t=4, *, adapter_on="image", reduction=4, rank=4, targets=2):
+def closed_form(method, cfg, t=4, *, adapter_on="image", reduction=4, rank=2, targets=3):
   e, v, x = cfg.embed_dim, cfg.vision, cfg.text
   one = {
       "clipadapter": {"image": 1, "text": 1, "both": 2}[adapter_on] * 2 * e * (e // reduction),

@@ -48,7 +48,11 @@ def test_defaults_per_family():
   assert s.tokens_per_layer == 16 and s.text_prompt_tokens == 16
   assert length_depth("coop_st") == (16, 1)
   assert length_depth("maple_mt") == (2, 9)
-  assert length_depth("ivlp_st") == (2, 9)
+  # IVLP as the MaPLe repository's configs/trainers/IVLP/vit_b16_c2_ep5_batch4_2+2ctx.yaml:
+  # 2 + 2 tokens, depth 12, text context from "a photo of a".
+  assert length_depth("ivlp_st") == (2, 12)
+  assert PromptSpec(method="ivlp_mt").learned_ctx_init == "a photo of a"
+  assert PromptSpec(method="vpt_mt").vpt_init == "normal"   # MaPLe repo's VPT: N(0, 0.02^2)
   assert PromptSpec(method="vpt_mt").depth_for(B16) == 12
   assert PromptSpec(method="vpt_mt").text_prompt_tokens == 0
   assert PromptSpec(method="zeroshot").tokens_per_layer == 0
@@ -170,6 +174,9 @@ def test_vpt_init_follows_vpt():
   assert p["visual"].shape == (12, 8, 768)
   small = tiny_spec("vpt_st", length=8)
   v = np.asarray(vpt.init(key(0), TINY, small)["visual"])
+  assert abs(float(v.std()) - 0.02) < 0.003 and np.abs(v).max() < 0.02 * 6   # default: normal
+  xavier = tiny_spec("vpt_st", length=8, vpt_init="xavier_uniform")
+  v = np.asarray(vpt.init(key(0), TINY, xavier)["visual"])
   bound = np.sqrt(6.0 / (3 * 8 * 8 + 64))
   assert np.abs(v).max() <= bound and np.abs(v).max() > 0.9 * bound
 
@@ -180,8 +187,13 @@ def test_task_prompt_shapes_at_b16(tokenizer):
       "coop_st": ((4, 1, 16, 512), None), "coop_mt": ((4, 1, 16, 512), None),
       "vpt_st": (None, (4, 12, 8, 768)), "vpt_mt": (None, (4, 12, 8, 768)),
       "maple_st": ((4, 9, 2, 512), (4, 9, 2, 768)), "maple_mt": ((4, 9, 2, 512), (4, 9, 2, 768)),
-      "ivlp_st": ((4, 9, 2, 512), (4, 9, 2, 768)), "ivlp_mt": ((4, 9, 2, 512), (4, 9, 2, 768)),
+      "ivlp_st": ((4, 12, 2, 512), (4, 12, 2, 768)),
+      "ivlp_mt": ((4, 12, 2, 512), (4, 12, 2, 768)),
       "mmap_st": ((4, 11, 8, 512), (4, 11, 8, 768)),
+      # MmAP-MT's ablations keep its 2L = 16 tokens per layer and J = 11.
+      "mmap_indep_mt": ((4, 11, 16, 512), (4, 11, 16, 768)),
+      "mmap_shared_mt": ((4, 11, 16, 512), (4, 11, 16, 768)),
+      "mmap_task_mt": ((4, 11, 16, 512), (4, 11, 16, 768)),
       "mmap_shared": ((4, 11, 8, 512), (4, 11, 8, 768)),
       "mmap_mt": ((4, 11, 16, 512), (4, 11, 16, 768)),
   }
@@ -208,14 +220,18 @@ def expected_counts(t=4, g=2):
       "zeroshot": 0, "coop_st": t * 16 * 512, "coop_mt": 16 * 512,
       "vpt_st": t * 12 * 8 * 768, "vpt_mt": 12 * 8 * 768,
       "maple_st": t * maple_one, "maple_mt": maple_one,
-      "ivlp_st": t * 9 * 2 * (512 + 768), "ivlp_mt": 9 * 2 * (512 + 768),
+      "ivlp_st": t * 12 * 2 * (512 + 768), "ivlp_mt": 12 * 2 * (512 + 768),
       "mmap_st": t * unit, "mmap_shared": unit, "mmap_mt": (g + t) * unit,
+      # Ablations: independent sources of d_s / 2 = 128 each (W_t [1, 4], W_v [1, 6]); one
+      # 16-token unit (L_s 16) shared by all tasks / per task.
+      "mmap_indep_mt": (g + t) * (11 * 8 * (128 + 128) + 4 + 6),
+      "mmap_shared_mt": 11 * 16 * 256 + 2 + 3, "mmap_task_mt": t * (11 * 16 * 256 + 2 + 3),
       "fullft_st": t * clip_total, "fullft_mt": clip_total,
       # PEFT (closed forms and variants in tests/test_peft.py): adapter 512 -> 128 -> 512 on the
-      # image side; all biases; LoRA r = 4 on q, v of every block of both towers.
+      # image side; all biases; LoRA r = 2 on q, k, v of every block of both towers (CLIP-LoRA).
       "clipadapter_st": t * 2 * 512 * 128, "clipadapter_mt": 2 * 512 * 128,
       "bitfit_st": t * 171_008, "bitfit_mt": 171_008,
-      "lora_st": t * 2 * 2 * 4 * 12 * (768 + 512), "lora_mt": 2 * 2 * 4 * 12 * (768 + 512),
+      "lora_st": t * 2 * 3 * 2 * 12 * (768 + 512), "lora_mt": 2 * 3 * 2 * 12 * (768 + 512),
   }
 
 
@@ -242,7 +258,8 @@ def test_ctx_init_defaults_and_validation():
   maple_spec = PromptSpec(method="maple_mt")
   assert maple_spec.ctx_init == "a photo of a" and maple_spec.learned_ctx_init == "a photo of a"
   assert PromptSpec(method="maple_st", ctx_init="").learned_ctx_init is None   # random init
-  for method in ("coop_mt", "ivlp_st", "vpt_mt", "mmap_mt", "zeroshot", "fullft_mt"):
+  assert PromptSpec(method="ivlp_st").learned_ctx_init == "a photo of a"   # the IVLP yaml's
+  for method in ("coop_mt", "vpt_mt", "mmap_mt", "zeroshot", "fullft_mt"):
     assert PromptSpec(method=method).learned_ctx_init is None, method
   # CoOp: every init word is learned, L = the word count unless set.
   coop = PromptSpec(method="coop_mt", ctx_init="a_photo  of a")

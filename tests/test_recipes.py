@@ -76,12 +76,17 @@ def test_demo_trains_every_family_with_its_tuned_lr_and_published_rest():
     by_flag.method = method
     assert setup.recipe(by_flag) == res
     assert res.overridden == () and res.per_family == ("lr", "warmup_steps", "warmup_type")
-    want = dataclasses.replace(recipes.RECIPES[family], lr=demo.DEMO_LR[family],
+    # SGD families' MT forms: the tuned lr / 4 (tuned under the old mean over 4 tasks; every
+    # form now sums, heads.py); ST forms and the AdamW families keep the tuned value.
+    lr = demo.DEMO_LR[family]
+    if family in demo.SGD_FAMILIES and not method.endswith("_st"):
+      lr = lr / demo.TUNED_TASKS
+    want = dataclasses.replace(recipes.RECIPES[family], lr=lr,
                                warmup_steps=20, warmup_type="linear")
     assert res.recipe == want, method
   # The demo's mmap schedule (SGD, linear warm-up then cosine) as the hand-written recipe.
   r = setup.recipe(demo.get_config("method=mmap_mt")).recipe
-  old = recipes.Recipe(name="sgd", lr=demo.DEMO_LR["mmap"], momentum=0.9, weight_decay=5e-4,
+  old = recipes.Recipe(name="sgd", lr=demo.DEMO_LR["mmap"] / 4, momentum=0.9, weight_decay=5e-4,
                        warmup_steps=20, warmup_type="linear", grad_clip=0.0)
   for step in (0, 7, 20, 250, 399):
     assert float(optim.learning_rate_schedule(r, 400)(step)) == float(
@@ -260,7 +265,36 @@ def test_results_json_records_the_resolved_recipe(tmp_path, bpe_path):
   # demo: lr, warm-up type per family; warm-up (runlocal / tiny: 1 step) and weight decay explicit.
   assert saved["optim"]["overridden"] == ["weight_decay", "warmup_steps"]
   assert saved["optim"]["per_family"] == ["lr", "warmup_type"]
-  want = dataclasses.replace(recipes.RECIPES["coop"], lr=demo.DEMO_LR["coop"], weight_decay=0.0,
-                             warmup_steps=1,
+  want = dataclasses.replace(recipes.RECIPES["coop"], lr=demo.DEMO_LR["coop"] / demo.TUNED_TASKS,
+                             weight_decay=0.0, warmup_steps=1,
                              warmup_type="linear")
   assert saved["optim"]["recipe"] == want.to_dict()
+  # The training cost (issue 29): steps on the final params, no grouping warm-up, wall time.
+  cost = saved["cost"]
+  assert (cost["steps"], cost["grouping_warmup_steps"], cost["budget_steps"]) == (2, 0, 2)
+  assert cost["grouping_counted_in_budget"] is False
+  assert cost["wall_seconds"] > 0 and isinstance(cost["host"], str) and cost["host"]
+
+
+def test_optim_per_family_method_key_wins_over_family_and_unknown_keys_are_named():
+  """`optim_per_family` may key a method ("mmap_st"): its fields win over its family's, and the
+  other forms of the family keep the family's values."""
+  c = demo.get_config("method=mmap_st")
+  c.optim_per_family = {"mmap": {"lr": 0.5, "warmup_steps": 3}, "mmap_st": {"lr": 0.25}}
+  got = recipes.resolve_config(c)
+  assert (got.recipe.lr, got.recipe.warmup_steps) == (0.25, 3)
+  c.method = "mmap_mt"
+  assert recipes.resolve_config(c).recipe.lr == 0.5
+  c.optim_per_family = {"mmap_xx": {"lr": 0.5}}
+  with pytest.raises(ValueError, match=r"unknown method famil\(ies\) or methods \['mmap_xx'\]"):
+    recipes.resolve_config(c)
+
+
+def test_lora_recipe_is_clip_lora_s():
+  """CLIP-LoRA (MaxZanella/CLIP-LoRA lora.py, run_utils.py): AdamW lr 2e-4, wd 1e-2, betas
+  0.9 / 0.999, cosine to 1e-6, no warm-up, no clipping."""
+  r = recipes.RECIPES["lora"]
+  assert (r.name, r.lr, r.weight_decay, r.b1, r.b2, r.min_lr, r.warmup_steps, r.grad_clip) == (
+      "adamw", 2e-4, 1e-2, 0.9, 0.999, 1e-6, 0, 0.0)
+  ivlp = recipes.RECIPES["ivlp"]   # the MaPLe repo's IVLP yaml: SGD 0.0035, constant warm-up 1e-5
+  assert (ivlp.name, ivlp.lr, ivlp.warmup_type, ivlp.warmup_lr) == ("sgd", 0.0035, "constant", 1e-5)

@@ -473,6 +473,8 @@ def collect(settings: Sequence[Setting], workdir: str) -> dict:
     if any("selection" in res for res in results):
       row["selection"] = [res.get("selection") for res in results]
     row["groups"] = [res.get("groups") for res in results]
+    if all(res.get("cost") for res in results):  # training cost (issue 29): steps, wall time
+      row["cost"] = cost_summary([res["cost"] for res in results])
     row |= {"trainable_params": int(round(float(np.mean(params)))),
             "trainable_percent": float(np.mean(percent)),
             "trainable_params_per_seed": params, "trainable_percent_per_seed": percent}
@@ -481,6 +483,32 @@ def collect(settings: Sequence[Setting], workdir: str) -> dict:
   missing = [r.name for r in ordered_runs(settings)
              if not is_finished(paths.as_path(workdir) / r.name)]
   return {"tasks": tasks, "seeds": seeds, "std": STD_NOTE, "missing": missing, "rows": rows}
+
+
+def cost_summary(costs: Sequence[Mapping[str, Any]]) -> dict:
+  """A row's training cost over its seeds: optimizer steps on the final params, the grouping
+  warm-up's steps (and whether they count against the budget), wall seconds (mean, std, hosts)."""
+  wall = [float(c["wall_seconds"]) for c in costs]
+  return {"steps": int(costs[0]["steps"]),
+          "grouping_warmup_steps": int(costs[0]["grouping_warmup_steps"]),
+          "grouping_counted_in_budget": bool(costs[0]["grouping_counted_in_budget"]),
+          "wall_seconds": {"mean": float(np.mean(wall)),
+                           "std": float(np.std(wall, ddof=1)) if len(wall) > 1 else None},
+          "wall_seconds_per_seed": wall, "hosts": sorted({str(c["host"]) for c in costs})}
+
+
+def _cost_cell(row: Mapping[str, Any]) -> str:
+  """'400 + 50 warm-up steps, 812 ± 9 s' ('(in budget)' when the warm-up counts against it)."""
+  c = row.get("cost")
+  if not c:
+    return "-"
+  steps = f"{c['steps']:,}"
+  if c["grouping_warmup_steps"]:
+    steps += (f" + {c['grouping_warmup_steps']} warm-up" +
+              (" (in budget)" if c["grouping_counted_in_budget"] else ""))
+  w = c["wall_seconds"]
+  wall = f"{w['mean']:.0f}" + ("" if w["std"] is None else f" ± {w['std']:.0f}")
+  return f"{steps} steps, {wall} s"
 
 
 def format_stat(stat: Mapping[str, Any]) -> str:
@@ -503,6 +531,8 @@ def markdown_table(summary: Mapping[str, Any], fields: Sequence[str]) -> str:
   head = keys + ["seeds"] + [f"{t} ({summary['tasks'][t]['num_classes']})" for t in tasks]
   head += ["average"] + (["val average"] if with_val else [])
   head += ["trainable params", "trainable (%)"]
+  with_cost = any("cost" in row for row in summary["rows"])
+  head += ["training cost"] if with_cost else []
   lines = ["| " + " | ".join(head) + " |",
            "|" + "---|" * len(keys) + "---:|" * (len(head) - len(keys))]
   total = len(summary["seeds"])
@@ -515,6 +545,7 @@ def markdown_table(summary: Mapping[str, Any], fields: Sequence[str]) -> str:
     if with_val:
       cells.append(format_stat(row["val_average"]) if "val_average" in row else "-")
     cells += [_params_cell(row), f"{row['trainable_percent']:.4g}"]
+    cells += [_cost_cell(row)] if with_cost else []
     lines.append("| " + " | ".join(cells) + " |")
   seeds = ", ".join(map(str, summary["seeds"]))
   note = (f"Test accuracy (%): mean ± sample std (ddof=1) over each row's seeds (n in the seeds "
@@ -522,6 +553,9 @@ def markdown_table(summary: Mapping[str, Any], fields: Sequence[str]) -> str:
   if with_val:
     note += (" val average: the same over the validation split, never mixed with test "
              "numbers ('-' where a run has none).")
+  if with_cost:
+    note += (" training cost: optimizer steps on the final parameters (+ the grouping warm-up's "
+             "steps; '(in budget)': counted in them), wall seconds on the host (mean ± std).")
   return "\n".join(lines + ["", note])
 
 

@@ -144,8 +144,26 @@ def layer_norm(x: jax.Array, p: Params) -> jax.Array:
 def _dense(x: jax.Array, p: Params) -> jax.Array:
   y = jnp.dot(x, p["kernel"].astype(x.dtype))
   if "lora_a" in p:  # LoRA kept apart from W (mmap_jax/peft/lora.py: why, and the merged form).
-    y = y + jnp.dot(jnp.dot(x, p["lora_a"].astype(x.dtype)), p["lora_b"].astype(x.dtype))
+    y = y + jnp.dot(_lora_down(x, p), p["lora_b"].astype(x.dtype))
   return y + p["bias"].astype(x.dtype) if "bias" in p else y
+
+
+def _lora_down(x: jax.Array, p: Params) -> jax.Array:
+  """x @ lora_a; in training (`lora_dropout_keys` [n], one per target of lora_a's n column
+  blocks) each block sees its own inverted dropout of x, as CLIP-LoRA's per-projection dropout."""
+  a = p["lora_a"].astype(x.dtype)
+  if "lora_dropout_keys" not in p:
+    return jnp.dot(x, a)
+  keys, rate = p["lora_dropout_keys"], p["lora_dropout_rate"]
+  n = keys.shape[0]
+  r = a.shape[-1] // n
+  keep = 1.0 - rate
+  parts = []
+  for i in range(n):
+    mask = jax.random.bernoulli(keys[i], keep, x.shape)
+    xi = jnp.where(mask, x / keep.astype(x.dtype), jnp.zeros((), x.dtype))
+    parts.append(jnp.dot(xi, a[..., i * r:(i + 1) * r]))
+  return jnp.concatenate(parts, axis=-1)
 
 
 def feature_adapter(x: jax.Array, p: Optional[Params]) -> jax.Array:

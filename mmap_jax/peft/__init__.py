@@ -34,7 +34,11 @@ def init(key: jax.Array, clip_cfg: ClipConfig, spec: "PromptSpec", clip_params: 
   return jax.vmap(lambda k: module.init(k, clip_cfg, spec, clip_params))(keys)
 
 
-def apply(clip_params: Any, params: Any, spec: "PromptSpec", *, merged: bool = False) -> Any:
+def apply(clip_params: Any, params: Any, spec: "PromptSpec", *, merged: bool = False,
+          dropout_key: Any = None) -> Any:
+  """The effective CLIP; `dropout_key` (a training step's key) turns on LoRA's dropout."""
+  if spec.family == "lora":
+    return lora.apply(clip_params, params, spec, merged=merged, dropout_key=dropout_key)
   return FAMILY_MODULES[spec.family].apply(clip_params, params, spec, merged=merged)
 
 

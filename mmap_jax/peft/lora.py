@@ -1,10 +1,17 @@
-"""LoRA (Hu et al. 2022) on the attention projections of both CLIP towers.
+"""LoRA (Hu et al. 2022) on the attention projections of both CLIP towers, as CLIP-LoRA runs it.
 
-For each target projection W (x @ W, W [d, d]) of every block: W + (alpha / r) A B with A [d, r]
+For each target projection W (x @ W, W [d, d]) of every block: W + s A B with A [d, r]
 initialised as loralib's `kaiming_uniform_(a=sqrt 5)` = U(+-1/sqrt(d)) and B [r, d] zero, so the
-model at step 0 is exactly the frozen CLIP. Targets (`spec.lora_targets`): q, k, v (column
-blocks 0:d, d:2d, 2d:3d of CLIP's fused `attn/in_proj` kernel [d, 3d]) and o (`attn/out_proj`).
-Default q,v: the LoRA paper's recommendation (Sec. 7.1, adapting W_q and W_v).
+model at step 0 is exactly the frozen CLIP; s = `spec.lora_scale` (alpha / sqrt(r) as CLIP-LoRA's
+loralib/layers.py, or alpha / r). Targets (`spec.lora_targets`): q, k, v (column blocks 0:d,
+d:2d, 2d:3d of CLIP's fused `attn/in_proj` kernel [d, 3d]) and o (`attn/out_proj`). Default
+q,k,v, r 2, alpha 1, dropout 0.25: CLIP-LoRA's (MaxZanella/CLIP-LoRA run_utils.py).
+
+Dropout (`spec.lora_dropout`), CLIP-LoRA's `LinearLoRA.forward`: while training, each target's
+LoRA branch sees its own dropout of the layer input x (W x itself is untouched), i.e.
+y = x W + s (drop_t(x) A_t) B_t, with an independent mask per target, layer and tower. Only a
+training step passes a key (`apply(..., dropout_key=...)`); evaluation and prediction never do,
+so they run without dropout (torch's `model.eval()`).
 
 Learned pytree, layers stacked: {tower: {target: {"a": [layers, d, r], "b": [layers, r, d]}}}
 for tower in (visual, text).
@@ -59,7 +66,9 @@ def _layer(x: jax.Array, i: int) -> jax.Array:
   return x[..., i, :, :]
 
 
-def _attach(attn: Any, p: Any, i: int, scale: float, width: int) -> Any:
+def _attach(attn: Any, p: Any, i: int, scale: float, width: int, drop=None) -> Any:
+  """`drop` = (key, rate) or None: adds `lora_dropout_keys` [n] (one key per target of the
+  projection) and `lora_dropout_rate` next to `lora_a` (clip._dense applies them)."""
   attn = dict(attn)
   qkv = [t for t in QKV if t in p]
   if qkv:
@@ -72,13 +81,21 @@ def _attach(attn: Any, p: Any, i: int, scale: float, width: int) -> Any:
     attn["in_proj"] = {**attn["in_proj"],
                        "lora_a": jnp.concatenate([_layer(p[t]["a"], i) for t in qkv], axis=-1),
                        "lora_b": jnp.concatenate(rows, axis=-2)}
+    if drop is not None:
+      attn["in_proj"] |= {"lora_dropout_keys": jax.random.split(drop[0], len(qkv)),
+                          "lora_dropout_rate": jnp.float32(drop[1])}
   if "o" in p:
     attn["out_proj"] = {**attn["out_proj"], "lora_a": _layer(p["o"]["a"], i),
                         "lora_b": scale * _layer(p["o"]["b"], i)}
+    if drop is not None:
+      attn["out_proj"] |= {"lora_dropout_keys": jax.random.split(jax.random.fold_in(drop[0], 7),
+                                                                 1),
+                           "lora_dropout_rate": jnp.float32(drop[1])}
   return attn
 
 
-def _merge(attn: Any, p: Any, i: int, scale: float, width: int) -> Any:
+def _merge(attn: Any, p: Any, i: int, scale: float, width: int, drop=None) -> Any:
+  del drop  # merged weights are for prediction / export: no dropout
   attn = dict(attn)
   delta = lambda t: scale * jnp.matmul(_layer(p[t]["a"], i), _layer(p[t]["b"], i))  # [..., d, d]
   if any(t in p for t in QKV):
@@ -94,15 +111,22 @@ def _merge(attn: Any, p: Any, i: int, scale: float, width: int) -> Any:
   return attn
 
 
-def apply(clip_params: Any, params: Any, spec: "PromptSpec", *, merged: bool = False) -> Any:
-  """The effective CLIP (module docstring); leading task axes of `params` carry over."""
-  scale = float(spec.lora_alpha) / int(spec.lora_rank)
+def apply(clip_params: Any, params: Any, spec: "PromptSpec", *, merged: bool = False,
+          dropout_key: Any = None) -> Any:
+  """The effective CLIP (module docstring); leading task axes of `params` carry over.
+
+  `dropout_key` (training only; unmerged form) turns on `spec.lora_dropout`."""
+  scale = spec.lora_scale
   edit = _merge if merged else _attach
+  rate = float(spec.lora_dropout)
+  use_dropout = dropout_key is not None and rate > 0 and not merged
   out = dict(clip_params)
-  for tower, p in params.items():
+  for t, (tower, p) in enumerate(params.items()):
     blocks = clip_params[tower]["transformer"]["resblocks"]
     width = jnp.shape(blocks["0"]["attn"]["out_proj"]["kernel"])[0]
-    new = {k: {**blk, "attn": edit(blk["attn"], p, int(k), scale, width)}
+    drop = lambda k: ((jax.random.fold_in(jax.random.fold_in(dropout_key, t), int(k)), rate)
+                      if use_dropout else None)
+    new = {k: {**blk, "attn": edit(blk["attn"], p, int(k), scale, width, drop(k))}
            for k, blk in blocks.items()}
     out[tower] = {**clip_params[tower],
                   "transformer": {**clip_params[tower]["transformer"], "resblocks": new}}

@@ -4,7 +4,8 @@ Learned pytree layout (stacked leading axes, so expansion is one vmap, never a l
   zeroshot                         {}
   <fam>_st                         {"task":   family params with leading [T]}
   <fam>_mt, mmap_shared            {"shared": family params}
-  mmap_mt                          {"group":  MmAP params [G, ...], "task": MmAP params [T, ...]}
+  mmap_mt, mmap_indep_mt           {"group":  MmAP params [G, ...], "task": MmAP params [T, ...]}
+  mmap_shared_mt / mmap_task_mt    {"shared": one 2L-token MmAP} / {"task": 2L-token MmAPs [T]}
   fullft_mt / fullft_st            {"clip":   a copy of the CLIP params (leading [T] for _st)}
   clipadapter/bitfit/lora _st, _mt {"task": PEFT params [T, ...]} / {"shared": PEFT params}
                                    (mmap_jax/peft; they change the CLIP, not the prompts)
@@ -26,13 +27,19 @@ from mmap_jax import peft
 from mmap_jax.groups import Groups, check_groups
 from mmap_jax.models import clip
 from mmap_jax.models.config import ClipConfig
-from mmap_jax.prompts import coop, ctx_init, ivlp, maple, mmap, vpt
+from mmap_jax.prompts import coop, ctx_init, ivlp, maple, mmap, mmap_indep, vpt
 from mmap_jax.prompts.base import PromptTokens
 from mmap_jax.prompts.spec import PEFT_FAMILIES, PromptSpec
 
 Learned = dict[str, Any]
 
 FAMILY_MODULES = {"coop": coop, "vpt": vpt, "maple": maple, "ivlp": ivlp, "mmap": mmap}
+PROMPT_MODULES = {**FAMILY_MODULES, "mmap_indep": mmap_indep}
+
+
+def prompt_module(spec: PromptSpec):
+  """The module (init / expand) of one prompt unit of `spec`'s method."""
+  return PROMPT_MODULES[spec.prompt_module_name]
 
 
 # ----------------------------------------------------------------------------- groups
@@ -124,10 +131,10 @@ def init_learned(key: jax.Array, clip_cfg: ClipConfig, spec: PromptSpec, num_tas
     if sharing == "st":
       return {"task": peft.init(key, clip_cfg, spec, clip_params, num_tasks=num_tasks)}
     return {"shared": peft.init(key, clip_cfg, spec, clip_params)}
-  module = FAMILY_MODULES[fam]
-  if sharing == "st":
+  module = prompt_module(spec)
+  if spec.layout == "task":
     return {"task": _stacked_init(module, key, num_tasks, clip_cfg, spec, ctx)}
-  if spec.method == "mmap_mt":
+  if spec.layout == "group_task":
     groups = resolve_groups(groups, num_tasks)
     kg, kt = jax.random.split(key)
     return {"group": _stacked_init(module, kg, len(groups), clip_cfg, spec),
@@ -150,11 +157,11 @@ def task_prompts(learned: Learned, clip_cfg: ClipConfig, spec: PromptSpec,
   """
   if not spec.has_prompts:
     return PromptTokens(None, None)
-  module = FAMILY_MODULES[spec.family]
+  module = prompt_module(spec)
   expand = lambda p: module.expand(p, clip_cfg, spec)
-  if spec.sharing == "st":
+  if spec.layout == "task":
     return jax.vmap(expand)(learned["task"])
-  if spec.method == "mmap_mt":
+  if spec.layout == "group_task":
     per_task = jax.vmap(expand)(learned["task"])
     per_group = jax.vmap(expand)(learned["group"])
     t = per_task.text.shape[0]
@@ -172,17 +179,18 @@ def task_prompts(learned: Learned, clip_cfg: ClipConfig, spec: PromptSpec,
 
 
 def clip_params_for(learned: Learned, frozen_clip: Any, spec: PromptSpec, *,
-                    merged: bool = False) -> Any:
+                    merged: bool = False, dropout_key: Optional[jax.Array] = None) -> Any:
   """The CLIP params the encoders run with: the learned copy for fullft_*, the frozen CLIP with
   the PEFT parameters applied for clipadapter/bitfit/lora (`peft.apply`; `merged` folds LoRA into
   the kernels), else the frozen one.
 
   For fullft_st every leaf has a leading task axis, for the PEFT *_st methods the leaves derived
-  from the learned params do (see `clip_task_axes`).
+  from the learned params do (see `clip_task_axes`). `dropout_key` (training steps only) turns
+  on the PEFT method's dropout (LoRA's `prompt.lora_dropout`).
   """
   if spec.family in PEFT_FAMILIES:
     part = learned["task"] if spec.sharing == "st" else learned["shared"]
-    return peft.apply(frozen_clip, part, spec, merged=merged)
+    return peft.apply(frozen_clip, part, spec, merged=merged, dropout_key=dropout_key)
   return learned["clip"] if spec.family == "fullft" else frozen_clip
 
 
@@ -231,13 +239,13 @@ def param_summary(clip_cfg: ClipConfig, spec: PromptSpec, num_tasks: int,
   trainable = trainable_param_count(clip_cfg, spec, num_tasks, groups)
   total = clip.count_params(clip.param_shapes(clip_cfg))
   pct = 100.0 * trainable / total
-  ngroups = len(resolve_groups(groups, num_tasks)) if spec.method == "mmap_mt" else None
+  ngroups = len(resolve_groups(groups, num_tasks)) if spec.grouped else None
   where = f"{num_tasks} tasks" + (f", {ngroups} groups" if ngroups else "")
   return {"method": spec.method, "trainable": trainable, "clip": total, "percent_of_clip": pct,
           "line": f"{spec.method} ({where}): {trainable:,} trainable parameters = "
                   f"{pct:.4f}% of CLIP's {total:,}"}
 
 
-__all__ = ["Groups", "FAMILY_MODULES", "resolve_groups", "task_to_group", "init_learned",
+__all__ = ["Groups", "FAMILY_MODULES", "PROMPT_MODULES", "prompt_module", "resolve_groups", "task_to_group", "init_learned",
            "task_prompts", "clip_params_for", "clip_per_task", "clip_task_axes",
            "task_clip_params", "trainable_param_count", "param_summary"]

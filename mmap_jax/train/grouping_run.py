@@ -8,7 +8,12 @@
   random        a seeded random partition into `groups.num_groups` balanced groups
   all_in_one    one group of all tasks          one_per_task   T singleton groups
   explicit      `groups.explicit`
-Only `gradient` runs the warm-up. Every mode writes groups.json (with "mode" and "settings");
+Only `gradient` runs the warm-up: first the recipe's lr warm-up (`optim` warmup_steps of the
+mmap family, recorded as `lr_warmup_steps`; nothing is recorded, the prompts leave their init),
+then `groups.warmup_steps` recorded steps, so the affinity is not measured at initialisation.
+The warm-up trains the shared MmAP on the SUM of task losses, as every form does (heads.py).
+`warmup_total_steps(config)` is its length; with `groups.init_from_warmup` it counts against
+`train.steps` (the trainer's budget, train/loop.py). Every mode writes groups.json (with "mode" and "settings");
 a groups.json already in the workdir is reused when its settings match the config, and is an
 error otherwise (a stale grouping is never applied silently). The warm-up also writes its
 trained shared MmAP (grouping_warmup.safetensors, before groups.json), so
@@ -23,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
+import optax
 from absl import logging
 from flax import traverse_util
 from safetensors.numpy import load as load_safetensors, save as save_safetensors
@@ -31,7 +37,7 @@ from mmap_jax import grouping, heads, parallel, paths
 from mmap_jax.groups import Groups
 from mmap_jax.data import pipeline, sources
 from mmap_jax.prompts import multitask
-from mmap_jax.prompts.spec import PromptSpec
+from mmap_jax.prompts.spec import GROUPED_METHODS, PromptSpec
 from mmap_jax.train import chunks, optim, setup
 
 WARMUP_FILE = "grouping_warmup.safetensors"  # the warm-up's trained {"shared": MmAP} pytree
@@ -100,6 +106,7 @@ def settings(config: mlc.ConfigDict, mode: Optional[str] = None) -> dict[str, An
   if mode == "gradient":
     return {"mode": mode, "affinity_params": g.affinity_params, "grad_ema": float(g.grad_ema),
             "warmup_steps": int(g.warmup_steps), "every": int(g.every),
+            "lr_warmup_steps": lr_warmup_steps(config),
             "num_groups": int(g.num_groups),
             "threshold": None if g.num_groups else float(g.threshold), "seed": int(config.seed)}
   if mode == "random":
@@ -107,6 +114,26 @@ def settings(config: mlc.ConfigDict, mode: Optional[str] = None) -> dict[str, An
   if mode == "explicit":
     return {"mode": mode, "explicit": g.explicit}
   return {"mode": mode}
+
+
+def lr_warmup_steps(config: mlc.ConfigDict) -> int:
+  """The grouping warm-up's unrecorded lr warm-up: the warm-up recipe's `warmup_steps`."""
+  return int(setup.recipe(_shared_config(config)).recipe.warmup_steps)
+
+
+def warmup_total_steps(config: mlc.ConfigDict) -> int:
+  """Optimizer steps of the grouping warm-up (lr warm-up + recorded steps); 0 when the run has
+  none (groups.mode other than gradient, or a method without task groups)."""
+  if config.method not in GROUPED_METHODS or config.groups.mode != "gradient":
+    return 0
+  return lr_warmup_steps(config) + int(config.groups.warmup_steps)
+
+
+def _shared_config(config: mlc.ConfigDict) -> mlc.ConfigDict:
+  """The warm-up's config: one MmAP shared by all tasks (mmap_shared), the run's other fields."""
+  shared_config = mlc.ConfigDict(config.to_dict())
+  shared_config.method = "mmap_shared"
+  return shared_config
 
 
 def random_seed(config: mlc.ConfigDict) -> int:
@@ -216,8 +243,7 @@ def run_grouping(config: mlc.ConfigDict, workdir: str, clip: setup.Clip,
     raise setup.ConfigError(f"groups.num_groups={num_groups} must be <= {len(tasks)} (the number "
                             "of tasks)")
   threshold = None if num_groups else float(config.groups.threshold)
-  shared_config = mlc.ConfigDict(config.to_dict())
-  shared_config.method = "mmap_shared"
+  shared_config = _shared_config(config)
   spec = setup.prompt_spec(shared_config, clip.cfg)
   key = jax.random.key(config.seed + 7)
   existing = _existing(workdir, names, want)
@@ -234,12 +260,17 @@ def run_grouping(config: mlc.ConfigDict, workdir: str, clip: setup.Clip,
           "the warm-up")
     return GroupingResult(existing, warmup)
   steps, every = int(config.groups.warmup_steps), int(config.groups.every)
+  lr_warmup = lr_warmup_steps(config)
+  total = lr_warmup + steps
   ema = float(config.groups.grad_ema)
   filter_fn = affinity_filter(config.groups.affinity_params)
   dtype = setup.compute_dtype(config)
   class_tokens = parallel.replicate(setup.class_tokens(clip, spec, tasks), mesh)
   clip_params = parallel.replicate(clip.params, mesh)
-  optimizer = optim.make_optimizer(setup.recipe(shared_config).recipe, steps)
+  # grouping_step applies the MEAN of the per-task gradients; x T makes it the gradient of the
+  # summed objective every form trains on (heads.multitask_loss), at the same lr.
+  optimizer = optax.chain(optax.scale(float(len(tasks))),
+                          optim.make_optimizer(setup.recipe(shared_config).recipe, total))
   learned = multitask.init_learned(key, clip.cfg, spec, len(tasks))
   ema_size = grouping.affinity_size(learned, filter_fn) if ema else None
   gstate = parallel.replicate({"params": learned, "opt_state": optimizer.init(learned),
@@ -254,26 +285,30 @@ def run_grouping(config: mlc.ConfigDict, workdir: str, clip: setup.Clip,
   it = pipeline.train_iterator(
       tasks, batch_size=config.input.batch_size, image_size=clip.cfg.vision.image_size,
       seed=config.seed + 1, augment=setup.augment_config(config),
-      sharding=mesh, worker_count=config.input.workers, num_steps=steps)
+      sharding=mesh, worker_count=config.input.workers, num_steps=total)
   t0 = time.perf_counter()
   history = []  # device arrays; fetched once at the end, so the loop never waits on the device
   log_every = max(config.train.log_every, 1)
   done = 0
-  for n in chunks.plan_chunks(0, steps, k, (log_every,)):  # k == 1: one step per call
+  # Recorded: every `every`-th step after the lr warm-up (history holds the recorded steps only).
+  recorded = lambda i: i >= lr_warmup and (i - lr_warmup) % every == 0
+  for n in chunks.plan_chunks(0, total, k, (log_every,)):  # k == 1: one step per call
     if k == 1:
       gstate, metrics = step(gstate, clip_params, class_tokens, next(it),
-                             jnp.asarray(done % every == 0))
+                             jnp.asarray(recorded(done)))
       last = metrics
-      history.append(metrics["affinity"])
+      if done >= lr_warmup:
+        history.append(metrics["affinity"])
     else:
-      records = jnp.asarray([(done + j) % every == 0 for j in range(n)])
+      records = jnp.asarray([recorded(done + j) for j in range(n)])
       gstate, metrics = multi(gstate, clip_params, class_tokens, it.next_steps(n), records)
       last = jax.tree.map(lambda x: x[-1], metrics)
-      history.extend(metrics["affinity"][j] for j in range(n))
+      history.extend(metrics["affinity"][j] for j in range(n) if done + j >= lr_warmup)
     done += n
-    if done % log_every == 0 or done == steps:
-      logging.info("grouping warm-up %d/%d  loss %.4f  mean pairwise affinity %.3f", done,
-                   steps, float(last["loss"]), float(last["mean_pairwise_affinity"]))
+    if done % log_every == 0 or done == total:
+      logging.info("grouping warm-up %d/%d (%d lr warm-up)  loss %.4f  mean pairwise affinity "
+                   "%.3f", done, total, lr_warmup, float(last["loss"]),
+                   float(last["mean_pairwise_affinity"]))
   it.close() if hasattr(it, "close") else None
   state = jax.device_get(gstate["affinity"])
   affinity = np.asarray(grouping.AffinityState(state.total, state.count).mean())
@@ -285,6 +320,7 @@ def run_grouping(config: mlc.ConfigDict, workdir: str, clip: setup.Clip,
         workdir, names, affinity, num_groups=num_groups, threshold=threshold, steps=steps,
         history=np.stack(jax.device_get(history)), every=every,
         extra={"mode": "gradient", "settings": want, "every": every,
+               "lr_warmup_steps": lr_warmup, "total_steps": total,
                "seconds": round(time.perf_counter() - t0, 2)})
     groups = [list(g) for g in groups]
   groups = tuple(tuple(g) for g in parallel.broadcast_from_process0(groups))

@@ -19,6 +19,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import socket
+import time
 from typing import Any, Optional
 
 import jax
@@ -47,7 +49,7 @@ def _model(config: mlc.ConfigDict, workdir: str, clip: setup.Clip, tasks, mesh,
   """
   spec = setup.prompt_spec(config, clip.cfg)
   groups, group_init = None, None
-  if spec.method == "mmap_mt":
+  if spec.grouped:
     if groups_from_checkpoint is not None:
       groups = tuple(tuple(g) for g in groups_from_checkpoint)
     else:
@@ -58,11 +60,16 @@ def _model(config: mlc.ConfigDict, workdir: str, clip: setup.Clip, tasks, mesh,
   return spec, groups, group_init
 
 
-def _loss_fn(clip_cfg, spec, groups, dtype, remat):
+def _loss_fn(clip_cfg, spec, groups, dtype, remat, seed: int = 0):
   def loss_fn(learned, frozen, batch):
+    # A training step's dropout key (LoRA's prompt.lora_dropout): seed and step, so a resumed
+    # run draws the masks an uninterrupted one would.
+    key = (jax.random.fold_in(jax.random.key(seed + 11), batch["step"]) if "step" in batch
+           else None)
     loss, aux = heads.multitask_loss(
         learned, frozen["clip"], clip_cfg, spec, groups, frozen["class_tokens"],
-        {"images": batch["image"], "labels": batch["label"]}, dtype=dtype, remat=remat)
+        {"images": batch["image"], "labels": batch["label"]}, dtype=dtype, remat=remat,
+        dropout_key=key)
     return loss, {"per_task_loss": aux["per_task_loss"], "mean_task_loss": aux["mean_task_loss"]}
   return loss_fn
 
@@ -92,6 +99,21 @@ class _Run:
   selection: Optional[selection_lib.Selection] = None  # validation record (training runs)
   selected: Any = None       # the selected learned pytree (best_val; None: run.state's)
   recipe: Any = None         # recipes.Resolved: the optimisation recipe this run trains with
+  grouping_steps: int = 0    # the grouping warm-up's optimizer steps (0: none)
+  budget_steps: int = 0      # train.steps: every method's optimizer steps on its final params
+  t0: float = dataclasses.field(default_factory=time.perf_counter)
+  prior_wall: float = 0.0    # wall seconds of earlier invocations (from the checkpoint)
+
+  def wall_seconds(self) -> float:
+    return self.prior_wall + time.perf_counter() - self.t0
+
+  def cost(self) -> dict:
+    """The training cost results.json reports (issue 29): optimizer steps on the final
+    params, the grouping warm-up's steps, whether they count against the budget, wall time."""
+    counted = self.total + self.grouping_steps == self.budget_steps and self.grouping_steps > 0
+    return {"steps": self.total, "grouping_warmup_steps": self.grouping_steps,
+            "grouping_counted_in_budget": bool(counted), "budget_steps": self.budget_steps,
+            "wall_seconds": round(self.wall_seconds(), 2), "host": socket.gethostname()}
 
   def restore(self) -> Optional[checkpointing.Restored]:
     if self.step is None:
@@ -113,6 +135,7 @@ class _Run:
 
   def save(self, step: int, data_state: Any, meta: dict) -> None:
     """A checkpoint of the current state, with the validation record and the selected state."""
+    meta = meta | {"wall_seconds": self.wall_seconds()}
     if self.selection is not None:
       meta = meta | {"selection": self.selection.to_json()}
     self.ckpt.save(step, self.state, data_state, meta, force=True, selected=self.selected)
@@ -148,6 +171,7 @@ class _Run:
 def _prepare(config: mlc.ConfigDict, workdir: str, *, step: Optional[int] = None,
              require_checkpoint: bool = False, read_only: bool = False) -> _Run:
   """`read_only` (evaluation): the workdir's checkpoints are read, nothing there is created."""
+  t0 = time.perf_counter()  # the run's wall time includes loading and the grouping warm-up
   mesh = parallel.data_mesh()
   setup.validate(config, mesh.devices.size)
   recipe = setup.recipe(config)
@@ -172,7 +196,11 @@ def _prepare(config: mlc.ConfigDict, workdir: str, *, step: Optional[int] = None
   summary = multitask.param_summary(clip.cfg, spec, len(tasks), groups)
   logging.info("%s", summary["line"])
   class_tokens = setup.class_tokens(clip, spec, tasks)
-  total = int(config.train.steps) if spec.family != "zeroshot" else 0
+  # Equal budgets: train.steps optimizer steps on the final params for every method; a grouping
+  # warm-up whose prompts start the group units (groups.init_from_warmup) is part of them.
+  grouping_steps = grouping_run.warmup_total_steps(config)
+  counted = grouping_steps if config.groups.init_from_warmup else 0
+  total = int(config.train.steps) - counted if spec.family != "zeroshot" else 0
   if total > 0:
     setup.check_validation(config, tasks)
   optimizer = optim.make_optimizer(recipe.recipe, max(total, 1))
@@ -187,7 +215,8 @@ def _prepare(config: mlc.ConfigDict, workdir: str, *, step: Optional[int] = None
                                         mesh),
               optimizer=optimizer,
               state=parallel.replicate(train_step.init_state(learned, optimizer), mesh),
-              total=total, recipe=recipe)
+              total=total, recipe=recipe, grouping_steps=grouping_steps,
+              budget_steps=total and int(config.train.steps), t0=t0)
 
 
 def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict:
@@ -209,6 +238,7 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict:
   start = 0
   if restored is not None:
     start = restored.step
+    run.prior_wall = float(restored.meta.get("wall_seconds", 0.0))
     if it is not None:
       it.set_state(restored.data_state)
     logging.info("resumed from %s at step %d", run.ckpt.directory, start)
@@ -265,7 +295,8 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict:
     writer.close()
     if it is not None:
       it.close()
-  return run.write_results(config, workdir, accuracy, step, val_accuracy=val, selection=record)
+  return run.write_results(config, workdir, accuracy, step, val_accuracy=val, selection=record,
+                           fields={"cost": run.cost()})
 
 
 def _train(config, run: _Run, it, meta, writer, start, preempt, run_eval) -> bool:
@@ -278,7 +309,8 @@ def _train(config, run: _Run, it, meta, writer, start, preempt, run_eval) -> boo
   """
   total = run.total
   k = int(config.train.get("steps_per_call", 1))
-  loss_fn = _loss_fn(run.clip.cfg, run.spec, run.groups, run.dtype, config.clip.remat)
+  loss_fn = _loss_fn(run.clip.cfg, run.spec, run.groups, run.dtype, config.clip.remat,
+                     int(config.seed))
   cadence = cadence_lib.Cadence(
       total=total, start=start, log_every=config.train.log_every,
       eval_every=config.train.eval_every, ckpt_every=config.train.ckpt_every,
@@ -287,11 +319,11 @@ def _train(config, run: _Run, it, meta, writer, start, preempt, run_eval) -> boo
       save=lambda step: run.save(step, it.get_state(), meta))
   if k == 1:
     single = train_step.make_train_step(loss_fn, run.optimizer,
-                                        accum_steps=config.optim.accum_steps)
+                                        accum_steps=config.optim.accum_steps, pass_step=True)
     call = lambda n: single(run.state, run.frozen, next(it))
   else:
     multi = train_step.make_train_steps(loss_fn, run.optimizer,
-                                        accum_steps=config.optim.accum_steps)
+                                        accum_steps=config.optim.accum_steps, pass_step=True)
     call = lambda n: multi(run.state, run.frozen, it.next_steps(n))
     logging.info("steps_per_call=%d: %d calls of lengths %s", k, len(cadence.plan),
                  sorted(set(cadence.plan)))

@@ -75,7 +75,10 @@ RECIPES: dict[str, Optional[Recipe]] = {
     # MaPLe (Khattak et al., CVPR 2023), configs/trainers/MaPLe/vit_b16_c2_ep5_batch4_2ctx.yaml:
     # SGD lr 0.0035, cosine, 1 epoch constant warm-up at 1e-5 (Dassl momentum / weight decay).
     "maple": Recipe(lr=0.0035, **_DASSL_SGD),
-    # IVLP (MaPLe's baseline), configs/trainers/IVLP/vit_b16_c2_ep5_batch4_2+2ctx.yaml: as MaPLe.
+    # IVLP (MaPLe's baseline), muzairkhattak/multimodal-prompt-learning
+    # configs/trainers/IVLP/vit_b16_c2_ep5_batch4_2+2ctx.yaml: OPTIM NAME sgd, LR 0.0035,
+    # MAX_EPOCH 5, cosine, WARMUP_EPOCH 1, constant WARMUP_CONS_LR 1e-5, batch 4 (its prompt
+    # sizes, depth 12 and "a photo of a" init are PromptSpec's ivlp defaults, prompts/spec.py).
     "ivlp": Recipe(lr=0.0035, **_DASSL_SGD),
     # MmAP (Xin et al., AAAI 2024) trains with MaPLe's recipe (SGD lr 0.0035, cosine), MaPLe's warm-up.
     "mmap": Recipe(lr=0.0035, **_DASSL_SGD),
@@ -97,9 +100,12 @@ RECIPES: dict[str, Optional[Recipe]] = {
     # (transformers' AdamW: weight_decay 0, eps 1e-6), --learning-rate 1e-3. BitFit publishes no
     # schedule for CLIP; the project's warm-up-free cosine applies.
     "bitfit": Recipe(name="adamw", lr=1e-3, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-6),
-    # LoRA for CLIP: CLIP-LoRA (Zanella & Ben Ayed, CVPRW 2024), MaxZanella/CLIP-LoRA lora.py and
-    # run_utils.py: AdamW(lr 2e-4, weight_decay 1e-2, betas 0.9/0.999) on the LoRA factors only,
-    # CosineAnnealingLR to eta_min 1e-6, no warm-up, no clipping.
+    # LoRA for CLIP: CLIP-LoRA (Zanella & Ben Ayed, CVPRW 2024), MaxZanella/CLIP-LoRA lora.py
+    # (`torch.optim.AdamW(get_lora_parameters(clip_model), weight_decay=1e-2, betas=(0.9,
+    # 0.999), lr=args.lr)`, `CosineAnnealingLR(optimizer, total_iters, eta_min=1e-6)` stepped
+    # every iteration, no warm-up, no clipping) and run_utils.py (--lr 2e-4, --batch_size 32,
+    # --n_iters 500 x shots iterations). Its LoRA itself (q,k,v, r 2, alpha 1, dropout 0.25,
+    # scale alpha / sqrt r) is PromptSpec's default (prompts/spec.py).
     "lora": Recipe(name="adamw", lr=2e-4, weight_decay=1e-2, b1=0.9, b2=0.999, eps=1e-8,
                    min_lr=1e-6),
 }
@@ -197,14 +203,20 @@ def resolve(family: str, optim: Any = None, per_family: Any = None) -> Resolved:
 
 def resolve_config(config: Any) -> Resolved:
   """`resolve` for a run config: the family of `config.method`, `config.optim_per_family` (if
-  the config has it) and `config.optim`. Unknown families in optim_per_family are errors."""
+  the config has it) and `config.optim`. Unknown families in optim_per_family are errors.
+
+  optim_per_family is keyed by family, or by a method name (e.g. "mmap_st") whose fields win
+  over its family's: MT and ST forms train different objectives' shared parameters and are
+  tuned separately (heads.py: every form sums its task losses)."""
+  from mmap_jax.prompts.spec import METHODS  # noqa: PLC0415 (recipes stays import-light)
   table = _optim_dict(config.get("optim_per_family") if hasattr(config, "get") else None)
-  unknown = sorted(set(table) - set(RECIPES))
+  unknown = sorted(set(table) - set(RECIPES) - set(METHODS))
   if unknown:
-    raise ValueError(f"optim_per_family has unknown method famil(ies) {unknown}; known: "
-                     f"{sorted(RECIPES)}")
+    raise ValueError(f"optim_per_family has unknown method famil(ies) or methods {unknown}; "
+                     f"known families: {sorted(RECIPES)}, methods: {list(METHODS)}")
   family = str(config.method).split("_")[0]
-  return resolve(family, config.optim, table.get(family))
+  fields = _optim_dict(table.get(family)) | _optim_dict(table.get(str(config.method)))
+  return resolve(family, config.optim, fields or None)
 
 
 __all__ = ["Recipe", "Resolved", "RECIPES", "FIELDS", "OPTIMIZERS", "WARMUP_TYPES", "DECAY_MASKS",

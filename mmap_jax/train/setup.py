@@ -19,7 +19,7 @@ from mmap_jax.checkpoints import store
 from mmap_jax.data import preprocess, sources
 from mmap_jax.models.config import ClipConfig
 from mmap_jax.prompts import ctx_init
-from mmap_jax.prompts.spec import METHODS, PromptSpec
+from mmap_jax.prompts.spec import GROUPED_METHODS, METHODS, PromptSpec
 from mmap_jax.tokenizer import ClipTokenizer
 from mmap_jax.train.selection import RULES as SELECT_RULES
 from mmap_jax.train import recipes
@@ -106,7 +106,7 @@ def validate(config: mlc.ConfigDict, num_devices: Optional[int] = None) -> None:
        f"groups.grad_ema={ema!r} must be 0 (off) or a decay in (0, 1)")
   need(isinstance(config.groups.init_from_warmup, bool),
        f"groups.init_from_warmup={config.groups.init_from_warmup!r} must be true or false")
-  if config.method == "mmap_mt":
+  if config.method in GROUPED_METHODS:
     mode = config.groups.mode
     if mode == "explicit":
       need(bool(config.groups.explicit),
@@ -124,6 +124,15 @@ def validate(config: mlc.ConfigDict, num_devices: Optional[int] = None) -> None:
     need(not config.groups.init_from_warmup or mode == "gradient",
          f"groups.init_from_warmup=True needs groups.mode='gradient' (only it runs the warm-up "
          f"whose shared MmAP it copies), got groups.mode={mode!r}")
+    need(not config.groups.init_from_warmup or config.method == "mmap_mt",
+         f"groups.init_from_warmup=True copies the warm-up's coupled MmAP into the group units; "
+         f"{config.method}'s units have independent sources (set it False)")
+    if config.groups.init_from_warmup and mode == "gradient":
+      from mmap_jax.train import grouping_run  # noqa: PLC0415 (grouping_run imports setup)
+      need(grouping_run.warmup_total_steps(config) < config.train.steps,
+           f"groups.init_from_warmup=True counts the grouping warm-up's "
+           f"{grouping_run.warmup_total_steps(config)} steps against train.steps="
+           f"{config.train.steps}: raise train.steps or shorten groups.warmup_steps")
   if config.method in METHODS:   # else the method error above says it (and its allowed values)
     try:
       PromptSpec.from_config(config.prompt, config.method).validate_fields()

@@ -59,10 +59,16 @@ def value_and_grad_accumulated(loss_fn: LossFn, learned, frozen, batch, accum_st
       lambda x: x * scale, grads)
 
 
-def _step_fn(loss_fn: LossFn, optimizer: optax.GradientTransformation, accum_steps: int):
-  """The un-jitted step(state, frozen, batch) -> (state, metrics) both entry points share."""
+def _step_fn(loss_fn: LossFn, optimizer: optax.GradientTransformation, accum_steps: int,
+             pass_step: bool = False):
+  """The un-jitted step(state, frozen, batch) -> (state, metrics) both entry points share.
+
+  `pass_step`: the loss sees the state's step as `batch["step"]` (int32 scalar; e.g. to fold
+  into a dropout key, so every step, also after a resume, draws its own masks)."""
 
   def step(state, frozen, batch):
+    if pass_step:
+      batch = {**batch, "step": state["step"]}
     (loss, aux), grads = value_and_grad_accumulated(loss_fn, state["learned"], frozen, batch,
                                                     accum_steps)
     finite = jnp.isfinite(loss) & _all_finite(grads)
@@ -79,14 +85,14 @@ def _step_fn(loss_fn: LossFn, optimizer: optax.GradientTransformation, accum_ste
 
 
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
-                    accum_steps: int = 1, donate: bool = True):
+                    accum_steps: int = 1, donate: bool = True, pass_step: bool = False):
   """Returns jit(step)(state, frozen, batch) -> (state, metrics)."""
-  return jax.jit(_step_fn(loss_fn, optimizer, accum_steps),
+  return jax.jit(_step_fn(loss_fn, optimizer, accum_steps, pass_step),
                  donate_argnums=(0,) if donate else ())
 
 
 def make_train_steps(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
-                     accum_steps: int = 1, donate: bool = True):
+                     accum_steps: int = 1, donate: bool = True, pass_step: bool = False):
   """Returns jit(steps)(state, frozen, batches) -> (state, metrics): K optimizer steps per call.
 
   `batches` is K step batches stacked on a new leading axis ([K, T, B, ...]); the K steps run as
@@ -96,7 +102,7 @@ def make_train_steps(loss_fn: LossFn, optimizer: optax.GradientTransformation, *
   step keeps the previous state; `metrics["finite"][i]` tells the host which step it was).
   One program is compiled per distinct K (the leading length of `batches`).
   """
-  step = _step_fn(loss_fn, optimizer, accum_steps)
+  step = _step_fn(loss_fn, optimizer, accum_steps, pass_step)
 
   def steps(state, frozen, batches):
     return jax.lax.scan(lambda st, batch: step(st, frozen, batch), state, batches)
