@@ -40,7 +40,12 @@ picks a different number of groups per seed) and their "_per_seed" lists), `resu
 paper-style table: rows = settings, columns = swept fields, seeds, tasks, average, val average,
 trainable params; cells mean +- sample std, ddof=1), `accuracy_vs_params.png` (the paper's
 Figure 1 shape, with +-std error bars) and `affinity_<setting>__seed=<s>.png` for each run whose
-grouping drew a heatmap. The workdir may be a `gs://`-style URI: every read and write goes
+grouping drew a heatmap. Paired statistics: every row's `delta_ci` = {"mean", "low", "high",
+"excludes_zero", "seeds", ...} is its average test accuracy minus the reference setting's
+(`--reference`, default method=mmap_mt; `resolve_reference`) with a 95% paired bootstrap
+interval (`mmap_jax.apps.stats`: seeds, then test images, one draw for both), computed from the
+runs' per-image `test_correct.npz`; the table marks intervals excluding 0 with '*'.
+`accuracies.csv` holds every (setting, seed, task) test (and validation) accuracy. The workdir may be a `gs://`-style URI: every read and write goes
 through `mmap_jax.paths` (etils.epath), results.json atomically.
 """
 from __future__ import annotations
@@ -62,6 +67,7 @@ from ml_collections.config_flags import config_path
 from mmap_jax import paths
 
 RESULTS_FILE = "results.json"
+CSV_FILE = "accuracies.csv"      # every (setting, seed, task) test accuracy, beside results.json
 TABLE_FILE = "results.md"
 PLOT_FILE = "accuracy_vs_params.png"
 AFFINITY_PLOT = "affinity.png"   # what a grouping run draws into its own workdir
@@ -353,15 +359,17 @@ RunFn = Callable[[mlc.ConfigDict, str], Any]
 
 
 def run(settings: Sequence[Setting], workdir: str, *, run_fn: Optional[RunFn] = None,
-        log: Callable[[str], None] = print) -> dict:
+        log: Callable[[str], None] = print, reference: Optional[str] = None) -> dict:
   """Runs every unfinished (setting, seed) in turn, then writes and prints the table; returns its
   JSON.
 
   A run that fails is reported and the others still run; a SweepError listing the failures is
   raised at the end (after the table of the finished ones is written). A preempted run (SIGTERM)
   stops the sweep: the host is going away; the returned dict then names it ('<setting>/seed=<s>')
-  under "preempted" (launch.sweep exits with the trainer's preemption status).
+  under "preempted" (launch.sweep exits with the trainer's preemption status). `reference`: see
+  `resolve_reference` (checked before the first run).
   """
+  resolve_reference(settings, reference)
   if run_fn is None:
     from mmap_jax.train import loop  # Deferred: --print_only needs no JAX.
     run_fn = loop.train_and_evaluate
@@ -389,7 +397,7 @@ def run(settings: Sequence[Setting], workdir: str, *, run_fn: Optional[RunFn] = 
       break
   from mmap_jax import parallel  # Multi-process: process 0 has written every results.json.
   parallel.sync("mmap_jax:sweep_outputs")
-  summary = write_outputs(settings, workdir, log=log)
+  summary = write_outputs(settings, workdir, log=log, reference=reference)
   if failed:
     raise SweepError("runs failed: " + "; ".join(f"{n} ({type(e).__name__}: {e})"
                                                   for n, e in failed))
@@ -431,13 +439,14 @@ def _read_run(workdir: paths.PathLike, r: Run) -> Optional[dict]:
   return json.loads(path.read_text())
 
 
-def collect(settings: Sequence[Setting], workdir: str) -> dict:
+def collect(settings: Sequence[Setting], workdir: str, reference: Optional[str] = None) -> dict:
   """The sweep's results.json dict from the finished runs' own results.json files.
 
   One row per setting with at least one finished seed: per-seed numbers and their mean / std.
   The test accuracy (`accuracy`) and the validation accuracy (`val_accuracy`, written by runs
   that select on a validation split) are kept apart; the latter only when every finished seed
-  of the row has it, so a mean never mixes runs with and without it.
+  of the row has it, so a mean never mixes runs with and without it. Each row's `delta_ci` is
+  its paired bootstrap interval against the `reference` setting (`add_delta_ci`).
   """
   tasks: dict[str, dict] = {}
   rows = []
@@ -477,7 +486,120 @@ def collect(settings: Sequence[Setting], workdir: str) -> dict:
   seeds = list(dict.fromkeys(r.seed for s in settings for r in s.runs))
   missing = [r.name for r in ordered_runs(settings)
              if not is_finished(paths.as_path(workdir) / r.name)]
-  return {"tasks": tasks, "seeds": seeds, "std": STD_NOTE, "missing": missing, "rows": rows}
+  summary = {"tasks": tasks, "seeds": seeds, "std": STD_NOTE, "missing": missing, "rows": rows}
+  add_delta_ci(summary, settings, workdir, reference)
+  return summary
+
+
+# ----------------------------------------------------------------------------- paired statistics
+
+DEFAULT_REFERENCE = "method=mmap_mt"
+NO_REFERENCE = ("none", "")   # --reference=none: no delta_ci column
+BOOTSTRAP = {"num_samples": 2000, "level": 0.95, "seed": 0, "image_draw": "shared"}
+DELTA_NOTE = ("delta_ci: the row's average test accuracy minus the reference's, mean over the "
+              "seeds both finished; [low, high] = 95% paired bootstrap interval (seeds, then the "
+              "test images of each task, drawn with replacement; one draw for both settings; "
+              "mmap_jax/apps/stats.py); '*' = the interval excludes 0")
+
+
+def resolve_reference(settings: Sequence[Setting], spec: Optional[str]
+                      ) -> tuple[Optional[Setting], str]:
+  """The reference setting named by `spec` ('method=mmap_mt', fields separated by ';'): the one
+  setting whose config has every given value (swept or not). (setting, note); the note says why
+  there is none. `spec=None` is the default 'method=mmap_mt', which may match no setting or
+  several (then no delta_ci, with a note); an explicit spec must match exactly one (SweepError
+  naming the field otherwise). 'none' turns the comparison off."""
+  explicit = spec is not None
+  spec = DEFAULT_REFERENCE if spec is None else spec.strip()
+  if spec.lower() in NO_REFERENCE:
+    return None, "no reference (--reference=none)"
+  if not settings:
+    return None, "no settings"
+  pairs = []
+  for part in (p.strip() for p in spec.split(";")):
+    field, has_eq, raw = part.partition("=")
+    field = field.strip().removeprefix("config.")
+    if not part or not has_eq or not field:
+      raise SweepError(f"--reference={spec!r}: {part!r} is not field=value (e.g. "
+                       f"--reference='{DEFAULT_REFERENCE}')")
+    pairs.append((field, _typed(field, raw.strip(), settings[0].config, "--reference ")))
+  matches = [s for s in settings
+             if all(config_path.get_value(f, s.config) == v for f, v in pairs)]
+  if len(matches) == 1:
+    return matches[0], f"reference: {matches[0].name}"
+  why = (f"--reference={spec!r} matches {len(matches)} settings"
+         + (f" ({', '.join(m.name for m in matches)}); add fields (';'-separated) to pick one"
+            if matches else f" (settings: {', '.join(s.name for s in settings)})"))
+  if explicit:
+    raise SweepError(why)
+  return None, why + "; no delta_ci"
+
+
+def _correct_per_seed(workdir: paths.PathLike, s: Setting) -> dict[int, dict]:
+  """{seed: {task: bool [n_test]}} of the setting's finished runs that wrote test_correct.npz."""
+  from mmap_jax.train import correctness  # Deferred: reading files needs no JAX compile.
+  out = {}
+  for r in s.runs:
+    if is_finished(paths.as_path(workdir) / r.name):
+      c = correctness.read_correct(paths.as_path(workdir) / r.name)
+      if c is not None:
+        out[r.seed] = c
+  return out
+
+
+def add_delta_ci(summary: dict, settings: Sequence[Setting], workdir: paths.PathLike,
+                 reference: Optional[str]) -> None:
+  """Every row gets `delta_ci` ({"mean", "low", "high", "excludes_zero", "seeds", ...} from
+  `stats.paired_delta_ci`, fractions) against the reference row, or None with `delta_ci_note`;
+  the reference row gets `reference: true`. summary["reference"] records the setting, the spec
+  and the bootstrap's parameters."""
+  from mmap_jax.apps import stats
+  ref, note = resolve_reference(settings, reference)
+  summary["reference"] = {"spec": DEFAULT_REFERENCE if reference is None else reference,
+                          "setting": ref.values if ref else None, "note": note,
+                          "bootstrap": dict(BOOTSTRAP), "definition": DELTA_NOTE}
+  by_values = {tuple(sorted(s.values.items())): s for s in settings}
+  ref_correct = _correct_per_seed(workdir, ref) if ref else {}
+  for row in summary["rows"]:
+    s = by_values[tuple(sorted(row["setting"].items()))]
+    row["delta_ci"] = None
+    if ref is None:
+      continue
+    if s is ref:
+      row["reference"] = True
+      continue
+    mine = _correct_per_seed(workdir, s)
+    seeds = [k for k in mine if k in ref_correct]
+    if not seeds:
+      row["delta_ci_note"] = ("no seed where both this setting and the reference wrote "
+                              "test_correct.npz")
+      continue
+    try:
+      ci = stats.paired_delta_ci([mine[k] for k in seeds], [ref_correct[k] for k in seeds],
+                                 **BOOTSTRAP)
+    except ValueError as e:  # e.g. runs over other test images: no pairing
+      row["delta_ci_note"] = f"not paired with the reference: {e}"
+      continue
+    row["delta_ci"] = ci | {"seeds": seeds}
+
+
+def accuracy_csv(summary: Mapping[str, Any], fields: Sequence[str]) -> str:
+  """One line per (setting, seed, task): the test accuracy (fraction) and, where the run has
+  one, the validation accuracy; the swept fields as columns."""
+  import csv
+  import io
+  buf = io.StringIO()
+  w = csv.writer(buf, lineterminator="\n")
+  w.writerow(["setting", *fields, "seed", "task", "test_accuracy", "val_accuracy"])
+  for row in summary["rows"]:
+    name = setting_name(tuple((k, row["setting"][k]) for k in fields))
+    values = [format_value(row["setting"][k]) for k in fields]
+    for i, seed in enumerate(row["seeds"]):
+      for t, stat in row["accuracy"].items():
+        val = row.get("val_accuracy", {}).get(t)
+        w.writerow([name, *values, seed, t, repr(stat["per_seed"][i]),
+                    "" if val is None else repr(val["per_seed"][i])])
+  return buf.getvalue()
 
 
 def format_stat(stat: Mapping[str, Any]) -> str:
@@ -493,12 +615,17 @@ def _params_cell(row: Mapping[str, Any]) -> str:
 
 def markdown_table(summary: Mapping[str, Any], fields: Sequence[str]) -> str:
   """Paper-style: one row per setting; swept fields, seeds, task accuracies (%), average,
-  validation average (when the runs have one), params; then a footnote saying what ± is."""
+  validation average (when the runs have one), the paired difference to the reference (when
+  any row has one), params; then a footnote saying what ± and delta_ci are."""
+  from mmap_jax.apps import stats
   tasks = list(summary["tasks"])
   keys = list(fields) or ["setting"]
   with_val = any("val_average" in row for row in summary["rows"])
+  with_delta = any(row.get("delta_ci") for row in summary["rows"])
   head = keys + ["seeds"] + [f"{t} ({summary['tasks'][t]['num_classes']})" for t in tasks]
   head += ["average"] + (["val average"] if with_val else [])
+  if with_delta:
+    head.append(f"delta_ci vs {summary['reference']['spec']}")
   head += ["trainable params", "trainable (%)"]
   lines = ["| " + " | ".join(head) + " |",
            "|" + "---|" * len(keys) + "---:|" * (len(head) - len(keys))]
@@ -511,6 +638,8 @@ def markdown_table(summary: Mapping[str, Any], fields: Sequence[str]) -> str:
     cells.append(f"**{format_stat(row['average'])}**")
     if with_val:
       cells.append(format_stat(row["val_average"]) if "val_average" in row else "-")
+    if with_delta:
+      cells.append("reference" if row.get("reference") else stats.format_ci(row.get("delta_ci")))
     cells += [_params_cell(row), f"{row['trainable_percent']:.4g}"]
     lines.append("| " + " | ".join(cells) + " |")
   seeds = ", ".join(map(str, summary["seeds"]))
@@ -519,20 +648,24 @@ def markdown_table(summary: Mapping[str, Any], fields: Sequence[str]) -> str:
   if with_val:
     note += (" val average: the same over the validation split, never mixed with test "
              "numbers ('-' where a run has none).")
+  if with_delta:
+    note += f" {DELTA_NOTE} (in points)."
   return "\n".join(lines + ["", note])
 
 
 def write_outputs(settings: Sequence[Setting], workdir: str, *,
-                  log: Callable[[str], None] = print) -> dict:
-  """results.json, results.md, the plots and the affinity copies; prints the table."""
+                  log: Callable[[str], None] = print, reference: Optional[str] = None) -> dict:
+  """results.json, results.md, accuracies.csv, the plots and the affinity copies; prints the
+  table."""
   import jax
-  summary = collect(settings, workdir)
+  summary = collect(settings, workdir, reference)
   fields = [f for f, _ in settings[0].fields] if settings else []
   table = markdown_table(summary, fields)
   if jax.process_index() == 0:
     workdir = paths.as_path(workdir)
     paths.write_text_atomic(workdir / RESULTS_FILE, json.dumps(summary, indent=2))
     paths.write_text_atomic(workdir / TABLE_FILE, table + "\n")
+    paths.write_text_atomic(workdir / CSV_FILE, accuracy_csv(summary, fields))
     label = lambda row: next(s.label for s in settings if s.values == row["setting"])
     plot_accuracy_vs_params(
         workdir / PLOT_FILE,
