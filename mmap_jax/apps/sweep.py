@@ -12,7 +12,16 @@ stopped half-way already compares all settings. `seed` cannot be a --sweep field
 setting are one table row (mean +- std), not separate rows.
 
 The seed (`config.seed`) draws the prompt init and the training batches (shuffle order and
-augmentation; the grouping warm-up uses seed+7 / seed+1). It does not touch the data: the
+augmentation; the grouping warm-up uses seed+7 / seed+1).
+
+Grouping against random partitions: `--sweep='groups.mode=gradient,random' --seeds=0,1,2,3,4`
+(groups.seed unset) gives the random row one partition per seed, drawn from the run's seed
+(`grouping_run.random_seed`), so its mean ± std and its delta_ci (--reference=
+'groups.mode=gradient') are over 5 random partitions, paired seed by seed with the gradient
+grouping's runs; the row's `groups` lists them and `distinct_groups` counts the distinct ones
+(few tasks have few balanced partitions: 4 tasks in 2 groups have 3). Fixing the partition while
+varying the training seed is `--sweep='groups.mode=random;groups.seed=0,1,2,3,4'` instead (one
+row per partition). It does not touch the data: the
 train/test split is drawn from `data.split_seed` (and the demo world from `data.demo_seed`), so
 all seeds of a sweep train and test on the same examples.
 
@@ -286,6 +295,13 @@ def parse_value(field: str, raw: str, kind: type) -> Any:
       return float(raw)
     if kind is str:
       return raw
+    if kind is object:  # a field of several types (groups.num_groups: an int or 'auto')
+      for parse in (int, float):
+        try:
+          return parse(raw)
+        except ValueError:
+          pass
+      return raw
   except ValueError as e:
     raise SweepError(f"{field}={raw!r}: not a valid {kind.__name__} ({e})") from None
   raise SweepError(f"{field}: fields of type {getattr(kind, '__name__', kind)} cannot be swept "
@@ -305,7 +321,7 @@ def _typed(field: str, value: Any, config: mlc.ConfigDict, where: str) -> Any:
     return parse_value(field, value, kind)
   if kind is float and isinstance(value, int) and not isinstance(value, bool):
     return float(value)
-  if not isinstance(value, kind):
+  if kind is not object and not isinstance(value, kind):
     raise SweepError(f"{where}{field}={value!r}: expected a {kind.__name__}")
   return value
 
@@ -479,6 +495,8 @@ def collect(settings: Sequence[Setting], workdir: str, reference: Optional[str] 
     if any("selection" in res for res in results):
       row["selection"] = [res.get("selection") for res in results]
     row["groups"] = [res.get("groups") for res in results]
+    if any(row["groups"]):  # e.g. groups.mode=random over seeds: how many partitions were drawn
+      row["distinct_groups"] = len({json.dumps(g) for g in row["groups"]})
     row |= {"trainable_params": int(round(float(np.mean(params)))),
             "trainable_percent": float(np.mean(percent)),
             "trainable_params_per_seed": params, "trainable_percent_per_seed": percent}
