@@ -29,7 +29,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from launch import distributed_flags
-from mmap_jax.apps import sweep
+from mmap_jax.apps import sweep, tune
 from launch import entry
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -46,6 +46,9 @@ _REFERENCE = flags.DEFINE_string(
     "reference", None, "field=value[;field=value]: the setting every row is compared with (a "
     "paired bootstrap 95% CI of the difference in average test accuracy, `delta_ci`). Default "
     f"{sweep.DEFAULT_REFERENCE!r} when exactly one setting matches it; 'none': no comparison.")
+_TUNED = flags.DEFINE_string(
+    "tuned", None, "tuned.json written by launch.tune: its value of the tuned field per method "
+    "(on top of --config.*; a swept field wins); --seeds must avoid its tuning seeds.")
 _PRINT_ONLY = flags.DEFINE_bool("print_only", False, "Print the launch.train command of every "
                                 "(setting, seed) instead of running them.")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -58,7 +61,8 @@ def main(argv):
   try:
     settings = sweep.make_settings(config_flags.get_config_filename(config_flag), _SWEEP.value,
                                    config_flags.get_override_values(config_flag),
-                                   seeds=sweep.parse_seeds(_SEEDS.value))
+                                   seeds=sweep.parse_seeds(_SEEDS.value),
+                                   tuned=tune.load_tuned(_TUNED.value) if _TUNED.value else None)
     sweep.resolve_reference(settings, _REFERENCE.value)
   except sweep.SweepError as e:
     raise app.UsageError(str(e)) from None

@@ -199,8 +199,13 @@ def parse_sweep(spec: Optional[str]) -> list[tuple[str, list[str]]]:
 
 def make_settings(config_ref: str, sweep: Optional[str],
                   overrides: Optional[Mapping[str, Any]] = None,
-                  seeds: Optional[Sequence[int]] = None) -> list[Setting]:
+                  seeds: Optional[Sequence[int]] = None,
+                  tuned: Optional[Mapping[str, Any]] = None) -> list[Setting]:
   """Every setting of the grid with one run per seed, each config built, typed and validated.
+
+  `tuned` (tuned.json of launch.tune: {"field", "tuning_seeds", "values": {method: value}})
+  sets `field` per method on top of the --config overrides (a swept field still wins), and the
+  seeds must then be disjoint from the tuning seeds (no winner's curse).
 
   `config_ref` is what --config got ("configs/demo.py:clip=/x,runlocal"); `overrides` are the
   --config.* values (typed, or strings parsed with the field's type), applied to every setting;
@@ -223,12 +228,21 @@ def make_settings(config_ref: str, sweep: Optional[str],
   if seeds is None:
     seeds = [int(overrides.get("seed", base.seed))]
   seeds = [int(_typed("seed", s, base, "--seeds ")) for s in seeds]
+  if tuned is not None:
+    shared = sorted(set(seeds) & {int(x) for x in tuned["tuning_seeds"]})
+    if shared:
+      raise SweepError(f"--seeds: {shared} were tuning seeds (--tuned); the final table needs "
+                       f"seeds disjoint from {list(tuned['tuning_seeds'])}")
   settings, errors = [], []
   for combo in itertools.product(*(values for _, values in axes)):
     fields = tuple(zip((f for f, _ in axes), combo))
     swept = dict(fields)
     ref, arg_i = config_ref, arg
-    ov = {k: v for k, v in overrides.items() if k not in swept} | swept
+    ov = {k: v for k, v in overrides.items() if k not in swept}
+    method = swept.get("method", ov.get("method", base.method))
+    if tuned is not None and method in tuned["values"] and tuned["field"] not in swept:
+      ov[tuned["field"]] = _typed(tuned["field"], tuned["values"][method], base, "--tuned ")
+    ov |= swept
     name = setting_name(fields)
     config = _built(module, path, arg_i, ov, name, errors)
     runs = []
