@@ -97,10 +97,15 @@ def base_config(*, method: str = "mmap_mt", runlocal: bool = False) -> mlc.Confi
   # all_in_one (one group of all tasks), one_per_task (T singleton groups)
   c.groups.mode = "gradient"
   c.groups.explicit = mlc.FieldReference(None, field_type=str)  # "Art+Product;Clipart+Real World"
-  c.groups.num_groups = 2       # 0: choose by threshold
+  # k groups, "auto" (k in 1..T by the partition objective, mmap_jax/grouping), 0: by threshold
+  c.groups.num_groups = mlc.FieldReference(2, field_type=object)
   c.groups.threshold = 0.0
   c.groups.warmup_steps = 100
   c.groups.every = 1
+  c.groups.affinity = "cosine"  # cosine of per-task gradients | tag (Fifty et al. 2021 lookahead)
+  # cosine: which tower's contribution to the gradient: text | visual | both (each normalised,
+  # then concatenated) | summed (the parameter gradient, the towers' contributions added)
+  c.groups.towers = "both"
   c.groups.affinity_params = "source"  # cosine over the shared MmAP's source prompts, or "all"
   c.groups.grad_ema = 0.0       # 0: per-step gradients; b in (0,1): cosine of an EMA (decay b)
   c.groups.init_from_warmup = False  # start every group-shared MmAP from the warm-up's MmAP

@@ -50,6 +50,6 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.optim_per_family = mlc.ConfigDict(per_family | per_method)
   c.train.steps = 400
   c.train.log_every = 20
-  c.train.eval_every = 200
+  c.train.eval_every = 80       # 5 validations (80, ..., 400): selection needs a choice (>= 5)
   c.train.ckpt_every = 100
   return common.finish(c, a)

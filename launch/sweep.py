@@ -14,7 +14,10 @@ Each (setting, seed) runs into `<workdir>/<setting>/seed=<s>` (`method=mmap_mt/s
 finished runs are skipped, so re-running a killed sweep resumes it. The table (rows =
 settings; seeds, tasks, average, trainable params; mean ± sample std over seeds) is printed and
 written to results.md / results.json (per-seed numbers), with accuracy_vs_params.png (± std error
-bars) and affinity_<setting>__seed=<s>.png, in --workdir.
+bars) and affinity_<setting>__seed=<s>.png, in --workdir, with accuracies.csv (every
+(setting, seed, task) accuracy). Every row also gets `delta_ci`: its difference in average test
+accuracy to the --reference setting (default method=mmap_mt) with a 95% paired bootstrap
+interval over seeds and test images; '*' marks intervals that exclude 0.
 
 --print_only prints one `python -m launch.train ... --config.seed=<s>` command per run instead
 (finished ones commented out), to start each on its own TPU slice; afterwards the same sweep
@@ -26,7 +29,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from launch import distributed_flags, entry, shared_flags
-from mmap_jax.apps import sweep
+from mmap_jax.apps import sweep, tune
 
 _CONFIG = shared_flags.config("Base experiment config file[:args]; --config.* overrides apply "
                                "to every setting.")
@@ -36,6 +39,13 @@ _SEEDS = flags.DEFINE_string("seeds", None, "Comma-separated int seeds, e.g. 0,1
                              "the config's own seed.")
 _WORKDIR = shared_flags.workdir("The sweep's directory: one sub-workdir per (setting, seed), the "
                                 "table and the plots; a local directory or a gs:// URI.")
+_REFERENCE = flags.DEFINE_string(
+    "reference", None, "field=value[;field=value]: the setting every row is compared with (a "
+    "paired bootstrap 95% CI of the difference in average test accuracy, `delta_ci`). Default "
+    f"{sweep.DEFAULT_REFERENCE!r} when exactly one setting matches it; 'none': no comparison.")
+_TUNED = flags.DEFINE_string(
+    "tuned", None, "tuned.json written by launch.tune: its value of the tuned field per method "
+    "(on top of --config.*; a swept field wins); --seeds must avoid its tuning seeds.")
 _PRINT_ONLY = flags.DEFINE_bool("print_only", False, "Print the launch.train command of every "
                                 "(setting, seed) instead of running them.")
 
@@ -46,14 +56,17 @@ def main(argv):
   try:
     settings = sweep.make_settings(config_flags.get_config_filename(config_flag), _SWEEP.value,
                                    config_flags.get_override_values(config_flag),
-                                   seeds=sweep.parse_seeds(_SEEDS.value))
+                                   seeds=sweep.parse_seeds(_SEEDS.value),
+                                   tuned=tune.load_tuned(_TUNED.value) if _TUNED.value else None)
+    sweep.resolve_reference(settings, _REFERENCE.value)
   except sweep.SweepError as e:
     raise app.UsageError(str(e)) from None
   if _PRINT_ONLY.value:
     print("\n".join(sweep.commands(settings, _WORKDIR.value)), flush=True)
     return
   distributed_flags.initialize()
-  out = sweep.run(settings, _WORKDIR.value, log=lambda s: print(s, flush=True))
+  out = sweep.run(settings, _WORKDIR.value, log=lambda s: print(s, flush=True),
+                  reference=_REFERENCE.value)
   if out.get("preempted"):
     from mmap_jax.train import loop  # pylint: disable=g-import-not-at-top
     sys.exit(loop.PREEMPTED_EXIT_CODE)

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from mmap_jax.apps import sweep
+from mmap_jax.apps import stats, sweep
 from mmap_jax.train import loop
 from tests import train_fixtures as fx
 
@@ -47,6 +47,7 @@ class _Recorder:
 
 
 SEEDS = (0, 1)
+REF = "method=zeroshot"   # the swept fixture's reference (no mmap_mt setting in it)
 RUNS = ["method=zeroshot/seed=0", "method=coop_mt/seed=0",
         "method=zeroshot/seed=1", "method=coop_mt/seed=1"]   # seed-major
 
@@ -58,7 +59,7 @@ def swept(env):
                                  seeds=SEEDS)
   workdir = env["root"] / "cmp"
   rec = _Recorder()
-  summary = sweep.run(settings, str(workdir), run_fn=rec, log=lambda s: None)
+  summary = sweep.run(settings, str(workdir), run_fn=rec, log=lambda s: None, reference=REF)
   return {"settings": settings, "workdir": workdir, "summary": summary, "ran": rec.ran}
 
 
@@ -104,10 +105,49 @@ def test_table_matches_per_run_results(swept):
     assert all(" ± " in c for c in cells[2:6])
     assert cells[6] == f"**{sweep.format_stat(row['average'])}**"
     assert cells[7] == sweep.format_stat(row["val_average"])
-    assert cells[8] == f"{row['trainable_params']:,}"
+    assert cells[8] == ("reference" if row["setting"] == {"method": "zeroshot"}
+                        else stats.format_ci(row["delta_ci"]))
+    assert cells[9] == f"{row['trainable_params']:,}"
   assert "mean ± sample std (ddof=1) over each row's seeds" in (workdir / "results.md").read_text()
   assert saved["rows"][0]["trainable_params"] == 0 < saved["rows"][1]["trainable_params"]
   assert (workdir / "accuracy_vs_params.png").read_bytes()[:8] == PNG_MAGIC
+
+
+@pytest.mark.slow
+def test_delta_ci_and_csv_come_from_the_runs_per_image_correctness(swept):
+  """Each run's test_correct.npz reproduces its accuracies; coop_mt's delta_ci against the
+  zero-shot reference is the mean over seeds of the average-accuracy difference, its interval
+  the paired bootstrap of those files; accuracies.csv lists every (setting, seed, task)."""
+  from mmap_jax.train import correctness
+  workdir, summary = swept["workdir"], swept["summary"]
+  zs, coop = summary["rows"]
+  assert summary["reference"]["setting"] == {"method": "zeroshot"}
+  assert zs["reference"] and zs["delta_ci"] is None
+  files = {}
+  for name in RUNS:
+    c = correctness.read_correct(workdir / name)
+    res = _per_run(workdir, name)
+    assert list(c) == list(res["tasks"])
+    for t, hits in c.items():
+      assert hits.dtype == bool and hits.size > 0
+      assert hits.mean() == pytest.approx(res["tasks"][t]["accuracy"], abs=1e-12)
+    files[name] = c
+  ci = coop["delta_ci"]
+  want = np.mean([a - b for a, b in zip(coop["average"]["per_seed"], zs["average"]["per_seed"])])
+  assert ci["mean"] == pytest.approx(want, abs=1e-9) and ci["seeds"] == [0, 1]
+  again = stats.paired_delta_ci([files[f"method=coop_mt/seed={s}"] for s in SEEDS],
+                                [files[f"method=zeroshot/seed={s}"] for s in SEEDS],
+                                **sweep.BOOTSTRAP)
+  assert {k: ci[k] for k in ("mean", "low", "high")} == {k: again[k] for k in ("mean", "low",
+                                                                               "high")}
+  assert ci["low"] <= ci["mean"] <= ci["high"]
+  assert ci["excludes_zero"] == (ci["low"] > 0 or ci["high"] < 0)
+  lines = (workdir / "accuracies.csv").read_text().splitlines()
+  assert lines[0] == "setting,method,seed,task,test_accuracy,val_accuracy"
+  assert len(lines) == 1 + 2 * 2 * 4
+  first = lines[1].split(",")
+  assert first[:4] == ["method=zeroshot", "zeroshot", "0", "photo"]
+  assert float(first[4]) == zs["accuracy"]["photo"]["per_seed"][0]
 
 
 @pytest.mark.slow
@@ -146,7 +186,7 @@ def test_resume_reruns_only_the_unfinished_run_from_its_own_checkpoints(swept):
   (redo / "results.json").unlink()
   (workdir / "method=zeroshot" / "seed=0" / "results.json").unlink()
   rec = _Recorder()
-  again = sweep.run(settings, str(workdir), run_fn=rec, log=lambda s: None)
+  again = sweep.run(settings, str(workdir), run_fn=rec, log=lambda s: None, reference=REF)
   assert rec.ran == ["method=zeroshot/seed=0", "method=coop_mt/seed=1"]
   assert kept.stat().st_mtime_ns == mtime
   # Restored at its last step (no new checkpoint, no training) and evaluated the same state.
@@ -184,7 +224,7 @@ def test_cli_print_only_runs_as_is_and_resume_only_tabulates(env, swept):
   """--print_only lines are runnable launch.train commands; a finished sweep only tabulates."""
   workdir = swept["workdir"]
   flags = [f"--config={env['ref']}", "--sweep=method=zeroshot,coop_mt", "--seeds=0,1",
-           f"--workdir={workdir}", *fx.override_flags(env["data"])]
+           f"--reference={REF}", f"--workdir={workdir}", *fx.override_flags(env["data"])]
   proc = subprocess.run([sys.executable, "-m", "launch.sweep", *flags, "--print_only"], cwd=REPO,
                         env=fx.subprocess_env(), capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -209,6 +249,7 @@ def test_cli_print_only_runs_as_is_and_resume_only_tabulates(env, swept):
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "2 settings x 2 seeds (0, 1) = 4 runs, 4 finished, 0 to run" in proc.stdout
   assert "| zeroshot | 2 |" in proc.stdout and "| coop_mt | 2 |" in proc.stdout
+  assert f"delta_ci vs {REF} |" in proc.stdout   # the runlocal sweep prints the delta_ci column
   # The same table but for the rerun zeroshot's measured training cost (its wall time).
   drop = lambda s: {**s, "rows": [{k: v for k, v in r.items() if k != "cost"} for r in s["rows"]]}
   assert drop(json.loads((workdir / "results.json").read_text())) == drop(json.loads(
@@ -292,6 +333,63 @@ def _fake_run(workdir: pathlib.Path, acc: dict, params: int = 100, percent: floa
   if val is not None:
     res["val_accuracy"] = val
   (workdir / "results.json").write_text(json.dumps(res))
+
+
+def _fake_correct(workdir: pathlib.Path, hits: dict) -> None:
+  from mmap_jax.train import correctness
+  correctness.write_correct(workdir, {t: np.asarray(h, bool) for t, h in hits.items()})
+
+
+def test_delta_ci_marks_intervals_that_exclude_zero(env, tmp_path):
+  """Fake per-image files with known answers: coop_mt is wrong on every image the reference
+  mmap_mt gets right (all: delta exactly -1 on every draw, marked), vpt_mt equals the reference
+  (exactly 0: not marked);
+  --reference picks the row; the default picks method=mmap_mt."""
+  settings = sweep.make_settings(env["ref"], "method=mmap_mt,coop_mt,vpt_mt",
+                                 _overrides(env["data"]), seeds=[0, 1])
+  hits = {"method=mmap_mt": [1, 1, 1, 1], "method=coop_mt": [0, 0, 0, 0],
+          "method=vpt_mt": [1, 1, 1, 1]}
+  for s in settings:
+    for r in s.runs:
+      _fake_run(tmp_path / r.name, {"a": float(np.mean(hits[s.name]))})
+      _fake_correct(tmp_path / r.name, {"a": hits[s.name]})
+  summary = sweep.write_outputs(settings, str(tmp_path), log=lambda s: None)
+  mmap, coop, vpt = summary["rows"]
+  assert summary["reference"]["setting"] == {"method": "mmap_mt"} and mmap["reference"]
+  assert {k: coop["delta_ci"][k] for k in ("mean", "low", "high", "excludes_zero")} == {
+      "mean": -1.0, "low": -1.0, "high": -1.0, "excludes_zero": True}
+  assert (vpt["delta_ci"]["low"], vpt["delta_ci"]["high"]) == (0.0, 0.0)
+  md = (tmp_path / "results.md").read_text().splitlines()
+  assert _cells(md[0])[4] == "delta_ci vs method=mmap_mt"
+  assert [_cells(l)[4] for l in md[2:5]] == ["reference", "-100.00 [-100.00, -100.00] *",
+                                             "+0.00 [+0.00, +0.00]"]
+  assert "'*' = the interval excludes 0" in md[-1]
+  other = sweep.write_outputs(settings, str(tmp_path), log=lambda s: None,
+                              reference="method=coop_mt")
+  assert other["rows"][0]["delta_ci"]["mean"] == 1.0 and other["rows"][1]["reference"]
+  # A run without test_correct.npz (an older run): no interval, with the reason.
+  (tmp_path / "method=vpt_mt/seed=0/test_correct.npz").unlink()
+  (tmp_path / "method=vpt_mt/seed=1/test_correct.npz").unlink()
+  vpt = sweep.write_outputs(settings, str(tmp_path), log=lambda s: None)["rows"][2]
+  assert vpt["delta_ci"] is None and "test_correct.npz" in vpt["delta_ci_note"]
+
+
+def test_reference_must_name_one_setting(env):
+  settings = sweep.make_settings(env["ref"], "method=coop_mt,mmap_mt;optim.lr=0.01,0.02",
+                                 _overrides(env["data"]))
+  ref, note = sweep.resolve_reference(settings, None)       # default: ambiguous here, no CI
+  assert ref is None and "matches 2 settings" in note
+  with pytest.raises(sweep.SweepError, match="matches 2 settings"):
+    sweep.resolve_reference(settings, "method=mmap_mt")
+  ref, _ = sweep.resolve_reference(settings, "method=mmap_mt;optim.lr=0.02")
+  assert ref.name == "method=mmap_mt__optim.lr=0.02"
+  with pytest.raises(sweep.SweepError, match="--reference optim.lrr: no such config field"):
+    sweep.resolve_reference(settings, "optim.lrr=1")
+  with pytest.raises(sweep.SweepError, match="matches 0 settings"):
+    sweep.resolve_reference(settings, "method=vpt_mt")
+  assert sweep.resolve_reference(settings, "none")[0] is None
+  with pytest.raises(sweep.SweepError, match="matches 0 settings"):
+    sweep.run(settings, "/tmp/never-run", run_fn=lambda c, w: None, reference="method=vpt_mt")
 
 
 def test_seed_expansion_names_configs_and_commands(env):

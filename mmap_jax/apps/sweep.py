@@ -12,7 +12,16 @@ stopped half-way already compares all settings. `seed` cannot be a --sweep field
 setting are one table row (mean +- std), not separate rows.
 
 The seed (`config.seed`) draws the prompt init and the training batches (shuffle order and
-augmentation; the grouping warm-up uses seed+7 / seed+1). It does not touch the data: the
+augmentation; the grouping warm-up uses seed+7 / seed+1).
+
+Grouping against random partitions: `--sweep='groups.mode=gradient,random' --seeds=0,1,2,3,4`
+(groups.seed unset) gives the random row one partition per seed, drawn from the run's seed
+(`grouping_run.random_seed`), so its mean ± std and its delta_ci (--reference=
+'groups.mode=gradient') are over 5 random partitions, paired seed by seed with the gradient
+grouping's runs; the row's `groups` lists them and `distinct_groups` counts the distinct ones
+(few tasks have few balanced partitions: 4 tasks in 2 groups have 3). Fixing the partition while
+varying the training seed is `--sweep='groups.mode=random;groups.seed=0,1,2,3,4'` instead (one
+row per partition). It does not touch the data: the
 train/test split is drawn from `data.split_seed` (and the demo world from `data.demo_seed`), so
 all seeds of a sweep train and test on the same examples.
 
@@ -40,7 +49,12 @@ picks a different number of groups per seed) and their "_per_seed" lists), `resu
 paper-style table: rows = settings, columns = swept fields, seeds, tasks, average, val average,
 trainable params; cells mean +- sample std, ddof=1), `accuracy_vs_params.png` (the paper's
 Figure 1 shape, with +-std error bars) and `affinity_<setting>__seed=<s>.png` for each run whose
-grouping drew a heatmap. The workdir may be a `gs://`-style URI: every read and write goes
+grouping drew a heatmap. Paired statistics: every row's `delta_ci` = {"mean", "low", "high",
+"excludes_zero", "seeds", ...} is its average test accuracy minus the reference setting's
+(`--reference`, default method=mmap_mt; `resolve_reference`) with a 95% paired bootstrap
+interval (`mmap_jax.apps.stats`: seeds, then test images, one draw for both), computed from the
+runs' per-image `test_correct.npz`; the table marks intervals excluding 0 with '*'.
+`accuracies.csv` holds every (setting, seed, task) test (and validation) accuracy. The workdir may be a `gs://`-style URI: every read and write goes
 through `mmap_jax.paths` (etils.epath), results.json atomically.
 """
 from __future__ import annotations
@@ -65,6 +79,7 @@ from ml_collections.config_flags import config_path
 from mmap_jax import paths
 
 RESULTS_FILE = "results.json"
+CSV_FILE = "accuracies.csv"      # every (setting, seed, task) test accuracy, beside results.json
 TABLE_FILE = "results.md"
 PLOT_FILE = "accuracy_vs_params.png"
 AFFINITY_PLOT = "affinity.png"   # what a grouping run draws into its own workdir
@@ -187,8 +202,13 @@ def parse_sweep(spec: Optional[str]) -> list[tuple[str, list[str]]]:
 
 def make_settings(config_ref: str, sweep: Optional[str],
                   overrides: Optional[Mapping[str, Any]] = None,
-                  seeds: Optional[Sequence[int]] = None) -> list[Setting]:
+                  seeds: Optional[Sequence[int]] = None,
+                  tuned: Optional[Mapping[str, Any]] = None) -> list[Setting]:
   """Every setting of the grid with one run per seed, each config built, typed and validated.
+
+  `tuned` (tuned.json of launch.tune: {"field", "tuning_seeds", "values": {method: value}})
+  sets `field` per method on top of the --config overrides (a swept field still wins), and the
+  seeds must then be disjoint from the tuning seeds (no winner's curse).
 
   `config_ref` is what --config got ("configs/demo.py:clip=/x,runlocal"); `overrides` are the
   --config.* values (typed, or strings parsed with the field's type), applied to every setting;
@@ -211,12 +231,21 @@ def make_settings(config_ref: str, sweep: Optional[str],
   if seeds is None:
     seeds = [int(overrides.get("seed", base.seed))]
   seeds = [int(_typed("seed", s, base, "--seeds ")) for s in seeds]
+  if tuned is not None:
+    shared = sorted(set(seeds) & {int(x) for x in tuned["tuning_seeds"]})
+    if shared:
+      raise SweepError(f"--seeds: {shared} were tuning seeds (--tuned); the final table needs "
+                       f"seeds disjoint from {list(tuned['tuning_seeds'])}")
   settings, errors = [], []
   for combo in itertools.product(*(values for _, values in axes)):
     fields = tuple(zip((f for f, _ in axes), combo))
     swept = dict(fields)
     ref, arg_i = config_ref, arg
-    ov = {k: v for k, v in overrides.items() if k not in swept} | swept
+    ov = {k: v for k, v in overrides.items() if k not in swept}
+    method = swept.get("method", ov.get("method", base.method))
+    if tuned is not None and method in tuned["values"] and tuned["field"] not in swept:
+      ov[tuned["field"]] = _typed(tuned["field"], tuned["values"][method], base, "--tuned ")
+    ov |= swept
     name = setting_name(fields)
     config = _built(module, path, arg_i, ov, name, errors)
     runs = []
@@ -299,7 +328,7 @@ def _typed(field: str, value: Any, config: mlc.ConfigDict, where: str) -> Any:
     return parse_value(field, value, config)
   if kind is float and isinstance(value, int) and not isinstance(value, bool):
     return float(value)
-  if not isinstance(value, kind):
+  if kind is not object and not isinstance(value, kind):
     raise SweepError(f"{where}{field}={value!r}: expected a {kind.__name__}")
   return value
 
@@ -356,15 +385,17 @@ RunFn = Callable[[mlc.ConfigDict, str], Any]
 
 
 def run(settings: Sequence[Setting], workdir: str, *, run_fn: Optional[RunFn] = None,
-        log: Callable[[str], None] = print) -> dict:
+        log: Callable[[str], None] = print, reference: Optional[str] = None) -> dict:
   """Runs every unfinished (setting, seed) in turn, then writes and prints the table; returns its
   JSON.
 
   A run that fails is reported and the others still run; a SweepError listing the failures is
   raised at the end (after the table of the finished ones is written). A preempted run (SIGTERM)
   stops the sweep: the host is going away; the returned dict then names it ('<setting>/seed=<s>')
-  under "preempted" (launch.sweep exits with the trainer's preemption status).
+  under "preempted" (launch.sweep exits with the trainer's preemption status). `reference`: see
+  `resolve_reference` (checked before the first run).
   """
+  resolve_reference(settings, reference)
   if run_fn is None:
     from mmap_jax.train import loop  # Deferred: --print_only needs no JAX.
     run_fn = loop.train_and_evaluate
@@ -392,7 +423,7 @@ def run(settings: Sequence[Setting], workdir: str, *, run_fn: Optional[RunFn] = 
       break
   from mmap_jax import parallel  # Multi-process: process 0 has written every results.json.
   parallel.sync("mmap_jax:sweep_outputs")
-  summary = write_outputs(settings, workdir, log=log)
+  summary = write_outputs(settings, workdir, log=log, reference=reference)
   if failed:
     raise SweepError("runs failed: " + "; ".join(f"{n} ({type(e).__name__}: {e})"
                                                   for n, e in failed))
@@ -434,13 +465,14 @@ def _read_run(workdir: paths.PathLike, r: Run) -> Optional[dict]:
   return json.loads(path.read_text())
 
 
-def collect(settings: Sequence[Setting], workdir: str) -> dict:
+def collect(settings: Sequence[Setting], workdir: str, reference: Optional[str] = None) -> dict:
   """The sweep's results.json dict from the finished runs' own results.json files.
 
   One row per setting with at least one finished seed: per-seed numbers and their mean / std.
   The test accuracy (`accuracy`) and the validation accuracy (`val_accuracy`, written by runs
   that select on a validation split) are kept apart; the latter only when every finished seed
-  of the row has it, so a mean never mixes runs with and without it.
+  of the row has it, so a mean never mixes runs with and without it. Each row's `delta_ci` is
+  its paired bootstrap interval against the `reference` setting (`add_delta_ci`).
   """
   tasks: dict[str, dict] = {}
   rows = []
@@ -475,6 +507,8 @@ def collect(settings: Sequence[Setting], workdir: str) -> dict:
     row["groups"] = [res.get("groups") for res in results]
     if all(res.get("cost") for res in results):  # training cost (issue 29): steps, wall time
       row["cost"] = cost_summary([res["cost"] for res in results])
+    if any(row["groups"]):  # e.g. groups.mode=random over seeds: how many partitions were drawn
+      row["distinct_groups"] = len({json.dumps(g) for g in row["groups"]})
     row |= {"trainable_params": int(round(float(np.mean(params)))),
             "trainable_percent": float(np.mean(percent)),
             "trainable_params_per_seed": params, "trainable_percent_per_seed": percent}
@@ -482,7 +516,120 @@ def collect(settings: Sequence[Setting], workdir: str) -> dict:
   seeds = list(dict.fromkeys(r.seed for s in settings for r in s.runs))
   missing = [r.name for r in ordered_runs(settings)
              if not is_finished(paths.as_path(workdir) / r.name)]
-  return {"tasks": tasks, "seeds": seeds, "std": STD_NOTE, "missing": missing, "rows": rows}
+  summary = {"tasks": tasks, "seeds": seeds, "std": STD_NOTE, "missing": missing, "rows": rows}
+  add_delta_ci(summary, settings, workdir, reference)
+  return summary
+
+
+# ----------------------------------------------------------------------------- paired statistics
+
+DEFAULT_REFERENCE = "method=mmap_mt"
+NO_REFERENCE = ("none", "")   # --reference=none: no delta_ci column
+BOOTSTRAP = {"num_samples": 2000, "level": 0.95, "seed": 0, "image_draw": "shared"}
+DELTA_NOTE = ("delta_ci: the row's average test accuracy minus the reference's, mean over the "
+              "seeds both finished; [low, high] = 95% paired bootstrap interval (seeds, then the "
+              "test images of each task, drawn with replacement; one draw for both settings; "
+              "mmap_jax/apps/stats.py); '*' = the interval excludes 0")
+
+
+def resolve_reference(settings: Sequence[Setting], spec: Optional[str]
+                      ) -> tuple[Optional[Setting], str]:
+  """The reference setting named by `spec` ('method=mmap_mt', fields separated by ';'): the one
+  setting whose config has every given value (swept or not). (setting, note); the note says why
+  there is none. `spec=None` is the default 'method=mmap_mt', which may match no setting or
+  several (then no delta_ci, with a note); an explicit spec must match exactly one (SweepError
+  naming the field otherwise). 'none' turns the comparison off."""
+  explicit = spec is not None
+  spec = DEFAULT_REFERENCE if spec is None else spec.strip()
+  if spec.lower() in NO_REFERENCE:
+    return None, "no reference (--reference=none)"
+  if not settings:
+    return None, "no settings"
+  pairs = []
+  for part in (p.strip() for p in spec.split(";")):
+    field, has_eq, raw = part.partition("=")
+    field = field.strip().removeprefix("config.")
+    if not part or not has_eq or not field:
+      raise SweepError(f"--reference={spec!r}: {part!r} is not field=value (e.g. "
+                       f"--reference='{DEFAULT_REFERENCE}')")
+    pairs.append((field, _typed(field, raw.strip(), settings[0].config, "--reference ")))
+  matches = [s for s in settings
+             if all(config_path.get_value(f, s.config) == v for f, v in pairs)]
+  if len(matches) == 1:
+    return matches[0], f"reference: {matches[0].name}"
+  why = (f"--reference={spec!r} matches {len(matches)} settings"
+         + (f" ({', '.join(m.name for m in matches)}); add fields (';'-separated) to pick one"
+            if matches else f" (settings: {', '.join(s.name for s in settings)})"))
+  if explicit:
+    raise SweepError(why)
+  return None, why + "; no delta_ci"
+
+
+def _correct_per_seed(workdir: paths.PathLike, s: Setting) -> dict[int, dict]:
+  """{seed: {task: bool [n_test]}} of the setting's finished runs that wrote test_correct.npz."""
+  from mmap_jax.train import correctness  # Deferred: reading files needs no JAX compile.
+  out = {}
+  for r in s.runs:
+    if is_finished(paths.as_path(workdir) / r.name):
+      c = correctness.read_correct(paths.as_path(workdir) / r.name)
+      if c is not None:
+        out[r.seed] = c
+  return out
+
+
+def add_delta_ci(summary: dict, settings: Sequence[Setting], workdir: paths.PathLike,
+                 reference: Optional[str]) -> None:
+  """Every row gets `delta_ci` ({"mean", "low", "high", "excludes_zero", "seeds", ...} from
+  `stats.paired_delta_ci`, fractions) against the reference row, or None with `delta_ci_note`;
+  the reference row gets `reference: true`. summary["reference"] records the setting, the spec
+  and the bootstrap's parameters."""
+  from mmap_jax.apps import stats
+  ref, note = resolve_reference(settings, reference)
+  summary["reference"] = {"spec": DEFAULT_REFERENCE if reference is None else reference,
+                          "setting": ref.values if ref else None, "note": note,
+                          "bootstrap": dict(BOOTSTRAP), "definition": DELTA_NOTE}
+  by_values = {tuple(sorted(s.values.items())): s for s in settings}
+  ref_correct = _correct_per_seed(workdir, ref) if ref else {}
+  for row in summary["rows"]:
+    s = by_values[tuple(sorted(row["setting"].items()))]
+    row["delta_ci"] = None
+    if ref is None:
+      continue
+    if s is ref:
+      row["reference"] = True
+      continue
+    mine = _correct_per_seed(workdir, s)
+    seeds = [k for k in mine if k in ref_correct]
+    if not seeds:
+      row["delta_ci_note"] = ("no seed where both this setting and the reference wrote "
+                              "test_correct.npz")
+      continue
+    try:
+      ci = stats.paired_delta_ci([mine[k] for k in seeds], [ref_correct[k] for k in seeds],
+                                 **BOOTSTRAP)
+    except ValueError as e:  # e.g. runs over other test images: no pairing
+      row["delta_ci_note"] = f"not paired with the reference: {e}"
+      continue
+    row["delta_ci"] = ci | {"seeds": seeds}
+
+
+def accuracy_csv(summary: Mapping[str, Any], fields: Sequence[str]) -> str:
+  """One line per (setting, seed, task): the test accuracy (fraction) and, where the run has
+  one, the validation accuracy; the swept fields as columns."""
+  import csv
+  import io
+  buf = io.StringIO()
+  w = csv.writer(buf, lineterminator="\n")
+  w.writerow(["setting", *fields, "seed", "task", "test_accuracy", "val_accuracy"])
+  for row in summary["rows"]:
+    name = setting_name(tuple((k, row["setting"][k]) for k in fields))
+    values = [format_value(row["setting"][k]) for k in fields]
+    for i, seed in enumerate(row["seeds"]):
+      for t, stat in row["accuracy"].items():
+        val = row.get("val_accuracy", {}).get(t)
+        w.writerow([name, *values, seed, t, repr(stat["per_seed"][i]),
+                    "" if val is None else repr(val["per_seed"][i])])
+  return buf.getvalue()
 
 
 def cost_summary(costs: Sequence[Mapping[str, Any]]) -> dict:
@@ -524,12 +671,17 @@ def _params_cell(row: Mapping[str, Any]) -> str:
 
 def markdown_table(summary: Mapping[str, Any], fields: Sequence[str]) -> str:
   """Paper-style: one row per setting; swept fields, seeds, task accuracies (%), average,
-  validation average (when the runs have one), params; then a footnote saying what ± is."""
+  validation average (when the runs have one), the paired difference to the reference (when
+  any row has one), params; then a footnote saying what ± and delta_ci are."""
+  from mmap_jax.apps import stats
   tasks = list(summary["tasks"])
   keys = list(fields) or ["setting"]
   with_val = any("val_average" in row for row in summary["rows"])
+  with_delta = any(row.get("delta_ci") for row in summary["rows"])
   head = keys + ["seeds"] + [f"{t} ({summary['tasks'][t]['num_classes']})" for t in tasks]
   head += ["average"] + (["val average"] if with_val else [])
+  if with_delta:
+    head.append(f"delta_ci vs {summary['reference']['spec']}")
   head += ["trainable params", "trainable (%)"]
   with_cost = any("cost" in row for row in summary["rows"])
   head += ["training cost"] if with_cost else []
@@ -544,6 +696,8 @@ def markdown_table(summary: Mapping[str, Any], fields: Sequence[str]) -> str:
     cells.append(f"**{format_stat(row['average'])}**")
     if with_val:
       cells.append(format_stat(row["val_average"]) if "val_average" in row else "-")
+    if with_delta:
+      cells.append("reference" if row.get("reference") else stats.format_ci(row.get("delta_ci")))
     cells += [_params_cell(row), f"{row['trainable_percent']:.4g}"]
     cells += [_cost_cell(row)] if with_cost else []
     lines.append("| " + " | ".join(cells) + " |")
@@ -556,20 +710,24 @@ def markdown_table(summary: Mapping[str, Any], fields: Sequence[str]) -> str:
   if with_cost:
     note += (" training cost: optimizer steps on the final parameters (+ the grouping warm-up's "
              "steps; '(in budget)': counted in them), wall seconds on the host (mean ± std).")
+  if with_delta:
+    note += f" {DELTA_NOTE} (in points)."
   return "\n".join(lines + ["", note])
 
 
 def write_outputs(settings: Sequence[Setting], workdir: str, *,
-                  log: Callable[[str], None] = print) -> dict:
-  """results.json, results.md, the plots and the affinity copies; prints the table."""
+                  log: Callable[[str], None] = print, reference: Optional[str] = None) -> dict:
+  """results.json, results.md, accuracies.csv, the plots and the affinity copies; prints the
+  table."""
   import jax
-  summary = collect(settings, workdir)
+  summary = collect(settings, workdir, reference)
   fields = [f for f, _ in settings[0].fields] if settings else []
   table = markdown_table(summary, fields)
   if jax.process_index() == 0:
     workdir = paths.as_path(workdir)
     paths.write_text_atomic(workdir / RESULTS_FILE, json.dumps(summary, indent=2))
     paths.write_text_atomic(workdir / TABLE_FILE, table + "\n")
+    paths.write_text_atomic(workdir / CSV_FILE, accuracy_csv(summary, fields))
     label = lambda row: next(s.label for s in settings if s.values == row["setting"])
     plot_accuracy_vs_params(
         workdir / PLOT_FILE,

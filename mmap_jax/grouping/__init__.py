@@ -29,7 +29,23 @@ Number of groups: `num_groups=k` (exactly k groups), or `threshold=t` (the FEWES
 every group is coherent - its mean pairwise affinity is >= t, singletons trivially so - best J
 among those; agglomerative: merge while the best average linkage is >= t, which gives the same
 guarantee since a merge of coherent groups with cross-linkage >= t is coherent), or neither (the
-partition with the best J over any number of groups).
+partition with the best J over any number of groups; the trainer's `groups.num_groups=auto`).
+
+Why J can choose k itself (auto) without drifting to k = 1 or k = T:
+  - not k = T: a singleton scores 0, so any group whose members have positive mean affinity to
+    each other beats splitting it; all singletons win only when every merge has a non-positive
+    affinity (conflicting or unrelated tasks).
+  - not k = 1: a task scores the MEAN (not the sum) of its affinities to its mates, so adding a
+    task it agrees with less than with its current mates lowers its score; a uniform affinity
+    a > 0 scores a for every partition without singletons, and the tie goes to fewer groups.
+  - scale-free: multiplying A by c > 0 keeps the argmax (cosines and TAG's Z live on different
+    scales), while adding a constant c to every off-diagonal entry does not: it is the
+    evidence, and the singleton's 0 is the reference.
+  Planted structure (blocks of high within- and low or negative cross-affinity) is recovered
+  exactly, whatever the block sizes (tests/test_grouping.py).
+
+Affinity (`affinity`): the cosine of per-task gradients (optionally per tower, each tower
+normalised) or TAG's lookahead affinity (Fifty et al. 2021), see `affinity`'s docstring.
 
 Outputs in the workdir: `affinity.npy`, `affinity.png`, `groups.json` (with the best alternative
 partitions and their scores), `affinity_history.npy`; `load_groups` reads them. A config may
@@ -40,8 +56,9 @@ Modules: `affinity` (gradients -> affinity), `partitions` (affinity -> groups), 
 workdir's grouping files). Everything public is re-exported here (`from mmap_jax import grouping`).
 """
 # pylint: disable=g-importing-member
-from mmap_jax.grouping.affinity import (AffinityState, affinity_size, cosine_affinity,
-                                        flatten_task_grads, grouping_step, per_task_gradients,
+from mmap_jax.grouping.affinity import (AFFINITIES, AffinityState, Split, affinity_signal,
+                                        affinity_size, cosine_affinity, flatten_task_grads,
+                                        grouping_step, lookahead_affinity, per_task_gradients,
                                         warmup_affinity)
 from mmap_jax.grouping.files import (AFFINITY_FILE, FORMAT, GROUPS_FILE, HISTORY_FILE, PLOT_FILE,
                                      finalize_grouping, load_grouping, load_groups,

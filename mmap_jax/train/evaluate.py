@@ -59,10 +59,12 @@ def to_host(x: jax.Array) -> np.ndarray:
 def evaluate(learned: Any, clip_params: Any, class_tokens: heads.ClassTokens,
              tasks: Sequence[sources.TaskData], eval_fns: tuple[Callable, Callable], *,
              batch_size: int, image_size: int, sharding=None, worker_count: int = 0,
-             split: str = "test") -> dict[str, float]:
+             split: str = "test", return_correct: bool = False):
   """{task name: accuracy in [0, 1]} over each task's whole `split` ('test' or 'val').
 
   Tasks whose split is empty (no validation examples) are left out of the dict.
+  `return_correct=True` returns (accuracy, {task name: bool [n]}), the per-example correctness
+  indexed by record index within the split (what the sweep's paired bootstrap resamples).
   """
   position = {t.task_id: i for i, t in enumerate(tasks)}  # Row of prompts / class tokens.
   tasks = [t for t in tasks if len(pipeline.eval_source(t, split))]
@@ -72,16 +74,23 @@ def evaluate(learned: Any, clip_params: Any, class_tokens: heads.ClassTokens,
   correct = np.zeros(len(tasks), np.int64)
   count = np.zeros(len(tasks), np.int64)
   slot = {t.task_id: k for k, t in enumerate(tasks)}
+  per_example = [np.zeros(len(pipeline.eval_source(t, split)), bool) for t in tasks]
   for batch in pipeline.eval_batches(tasks, batch_size=batch_size, image_size=image_size,
-                                     sharding=sharding, worker_count=worker_count, split=split):
+                                     sharding=sharding, worker_count=worker_count, split=split,
+                                     with_index=True):
     i, k = position[batch["task"]], slot[batch["task"]]
     pred = batch_fn(learned, clip_params, text_feats, class_mask, batch["image"],
                     jnp.asarray(i, jnp.int32))
     mask = to_host(batch["mask"])
-    correct[k] += int(((to_host(pred) == to_host(batch["label"])) & mask).sum())
+    hit = (to_host(pred) == to_host(batch["label"])) & mask
+    correct[k] += int(hit.sum())
     count[k] += int(mask.sum())
+    per_example[k][to_host(batch["index"])[mask]] = hit[mask]
   for t, n in zip(tasks, count):
     if n != len(pipeline.eval_source(t, split)):
       raise RuntimeError(f"{split} evaluation of task {t.info.name!r} saw {n} examples, "
                          f"expected {len(pipeline.eval_source(t, split))}")
-  return {t.info.name: float(c / max(n, 1)) for t, c, n in zip(tasks, correct, count)}
+  accuracy = {t.info.name: float(c / max(n, 1)) for t, c, n in zip(tasks, correct, count)}
+  if return_correct:
+    return accuracy, {t.info.name: c for t, c in zip(tasks, per_example)}
+  return accuracy

@@ -3,8 +3,13 @@
 `groups.mode`:
   gradient      (the paper) warm up one shared MmAP on all tasks; each step computes all
                 per-task gradients in ONE vmap (about one training step), updates the shared
-                MmAP with their mean and accumulates the cosine affinity of the gradients named
-                by `groups.affinity_params` (optionally EMA'd, `groups.grad_ema`); then partition.
+                MmAP with their mean and accumulates the task affinity (`groups.affinity`):
+                cosine of the gradients named by `groups.affinity_params`, per tower
+                (`groups.towers`: text | visual | both, each tower's contribution to the source
+                gradient normalised | summed, the plain parameter gradient), optionally EMA'd
+                (`groups.grad_ema`); or TAG's lookahead affinity (`tag`, Fifty et al. 2021, at
+                the warm-up's learning rate). Then partition into `groups.num_groups` groups
+                (k, or `auto`: k chosen by the objective, see mmap_jax/grouping).
   random        a seeded random partition into `groups.num_groups` balanced groups
   all_in_one    one group of all tasks          one_per_task   T singleton groups
   explicit      `groups.explicit`
@@ -36,7 +41,8 @@ from safetensors.numpy import load as load_safetensors, save as save_safetensors
 from mmap_jax import grouping, heads, parallel, paths
 from mmap_jax.groups import Groups
 from mmap_jax.data import pipeline, sources
-from mmap_jax.prompts import multitask
+from mmap_jax.prompts import mmap as mmap_prompt, multitask
+from mmap_jax.prompts.base import PromptTokens
 from mmap_jax.prompts.spec import GROUPED_METHODS, PromptSpec
 from mmap_jax.train import chunks, optim, setup
 
@@ -64,35 +70,104 @@ def affinity_filter(which: str):
   raise setup.ConfigError(f"groups.affinity_params={which!r}; allowed: {setup.AFFINITY_PARAMS}")
 
 
+# ----------------------------------------------------------------------------- per-tower gradients
+
+def _split_sources(learned: Any) -> Any:
+  """MmAP {"source", "scale_text", "scale_visual"} -> the source once per tower."""
+  s = dict(learned["shared"])
+  source = s.pop("source")
+  return {"shared": {**s, "source_text": source, "source_visual": source}}
+
+
+def _merge_sources(grads: Any) -> Any:
+  """The transpose of `_split_sources`: the source's gradient is the sum of its copies'."""
+  s = dict(grads["shared"])
+  source = s.pop("source_text") + s.pop("source_visual")
+  return {"shared": {**s, "source": source}}
+
+
+TOWER_SPLIT = grouping.Split(_split_sources, _merge_sources)
+
+
+def tower_split_loss_fn(clip_params, clip_cfg, spec: PromptSpec, *, dtype=jnp.float32,
+                        remat: bool = False):
+  """`heads.per_task_loss_fn` of mmap_shared on `TOWER_SPLIT`'s form: the text prompts expand
+  from `source_text`, the visual ones from `source_visual`, so each copy's gradient is that
+  tower's contribution (equal in value to the plain loss; tested against it)."""
+  def fn(split_learned, class_tokens_t, images_t, labels_t):
+    s = split_learned["shared"]
+    add = lambda x: jnp.asarray(x)[None]
+    tokens = PromptTokens(add(mmap_prompt.layer_kron(s["source_text"], s["scale_text"])),
+                          add(mmap_prompt.layer_kron(s["source_visual"], s["scale_visual"])))
+    ct = heads.ClassTokens(*(None if x is None else add(x) for x in class_tokens_t))
+    logits = heads.task_logits(clip_params, clip_cfg, tokens, ct, add(images_t), dtype=dtype,
+                               remat=remat)
+    return heads.masked_cross_entropy(logits, add(labels_t), ct.class_mask)[0]
+  return fn
+
+
+def tower_filters(towers: str, which: str):
+  """`groups.towers` (+ affinity_params) -> the filter(s) over `TOWER_SPLIT` gradients; None for
+  "summed" (the plain gradients and `affinity_filter(which)`)."""
+  if towers == "summed":
+    return None
+
+  def pick(tower):
+    def f(grads):
+      s = grads["shared"]
+      out = {"source": s[f"source_{tower}"]}
+      if which == "all":
+        out["scale"] = s[f"scale_{tower}"]
+      return out
+    return f
+  if towers == "both":
+    return (pick("text"), pick("visual"))
+  if towers in ("text", "visual"):
+    return pick(towers)
+  raise setup.ConfigError(f"groups.towers={towers!r}; allowed: {setup.TOWERS}")
+
+
 def _grouping_step_fn(clip_cfg, spec: PromptSpec, optimizer, dtype, remat, filter_fn=None,
-                      ema_decay: float = 0.0):
-  def step(gstate, clip_params, class_tokens, batch, record):
-    loss_t = heads.per_task_loss_fn(clip_params, clip_cfg, spec, dtype=dtype, remat=remat)
+                      ema_decay: float = 0.0, affinity: str = "cosine", towers: str = "summed"):
+  """towers != "summed" (cosine only): the loss takes TOWER_SPLIT's form and `filter_fn` the
+  split gradients (`tower_filters`)."""
+  split = TOWER_SPLIT if affinity == "cosine" and towers != "summed" else None
+
+  def step(gstate, clip_params, class_tokens, batch, record, lr=None):
+    if split is None:
+      loss_t = heads.per_task_loss_fn(clip_params, clip_cfg, spec, dtype=dtype, remat=remat)
+    else:
+      loss_t = tower_split_loss_fn(clip_params, clip_cfg, spec, dtype=dtype, remat=remat)
     params, opt_state, aff, metrics = grouping.grouping_step(
         loss_t, gstate["params"], gstate["opt_state"], optimizer, gstate["affinity"],
         class_tokens, batch["image"], batch["label"], record=record,
-        affinity_filter=filter_fn, ema_decay=ema_decay)
+        affinity_filter=filter_fn, ema_decay=ema_decay, affinity=affinity, split=split,
+        lookahead_lr=lr if affinity == "tag" else None)
     return {"params": params, "opt_state": opt_state, "affinity": aff}, metrics
   return step
 
 
 def make_grouping_step(clip_cfg, spec: PromptSpec, optimizer, *, dtype=jnp.float32,
-                       remat: bool = False, filter_fn=None, ema_decay: float = 0.0):
-  """jit(step)(gstate, clip_params, class_tokens, batch, record) -> (gstate, metrics)."""
-  return jax.jit(_grouping_step_fn(clip_cfg, spec, optimizer, dtype, remat, filter_fn, ema_decay),
-                 donate_argnums=(0,))
+                       remat: bool = False, filter_fn=None, ema_decay: float = 0.0,
+                       affinity: str = "cosine", towers: str = "summed"):
+  """jit(step)(gstate, clip_params, class_tokens, batch, record[, lr]) -> (gstate, metrics);
+  `lr` is the step's learning rate, TAG's lookahead step (groups.affinity='tag' only)."""
+  return jax.jit(_grouping_step_fn(clip_cfg, spec, optimizer, dtype, remat, filter_fn, ema_decay,
+                                   affinity, towers), donate_argnums=(0,))
 
 
 def make_grouping_steps(clip_cfg, spec: PromptSpec, optimizer, *, dtype=jnp.float32,
-                        remat: bool = False, filter_fn=None, ema_decay: float = 0.0):
+                        remat: bool = False, filter_fn=None, ema_decay: float = 0.0,
+                        affinity: str = "cosine", towers: str = "summed"):
   """K grouping steps per call (train.steps_per_call), a lax.scan of the same step:
-  jit(steps)(gstate, clip_params, class_tokens, batches [K, T, B, ...], records [K]) ->
-  (gstate, metrics stacked [K, ...]); equal to K calls of `make_grouping_step`."""
-  step = _grouping_step_fn(clip_cfg, spec, optimizer, dtype, remat, filter_fn, ema_decay)
+  jit(steps)(gstate, clip_params, class_tokens, batches [K, T, B, ...], records [K][, lrs [K]])
+  -> (gstate, metrics stacked [K, ...]); equal to K calls of `make_grouping_step`."""
+  step = _grouping_step_fn(clip_cfg, spec, optimizer, dtype, remat, filter_fn, ema_decay,
+                           affinity, towers)
 
-  def steps(gstate, clip_params, class_tokens, batches, records):
+  def steps(gstate, clip_params, class_tokens, batches, records, lrs=None):
     return jax.lax.scan(lambda gs, xs: step(gs, clip_params, class_tokens, *xs), gstate,
-                        (batches, records))
+                        (batches, records, lrs))
 
   return jax.jit(steps, donate_argnums=(0,))
 
@@ -104,11 +179,16 @@ def settings(config: mlc.ConfigDict, mode: Optional[str] = None) -> dict[str, An
   defaults to `groups.mode`."""
   g, mode = config.groups, mode or config.groups.mode
   if mode == "gradient":
-    return {"mode": mode, "affinity_params": g.affinity_params, "grad_ema": float(g.grad_ema),
-            "warmup_steps": int(g.warmup_steps), "every": int(g.every),
-            "lr_warmup_steps": lr_warmup_steps(config),
-            "num_groups": int(g.num_groups),
-            "threshold": None if g.num_groups else float(g.threshold), "seed": int(config.seed)}
+    out = {"mode": mode, "affinity_params": g.affinity_params, "grad_ema": float(g.grad_ema),
+           "warmup_steps": int(g.warmup_steps), "every": int(g.every),
+           "lr_warmup_steps": lr_warmup_steps(config),
+           "num_groups": g.num_groups if g.num_groups == "auto" else int(g.num_groups),
+           "threshold": None if g.num_groups else float(g.threshold), "seed": int(config.seed)}
+    affinity = g.get("affinity", "cosine")
+    out["affinity"] = affinity
+    out |= {"towers": g.get("towers", "summed")} if affinity == "cosine" else {
+        "affinity_params": None, "grad_ema": None}   # TAG reads neither
+    return out
   if mode == "random":
     return {"mode": mode, "num_groups": int(g.num_groups), "seed": random_seed(config)}
   if mode == "explicit":
@@ -142,7 +222,11 @@ def random_seed(config: mlc.ConfigDict) -> int:
 
 
 def _check_reuse(record: dict, want: dict, path: str) -> None:
-  have = record.get("settings") or {"mode": "gradient"}  # files before "settings": gradient only
+  have = dict(record.get("settings") or {"mode": "gradient"})  # files before "settings": gradient
+  if have["mode"] == "gradient":  # files before groups.affinity / groups.towers: summed cosine
+    have.setdefault("affinity", "cosine")
+    if have["affinity"] == "cosine":
+      have.setdefault("towers", "summed")
   bad = [k for k in want if k in have and have[k] != want[k]]
   if bad:
     diff = ", ".join(f"{k}: file {have[k]!r} vs config {want[k]!r}" for k in bad)
@@ -238,11 +322,12 @@ def run_grouping(config: mlc.ConfigDict, workdir: str, clip: setup.Clip,
   """Warm up, partition, write the grouping files; reuse a matching groups.json if present."""
   names = [t.info.name for t in tasks]
   want = settings(config, "gradient")
-  num_groups = int(config.groups.num_groups) or None
+  auto = config.groups.num_groups == "auto"
+  num_groups = None if auto else (int(config.groups.num_groups) or None)
   if num_groups is not None and num_groups > len(tasks):
     raise setup.ConfigError(f"groups.num_groups={num_groups} must be <= {len(tasks)} (the number "
                             "of tasks)")
-  threshold = None if num_groups else float(config.groups.threshold)
+  threshold = None if num_groups or auto else float(config.groups.threshold)
   shared_config = _shared_config(config)
   spec = setup.prompt_spec(shared_config, clip.cfg)
   key = jax.random.key(config.seed + 7)
@@ -263,7 +348,10 @@ def run_grouping(config: mlc.ConfigDict, workdir: str, clip: setup.Clip,
   lr_warmup = lr_warmup_steps(config)
   total = lr_warmup + steps
   ema = float(config.groups.grad_ema)
-  filter_fn = affinity_filter(config.groups.affinity_params)
+  kind, towers = config.groups.get("affinity", "cosine"), config.groups.get("towers", "summed")
+  towers = towers if kind == "cosine" else "summed"
+  filter_fn = (tower_filters(towers, config.groups.affinity_params) if towers != "summed"
+               else affinity_filter(config.groups.affinity_params))
   dtype = setup.compute_dtype(config)
   class_tokens = parallel.replicate(setup.class_tokens(clip, spec, tasks), mesh)
   clip_params = parallel.replicate(clip.params, mesh)
@@ -272,12 +360,22 @@ def run_grouping(config: mlc.ConfigDict, workdir: str, clip: setup.Clip,
   optimizer = optax.chain(optax.scale(float(len(tasks))),
                           optim.make_optimizer(setup.recipe(shared_config).recipe, total))
   learned = multitask.init_learned(key, clip.cfg, spec, len(tasks))
-  ema_size = grouping.affinity_size(learned, filter_fn) if ema else None
+  ema_size = grouping.affinity_size(
+      _split_sources(learned) if towers != "summed" else learned, filter_fn) if ema else None
   gstate = parallel.replicate({"params": learned, "opt_state": optimizer.init(learned),
                                "affinity": grouping.AffinityState.zeros(len(tasks), ema_size)},
                               mesh)
   k = int(config.train.get("steps_per_call", 1))
-  kw = dict(dtype=dtype, remat=config.clip.remat, filter_fn=filter_fn, ema_decay=ema)
+  kw = dict(dtype=dtype, remat=config.clip.remat, filter_fn=filter_fn, ema_decay=ema,
+            affinity=kind, towers=towers)
+  schedule = optim.learning_rate_schedule(setup.recipe(shared_config).recipe, total)
+
+  def lr_args(first, n):
+    """TAG's lookahead step: the warm-up's lr at each step of the call (none for the cosine)."""
+    if kind != "tag":
+      return ()
+    lrs = jnp.asarray([float(schedule(first + j)) for j in range(n)], jnp.float32)
+    return (lrs[0],) if k == 1 else (lrs,)
   if k == 1:
     step = make_grouping_step(clip.cfg, spec, optimizer, **kw)
   else:
@@ -295,13 +393,14 @@ def run_grouping(config: mlc.ConfigDict, workdir: str, clip: setup.Clip,
   for n in chunks.plan_chunks(0, total, k, (log_every,)):  # k == 1: one step per call
     if k == 1:
       gstate, metrics = step(gstate, clip_params, class_tokens, next(it),
-                             jnp.asarray(recorded(done)))
+                             jnp.asarray(recorded(done)), *lr_args(done, 1))
       last = metrics
       if done >= lr_warmup:
         history.append(metrics["affinity"])
     else:
       records = jnp.asarray([recorded(done + j) for j in range(n)])
-      gstate, metrics = multi(gstate, clip_params, class_tokens, it.next_steps(n), records)
+      gstate, metrics = multi(gstate, clip_params, class_tokens, it.next_steps(n), records,
+                              *lr_args(done, n))
       last = jax.tree.map(lambda x: x[-1], metrics)
       history.extend(metrics["affinity"][j] for j in range(n) if done + j >= lr_warmup)
     done += n
@@ -312,6 +411,12 @@ def run_grouping(config: mlc.ConfigDict, workdir: str, clip: setup.Clip,
   it.close() if hasattr(it, "close") else None
   state = jax.device_get(gstate["affinity"])
   affinity = np.asarray(grouping.AffinityState(state.total, state.count).mean())
+  tag_info = {}
+  if kind == "tag":  # directed Z; the partition reads its symmetric part
+    tag_info = {"directed_affinity": affinity.tolist(),
+                "affinity_definition": "tag: Z[i][j] = 1 - L_j(theta - lr g_i) / L_j(theta), "
+                                       "mean over recorded steps; partitioned on (Z + Z^T) / 2"}
+    affinity = (affinity + affinity.T) / 2
   warmup = jax.device_get(gstate["params"])
   groups = None
   if jax.process_index() == 0:  # Writes the files; its partition is broadcast to the others.
@@ -321,7 +426,7 @@ def run_grouping(config: mlc.ConfigDict, workdir: str, clip: setup.Clip,
         history=np.stack(jax.device_get(history)), every=every,
         extra={"mode": "gradient", "settings": want, "every": every,
                "lr_warmup_steps": lr_warmup, "total_steps": total,
-               "seconds": round(time.perf_counter() - t0, 2)})
+               "seconds": round(time.perf_counter() - t0, 2), **tag_info})
     groups = [list(g) for g in groups]
   groups = tuple(tuple(g) for g in parallel.broadcast_from_process0(groups))
   logging.info("task groups: %s", [[names[i] for i in g] for g in groups])

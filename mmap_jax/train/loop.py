@@ -32,6 +32,7 @@ from mmap_jax import heads, parallel, paths
 from mmap_jax.data import pipeline
 from mmap_jax.prompts import multitask
 from mmap_jax.train import cadence as cadence_lib, checkpointing, evaluate as evaluation
+from mmap_jax.train import correctness
 from mmap_jax.train import grouping_run, optim, report
 from mmap_jax.train import selection as selection_lib, setup, step as train_step
 from mmap_jax.train import trained as trained_lib
@@ -124,14 +125,15 @@ class _Run:
     return restored
 
   def evaluate(self, config: mlc.ConfigDict, eval_fns, *, split: str = "test",
-               learned: Any = None) -> dict[str, float]:
-    """{task: accuracy} on `split` of `learned` (default: the current state's)."""
+               learned: Any = None, return_correct: bool = False) -> dict[str, float]:
+    """{task: accuracy} on `split` of `learned` (default: the current state's); with
+    `return_correct`, also the per-example correctness (`evaluation.evaluate`)."""
     return evaluation.evaluate(
         self.state["learned"] if learned is None else learned, self.frozen["clip"],
         self.frozen["class_tokens"], self.tasks,
         eval_fns, batch_size=config.input.eval_batch_size,
         image_size=self.clip.cfg.vision.image_size, sharding=self.mesh,
-        worker_count=config.input.workers, split=split)
+        worker_count=config.input.workers, split=split, return_correct=return_correct)
 
   def save(self, step: int, data_state: Any, meta: dict) -> None:
     """A checkpoint of the current state, with the validation record and the selected state."""
@@ -287,7 +289,9 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict:
       logging.info("selected step %d: %s", step, record["reason"])
     if val:
       log_eval(run.total, "selected val", val, "final/val_accuracy")
-    accuracy = run.evaluate(config, eval_fns, split="test", learned=learned)  # The only test read.
+    accuracy, correct = run.evaluate(config, eval_fns, split="test", learned=learned,
+                                     return_correct=True)  # The only test read.
+    correctness.write_correct(workdir, correct)  # before results.json (the sweep's bootstrap)
     log_eval(run.total, f"test (step {step})", accuracy, "final/test_accuracy")
   finally:
     preempt.restore()

@@ -28,6 +28,8 @@ DATASETS = ("demo_domains", "office_home", "mini_domainnet", "domainnet", "image
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 GROUP_MODES = ("gradient", "random", "all_in_one", "one_per_task", "explicit")
 AFFINITY_PARAMS = ("source", "all")  # which warm-up gradients the task affinity compares
+AFFINITIES = ("cosine", "tag")       # groups.affinity: gradient cosine | TAG lookahead
+TOWERS = ("both", "text", "visual", "summed")  # groups.towers (cosine)
 DEMO_CLIP = "demo"   # clip.path value: the demo's own pretrained CLIP (mmap_jax/assets/demo_clip)
 
 
@@ -101,6 +103,17 @@ def validate(config: mlc.ConfigDict, num_devices: Optional[int] = None) -> None:
          f"groups.mode={config.groups.mode!r}; allowed: {GROUP_MODES}")
   need(config.groups.affinity_params in AFFINITY_PARAMS,
        f"groups.affinity_params={config.groups.affinity_params!r}; allowed: {AFFINITY_PARAMS}")
+  need(config.groups.get("affinity", "cosine") in AFFINITIES,
+       f"groups.affinity={config.groups.get('affinity')!r}; allowed: {AFFINITIES}")
+  need(config.groups.get("towers", "both") in TOWERS,
+       f"groups.towers={config.groups.get('towers')!r}; allowed: {TOWERS}")
+  k = config.groups.num_groups
+  need(k == "auto" or (isinstance(k, int) and not isinstance(k, bool) and k >= 0),
+       f"groups.num_groups={k!r} must be an int >= 0 (0: use groups.threshold) or 'auto' (k "
+       "chosen by the partition objective)")
+  need(not (config.groups.get("affinity") == "tag" and config.groups.grad_ema),
+       f"groups.grad_ema={config.groups.grad_ema!r} applies to the cosine affinity only; "
+       "groups.affinity='tag' needs groups.grad_ema=0")
   ema = config.groups.grad_ema
   need(not isinstance(ema, bool) and isinstance(ema, (int, float)) and (ema == 0 or 0 < ema < 1),
        f"groups.grad_ema={ema!r} must be 0 (off) or a decay in (0, 1)")
@@ -115,10 +128,8 @@ def validate(config: mlc.ConfigDict, num_devices: Optional[int] = None) -> None:
       need(config.groups.warmup_steps >= 1,
            f"groups.warmup_steps={config.groups.warmup_steps} must be >= 1 for gradient grouping")
       need(config.groups.every >= 1, f"groups.every={config.groups.every} must be >= 1")
-      need(config.groups.num_groups >= 0,
-           f"groups.num_groups={config.groups.num_groups} must be >= 0 (0: use groups.threshold)")
     elif mode == "random":
-      need(config.groups.num_groups >= 1,
+      need(isinstance(config.groups.num_groups, int) and config.groups.num_groups >= 1,
            f"groups.num_groups={config.groups.num_groups} must be >= 1 with groups.mode='random' "
            "(the ablation keeps the number of groups; there is no affinity to threshold)")
     need(not config.groups.init_from_warmup or mode == "gradient",
