@@ -178,3 +178,28 @@ def test_config_shots_argument_and_validation(office_home):
   (t,) = setup.build_tasks(c)
   assert _per_class(_names(t.train)) == {cl: 4 for cl in data_trees.CLASSES}
   assert t.info.num_val == 24
+
+
+@pytest.mark.slow
+def test_demo_world2_few_shot_splits(tmp_path):
+  """The new demo world through the demo builder: 24 classes, k-shot train, val and test
+  disjoint and class-balanced, prepared under its own config names."""
+  from mmap_jax.demo import world_v2
+  tasks = sources.build_tasks("demo_domains", data_dir=str(tmp_path), domains=["photo", "sketch"],
+                              demo_world=2, demo_images_per_class=20, demo_image_size=16,
+                              train_fraction=0.5, val_per_class=8, shots=4)
+  for t in tasks:
+    assert t.info.builder == f"demo_domains/{t.info.name}-w2-seed0-n20-px16-seed0-train0.5"
+    assert sorted(t.info.class_names) == sorted(world_v2.OBJECTS)   # labels: sorted folders
+    train, val, test = _names(t.train), _names(t.val), _names(t.test)
+    assert _per_class(train) == {c: 4 for c in world_v2.OBJECTS}
+    assert _per_class(val) == {c: 5 for c in world_v2.OBJECTS}    # 10 train -> min(8, 10 // 2)
+    assert _per_class(test) == {c: 10 for c in world_v2.OBJECTS}
+    assert not set(train) & set(val) and not set(train) & set(test) and not set(val) & set(test)
+    for split in ("train", "val", "test"):
+      path = os.path.join(t.info.split_lists, f"{t.info.name}_{split}.txt")
+      with open(path, "rb") as f:
+        assert hashlib.sha256(f.read()).hexdigest() == t.info.split_checksums[split]
+  with pytest.raises(ValueError, match="demo_world=3"):
+    sources.build_tasks("demo_domains", data_dir=str(tmp_path), demo_world=3,
+                        demo_images_per_class=2, demo_image_size=32)

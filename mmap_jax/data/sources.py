@@ -173,6 +173,7 @@ def build_tasks(
     demo_seed: int = 0,
     demo_images_per_class: int = 40,
     demo_image_size: int = 64,
+    demo_world: int = 1,
     num_threads: int = 0,
     force_rebuild: bool = False,
 ) -> list[TaskData]:
@@ -196,7 +197,7 @@ def build_tasks(
     skip_corrupt: skip unreadable images instead of failing (default fails,
       naming the file); the count is logged and kept in metadata.json.
     allow_per_task_classes: allow domains with different class lists.
-    demo_seed, demo_images_per_class, demo_image_size: the demo world.
+    demo_seed, demo_images_per_class, demo_image_size, demo_world: the demo world.
     num_threads: image conversion threads while building (0 = CPU count).
     force_rebuild: rebuild even if the domain is already prepared.
 
@@ -223,7 +224,8 @@ def build_tasks(
       split_seed=split_seed, train_fraction=train_fraction, split_files=split_files,
       skip_corrupt=skip_corrupt, allow_per_task_classes=allow_per_task_classes,
       num_threads=num_threads, demo_seed=demo_seed,
-      demo_images_per_class=demo_images_per_class, demo_image_size=demo_image_size)
+      demo_images_per_class=demo_images_per_class, demo_image_size=demo_image_size,
+      demo_world=demo_world)
   data_dir = os.path.abspath(os.path.expanduser(data_dir or default_data_dir()))
   domain_names = module.domains(root, domains, options)
   config_names = {d: module.config_name(d, root, options) for d in domain_names}

@@ -64,6 +64,10 @@ def validate(config: mlc.ConfigDict, num_devices: Optional[int] = None) -> None:
   need(isinstance(config.data.split_seed, int) and not isinstance(config.data.split_seed, bool)
        and config.data.split_seed >= 0,
        f"data.split_seed={config.data.split_seed!r} must be an integer >= 0")
+  if config.data.name == "demo_domains":
+    need(config.data.get("demo_world", 1) in (1, 2),
+         f"data.demo_world={config.data.get('demo_world')!r}; allowed: 1 (10 classes), 2 "
+         "(24 classes, the paper's regime)")
   need(config.train.select in SELECT_RULES,
        f"train.select={config.train.select!r}; allowed: {SELECT_RULES}")
   need(not (config.train.select == "best_val" and config.data.val_fraction == 0
@@ -206,7 +210,8 @@ def _build_tasks(config: mlc.ConfigDict) -> list[sources.TaskData]:
       val_fraction=d.val_fraction, skip_corrupt=d.skip_corrupt, allow_per_task_classes=d.allow_per_task_classes,
       val_per_class=d.get("val_per_class", 0), shots=d.get("shots", 0),
       **({"demo_seed": d.demo_seed, "demo_images_per_class": d.demo_images_per_class,
-          "demo_image_size": d.demo_image_size} if d.name == "demo_domains" else {}))
+          "demo_image_size": d.demo_image_size, "demo_world": d.get("demo_world", 1)}
+         if d.name == "demo_domains" else {}))
 
 
 def check_validation(config: mlc.ConfigDict, tasks: Sequence[sources.TaskData]) -> None:

@@ -91,6 +91,8 @@ class BuildOptions:
     num_threads: image conversion threads while building (0 = CPU count).
     demo_seed, demo_images_per_class, demo_image_size: the generated
       `demo_domains` world (ignored by the other datasets).
+    demo_world: which demo world draws it (1: `mmap_jax.demo.world`, 10 classes; 2:
+      `mmap_jax.demo.world_v2`, 24 classes, the paper's regime).
   """
 
   split_seed: int = DEFAULT_SPLIT_SEED
@@ -102,6 +104,7 @@ class BuildOptions:
   demo_seed: int = 0
   demo_images_per_class: int = 40
   demo_image_size: int = 64
+  demo_world: int = 1
 
   def __post_init__(self):
     if not 0.0 < self.train_fraction < 1.0:
