@@ -159,6 +159,24 @@ def test_shots_apply_to_user_split_files(office_home):
   assert _names(few.val) == _names(t.val) and _names(few.test) == _names(t.test)
 
 
+def test_shots_on_a_list_dataset(tmp_path):
+  """MiniDomainNet's official lists: the k-shot draw comes from the listed train split."""
+  classes = ("aircraft_carrier", "alarm_clock", "The_Eiffel_Tower")
+  root = data_trees.make_domain_tree(tmp_path / "dn", ["clipart"], classes=classes, per_class=16)
+  data_trees.write_lists(root, root / "splits_mini", ["clipart"], classes, labels=[0, 1, 2])
+  build = lambda **kw: sources.build_tasks("mini_domainnet", root=str(root),
+                                           data_dir=str(tmp_path / "d"), domains=["clipart"],
+                                           val_per_class=2, **kw)
+  (full,) = build()
+  (few,) = build(shots=3)
+  listed = (root / "splits_mini" / "clipart_train.txt").read_text().split()[::2]
+  assert _per_class(_names(few.train)) == {c: 3 for c in classes}   # 12 listed -> 2 val, 10
+  assert set(_names(few.train)) <= set(listed) - set(_names(few.val))
+  assert _names(few.val) == _names(full.val) and _names(few.test) == _names(full.test)
+  assert few.info.split_checksums["test"] == full.info.split_checksums["test"]
+  assert few.info.split_checksums["train"] != full.info.split_checksums["train"]
+
+
 def test_config_shots_argument_and_validation(office_home):
   tmp, root, _ = office_home
   from configs import demo, office_home as oh
