@@ -1,7 +1,8 @@
 r"""Zero-shot and linear-probe accuracy of a config's frozen CLIP on its dataset, per domain.
 
   python -m launch.diagnose --config=configs/demo.py --out=/tmp/diag.json
-  python -m launch.diagnose --config=configs/office_home.py:clip=/ckpt/vit_b16,root=/data/OH --out=oh.json
+  python -m launch.diagnose --config=configs/office_home.py:clip=/ckpt/vit_b16,root=/data/OH \
+      --out=oh.json
 
 Writes {"zero_shot": {domain: acc}, "linear_probe": {domain: acc}, "num_classes": n,
 "test_images": {domain: n}, "train_images": {domain: n}, ...} to --out (a local path or a gs://

@@ -152,7 +152,8 @@ def linear_probe(train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np
              if len(val[1]) else {})
   chosen = (max(sorted(fits, reverse=True), key=lambda l2: val_acc[l2]) if val_acc
             else DEFAULT_L2)
-  accuracy = float(np.mean(predict(fits[chosen], test[0]) == test[1])) if len(test[1]) else float("nan")
+  accuracy = (float(np.mean(predict(fits[chosen], test[0]) == test[1])) if len(test[1])
+              else float("nan"))
   return {"accuracy": accuracy, "l2": float(chosen),
           "val_accuracy": {f"{l2:g}": a for l2, a in val_acc.items()}}
 

@@ -430,7 +430,8 @@ def test_world2_family_styles_are_other_renderings_of_the_domain():
 def test_world2_tree_is_deterministic_balanced_and_not_world1(tmp_path):
   np.testing.assert_array_equal(w2.tree_image(0, "photo", "kite", 3),
                                 w2.tree_image(0, "photo", "kite", 3))
-  assert not np.array_equal(w2.tree_image(0, "photo", "cup", 3), dw.tree_image(0, "photo", "cup", 3))
+  assert not np.array_equal(w2.tree_image(0, "photo", "cup", 3),
+                            dw.tree_image(0, "photo", "cup", 3))
   assert not np.array_equal(w2.tree_image(0, "photo", "kite", 3),
                             w2.tree_image(1, "photo", "kite", 3))
   kw = dict(seed=0, images_per_class=3, size=32, domains=("photo", "sketch"),

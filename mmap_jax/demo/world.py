@@ -394,9 +394,8 @@ def _build_more_shapes() -> Mapping[str, tuple[_Part, ...]]:
                      [-0.85, -0.55], [-0.85, -0.73]]),
       _fill("body", [[0.45, -0.8], [0.9, -0.95], [0.78, -0.64], [0.45, -0.5]]),
   )
-  kite_tail = np.stack([np.linspace(0.0, 0.7, 24),
-                        0.5 + np.linspace(0, 0.42, 24) + 0.08 * np.sin(np.linspace(0, 6 * np.pi, 24))],
-                       1)
+  u = np.linspace(0, 1, 24)
+  kite_tail = np.stack([0.7 * u, 0.5 + 0.42 * u + 0.08 * np.sin(6 * np.pi * u)], 1)
   s["kite"] = (
       _line("dark", kite_tail, 0.04),
       _fill("body", [[-0.2, -0.94], [0.84, -0.5], [0, 0.5], [-0.92, -0.1]]),
