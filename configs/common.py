@@ -122,6 +122,13 @@ def base_config(*, method: str = "mmap_mt", runlocal: bool = False) -> mlc.Confi
   # Share of each class's train images carved out as the validation split (seeded by
   # split_seed; the same for every method and training seed). 0: none (then train.select='last').
   c.data.val_fraction = 0.1
+  # At least this many validation images per class (capped at half of a class), carved before
+  # the few-shot draw, so val never depends on `shots` (the few-shot protocol's pool of >= 8).
+  c.data.val_per_class = 8
+  # Train images per class drawn by split_seed from what the carve leaves (nested: the 4-shot
+  # split is part of the 16-shot one); 0 (or "all" in the config argument) = the whole train
+  # pool. Real datasets default to all: their step counts were sized for the full splits.
+  c.data.shots = 0
   c.data.skip_corrupt = False
   c.data.allow_per_task_classes = False
 
@@ -177,11 +184,13 @@ def dataset_config(dataset: str, arg: str | None, *, clip_default: str | None = 
 
   Arguments every dataset config accepts: method=..., clip=<converted dir>, root=<manual dir>,
   data_dir=<TFDS dir>, domains=a|b (a '|'-separated subset), split_files=<dir of split lists>,
-  runlocal, equal_budget (prompt.budget='equal': CoOp, VPT, MaPLe and IVLP at MmAP-MT's prompt
-  length and depth; the default keeps each family's published sizes).
+  shots=4|16|64|all (train images per class; data.shots), runlocal, equal_budget
+  (prompt.budget='equal': CoOp, VPT, MaPLe and IVLP at MmAP-MT's prompt length and depth; the
+  default keeps each family's published sizes).
   """
   a = parse_arg(arg, method="mmap_mt", clip=clip_default, root=root_default, data_dir=None,
-                domains=None, split_files=None, runlocal=False, equal_budget=False, **extra_args)
+                domains=None, split_files=None, shots=None, runlocal=False, equal_budget=False,
+                **extra_args)
   c = base_config(method=a.method, runlocal=a.runlocal)
   c.prompt.budget = "equal" if a.equal_budget else "published"
   c.clip.path = a.clip
@@ -190,7 +199,20 @@ def dataset_config(dataset: str, arg: str | None, *, clip_default: str | None = 
   c.data.data_dir = a.data_dir
   c.data.domains = a.domains.replace("|", ",") if a.domains else None
   c.data.split_files = a.split_files
+  if a.shots is not None:
+    c.data.shots = parse_shots(a.shots)
   return c, a
+
+
+def parse_shots(value: str) -> int:
+  """'all' -> 0, '16' -> 16 (the `shots=` config argument); bad values name the field."""
+  if str(value).strip().lower() == "all":
+    return 0
+  try:
+    return int(value)
+  except ValueError:
+    raise ValueError(f"data.shots: shots={value!r} must be 'all' or an integer k >= 0 "
+                     "(images per class, e.g. 4, 16, 64)") from None
 
 
 def finish(c: mlc.ConfigDict, a: mlc.ConfigDict) -> mlc.ConfigDict:

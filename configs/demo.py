@@ -29,6 +29,9 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.data.demo_seed = 0
   c.data.demo_images_per_class = 100
   c.data.demo_image_size = 64
+  # 1: today's 10-class world (the committed demo CLIP's); 2: the 24-class world of issue 25
+  # (mmap_jax/demo/world_v2.py), used once its CLIP is pretrained (configs/demo_pretrain.py:world=2).
+  c.data.demo_world = 1
   # Prompt sizes are left to PromptSpec (each family's published defaults for this CLIP): on the
   # demo CLIP (3 text / 4 vision layers, widths 64 / 128) deep prompts span every text layer
   # (J = 3; VPT every vision layer) and MmAP's d_s is 64. No field here depends on `method`.

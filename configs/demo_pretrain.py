@@ -15,6 +15,13 @@ Arguments after the colon:
   runlocal     a seconds-long smoke run (tiny model, few steps, small batch)
   steps=N      override train.steps
   seed=N       override the seed
+  world=2      the 24-class world of issue 25 (mmap_jax/demo/world_v2.py) and its CLIP
+               ("demo_v2": 64 image tokens, 6 layers per tower); default 1, today's asset
+
+World 2 is pretrained in pieces: the same command resumes from the latest checkpoint of its
+workdir (every 250 steps, and at SIGTERM), so `timeout 3600 python -m launch.pretrain
+--config=configs/demo_pretrain.py:world=2 --workdir=W --out=OUT` rerun until it exits 0 gives
+the same weights as one uninterrupted run.
 """
 from __future__ import annotations
 
@@ -25,9 +32,20 @@ from mmap_jax.demo import pretrain
 
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
-  a = parse_arg(arg, runlocal=False, steps=0, seed=0)
+  a = parse_arg(arg, runlocal=False, steps=0, seed=0, world=1)
   c = pretrain.default_config()
   c.seed = a.seed
+  c.data.world = a.world
+  if a.world == 2:
+    c.clip.variant = "demo_v2"
+    c.data.batch_size = 256
+    c.optim.lr = 1e-3
+    c.optim.warmup_steps = 200
+    # 155.5 GFLOP per step (XLA cost analysis; world 1's step: 12.2 GFLOP at batch 128), so
+    # 3000 steps fit 2 h on 2 idle cores at >= 65 GFLOP/s; not yet timed on idle cores.
+    c.train.steps = 3000
+    c.train.eval_every = 500
+    c.train.ckpt_every = 250
   if a.runlocal:
     c.clip.variant = "tiny"
     c.clip.layers = 1           # one block per tower: compiles in seconds

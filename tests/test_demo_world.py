@@ -385,3 +385,103 @@ def test_contact_sheet():
   sheet = dw.contact_sheet(size=24, styles=("photo", "sketch"), gap=1)
   assert sheet.shape == (len(dw.OBJECTS) * 25 + 1, 2 * 25 + 1, 3)
   assert sheet.dtype == np.uint8
+
+
+# ----------------------------------------------------------------------------
+# World 2 (mmap_jax/demo/world_v2.py): the paper's regime of issue 25.
+
+
+from mmap_jax.demo import world_v2 as w2  # noqa: E402
+
+
+def test_world2_shape_of_model_and_data():
+  from mmap_jax.models.config import get_variant
+  assert len(w2.OBJECTS) >= 24 and len(set(w2.OBJECTS)) == len(w2.OBJECTS)
+  assert w2.OBJECTS[:len(dw.OBJECTS)] == dw.OBJECTS
+  cfg = get_variant("demo_v2")
+  assert (cfg.vision.image_size // cfg.vision.patch_size) ** 2 >= 64
+  assert cfg.vision.layers >= 6 and cfg.text.layers >= 6
+  # Every downstream domain has a pretraining style family; no style is a downstream domain.
+  assert set(w2.FAMILIES) == set(w2.DOMAINS)
+  family_styles = [s for f in w2.FAMILIES.values() for s in f]
+  assert set(family_styles) <= set(w2.PRETRAIN_STYLES)
+  assert not set(w2.PRETRAIN_STYLES) & set(w2.DOMAINS)
+  assert all(len(f) >= 2 for f in w2.FAMILIES.values())
+
+
+def test_world2_silhouettes_are_distinct():
+  masks = {o: w2.render(o, "black", "clipart", np.random.default_rng(3), 48).mean(-1) < 128
+           for o in w2.OBJECTS}
+  for a, b in itertools.combinations(w2.OBJECTS, 2):
+    iou = (masks[a] & masks[b]).sum() / (masks[a] | masks[b]).sum()
+    assert iou < 0.8, (a, b, iou)
+
+
+def test_world2_family_styles_are_other_renderings_of_the_domain():
+  """Same object, pose and colour stream: a family style never reproduces its domain's image."""
+  for domain, styles in w2.FAMILIES.items():
+    for style in styles:
+      for i in range(3):
+        a = w2.render("cup", "red", domain, np.random.default_rng(i), 48)
+        b = w2.render("cup", "red", style, np.random.default_rng(i), 48)
+        assert np.abs(a.astype(int) - b.astype(int)).mean() > 4, (domain, style)
+
+
+def test_world2_tree_is_deterministic_balanced_and_not_world1(tmp_path):
+  np.testing.assert_array_equal(w2.tree_image(0, "photo", "kite", 3),
+                                w2.tree_image(0, "photo", "kite", 3))
+  assert not np.array_equal(w2.tree_image(0, "photo", "cup", 3),
+                            dw.tree_image(0, "photo", "cup", 3))
+  assert not np.array_equal(w2.tree_image(0, "photo", "kite", 3),
+                            w2.tree_image(1, "photo", "kite", 3))
+  kw = dict(seed=0, images_per_class=3, size=32, domains=("photo", "sketch"),
+            objects=("moon", "flag", "cup"))
+  m1 = w2.generate_tree(tmp_path / "a", **kw)
+  m2 = w2.generate_tree(tmp_path / "b", **kw)
+  assert _tree_files(tmp_path / "a") == _tree_files(tmp_path / "b")
+  assert m1["world"] == 2 and m1["counts"] == {d: {o: 3 for o in kw["objects"]}
+                                               for d in kw["domains"]}
+  for d in kw["domains"]:
+    for o in kw["objects"]:
+      assert len(list((tmp_path / "a" / d / o).glob("*.png"))) == 3
+  assert w2.generate_tree(tmp_path / "a", **kw) == m1   # reused
+  with pytest.raises(FileExistsError):   # a world-1 tree is another tree
+    dw.generate_tree(tmp_path / "a", seed=0, images_per_class=3, size=32,
+                     domains=("photo", "sketch"), objects=("cup",))
+
+
+def test_world2_planted_affinity_two_pairs():
+  """photo-painting and clipart-sketch: that pairing has the smallest within-pair distances."""
+  feats = {d: np.stack([_features(w2.tree_image(0, d, o, i, 48))
+                        for o in w2.OBJECTS for i in range(2)]) for d in w2.DOMAINS}
+  allf = np.concatenate(list(feats.values()))
+  mu, sd = allf.mean(0), allf.std(0) + 1e-6
+  means = {d: ((f - mu) / sd).mean(0) for d, f in feats.items()}
+  dist = lambda a, b: float(np.linalg.norm(means[a] - means[b]))
+  pairings = {}
+  for partner in ("clipart", "sketch", "painting"):
+    rest = [d for d in w2.DOMAINS if d not in ("photo", partner)]
+    pairings[("photo", partner)] = dist("photo", partner) + dist(*rest)
+  planted = pairings.pop(("photo", "painting"))
+  assert planted < 0.75 * min(pairings.values()), (planted, pairings)
+  others = [dist(a, b) for a, b in itertools.combinations(w2.DOMAINS, 2)
+            if (a, b) not in w2.SIMILAR_PAIRS]
+  for a, b in w2.SIMILAR_PAIRS:
+    assert dist(a, b) < min(others), (a, b, dist(a, b), others)
+
+
+def test_world2_pretraining_stream_covers_every_family_with_several_templates():
+  specs = [w2.pretraining_spec(np.random.default_rng([5, i])) for i in range(600)]
+  assert {s.style for s in specs} == set(w2.PRETRAIN_STYLES)
+  assert {s.obj for s in specs} == set(w2.OBJECTS)
+  assert all(s.obj in s.caption for s in specs)
+  # Several templates: the skeletons of template words differ ("... of ...", "... drawn as
+  # ...", "a picture of ...", "... in ... style", "this is ... showing ...", "..., ...").
+  markers = {"drawn", "picture", "style", "showing", "this", ","}
+  skeletons = {tuple(w for w in s.caption.replace(",", " ,").split() if w in markers)
+               for s in specs}
+  assert len(skeletons) >= 5, skeletons
+  image = w2.render(specs[0].obj, specs[0].color, specs[0].style, np.random.default_rng(0), 32)
+  assert image.shape == (32, 32, 3) and image.dtype == np.uint8
+  with pytest.raises(ValueError, match="object"):
+    w2.render("ball2", "red", "photo", np.random.default_rng(0))

@@ -223,3 +223,36 @@ def test_committed_demo_clip_zero_shot():
   report = json.loads((pathlib.Path(path) / pretrain.REPORT_FILE).read_text())
   assert report["zero_shot"]["average"] >= 2 * chance
   assert min(report["zero_shot"]["accuracy"].values()) < 0.9   # room for adaptation
+
+
+def test_world2_stream_and_eval_set(bpe_path):
+  """configs/demo_pretrain.py:world=2 draws world 2's pairs (a function of seed and step, also
+  through the PairStream a resumed run starts mid-way) and scores its 24 classes."""
+  from mmap_jax.demo import world_v2
+  config = get_config("runlocal,world=2")
+  assert config.data.world == 2 and config.clip.variant == "tiny"   # runlocal shrinks the model
+  assert get_config("world=2").clip.variant == "demo_v2"
+  d = config.data
+  first = pretrain.render_batch(0, 3, d.batch_size, 32, world=2,
+                                crop_scale_min=d.crop_scale_min,
+                                caption_extra_prob=d.caption_extra_prob)
+  again = pretrain.render_batch(0, 3, d.batch_size, 32, world=2,
+                                crop_scale_min=d.crop_scale_min,
+                                caption_extra_prob=d.caption_extra_prob)
+  np.testing.assert_array_equal(first[0], again[0])
+  assert first[1] == again[1]
+  world1 = pretrain.render_batch(0, 3, d.batch_size, 32, crop_scale_min=d.crop_scale_min,
+                                 caption_extra_prob=d.caption_extra_prob)
+  assert not np.array_equal(first[0], world1[0])
+  tokenizer = ClipTokenizer.from_bpe_file(bpe_path)
+  stream = pretrain.PairStream(config, tokenizer, 32, start=3)
+  try:
+    batch = next(stream)
+  finally:
+    stream.close()
+  np.testing.assert_array_equal(batch["images"], first[0])
+  eval_set = pretrain.zero_shot_eval_set(seed=1, per_class=1, size=32, world=2)
+  assert set(eval_set) == set(world_v2.DOMAINS)
+  assert sorted(eval_set["photo"][1].tolist()) == list(range(len(world_v2.OBJECTS)))
+  with pytest.raises(ValueError, match="data.world=3"):
+    pretrain.world_module(3)

@@ -158,6 +158,9 @@ def test_zeroshot_evaluates_val_and_test_once(env, tmp_path):
   assert result["selection"]["reason"] == "zeroshot (no training)"
   assert result["selection"]["step"] == result["step"] == result["trained_steps"] == 0
   assert set(result["val_accuracy"]) == set(result["tasks"])
+  # results.json identifies the examples: each task's split-list checksums (data.shots protocol).
+  assert {n: r["sha256"] for n, r in result["splits"]["tasks"].items()} == {
+      t.info.name: t.info.split_checksums for t in tasks}
   for split in ("val", "test"):
     assert dict(collections.Counter((r[1], r[2]) for r in reads if r[0] == split)) == {
         (t.task_id, i): 1 for t in tasks for i in range(len(getattr(t, split)))}

@@ -23,12 +23,25 @@ lists a task uses are written beside the prepared data, in
 `<data_dir>/<builder>/<config>/splits/<val tag>/<domain>_{train,val,test}.txt`
 (the split-list format; pass that folder as `split_files` to reproduce them), with
 `index.json` caching the carve so later opens read no records.
+
+Few-shot protocol (`shots`, `split_seed`). The test split is the builder's; the validation
+pool is carved from the train split first (at least `val_per_class` images per class when
+asked, see `common.carve_val`); then `shots` > 0 keeps k images per class of what is left
+(`common.sample_shots`: drawn by the split seed, nested across k). So val and test never
+depend on k, and every method and training seed of a sweep sees the same k-shot split. The
+lists go to the same folder as above, whose tag names the carve and the draw
+(`val0.1-min8-seed0-shots16`); `TaskInfo.split_checksums` holds the sha256 of each list's
+content, which the trainer writes into results.json. Why beside the data and not in the
+workdir: a split is a function of the prepared data and the split parameters only, shared by
+every run of a sweep, and the data dir is where the carve lists already live; the checksums in
+each run's results.json say which lists it used.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -68,6 +81,9 @@ class TaskInfo:
       (carved from train) or 'none' (val_fraction=0).
     split_lists: the folder holding this task's `<domain>_{train,val,test}.txt` lists
       ('' when it could not be written).
+    shots: images per class in the train split (0 = all of the train pool).
+    split_checksums: {split: sha256 of its list's content} (`common.split_checksum`).
+    short_classes: {class: count} of the classes with fewer than `shots` train images.
   """
 
   name: str
@@ -82,6 +98,9 @@ class TaskInfo:
   data_dir: str
   val_split: str = ""
   split_lists: str = ""
+  shots: int = 0
+  split_checksums: dict = dataclasses.field(default_factory=dict, hash=False)
+  short_classes: dict = dataclasses.field(default_factory=dict, hash=False)
 
   @property
   def num_classes(self) -> int:
@@ -149,11 +168,14 @@ def build_tasks(
     train_fraction: float = common.DEFAULT_TRAIN_FRACTION,
     split_files: str | None = None,
     val_fraction: float = common.DEFAULT_VAL_FRACTION,
+    val_per_class: int = common.DEFAULT_VAL_PER_CLASS,
+    shots: int = common.SHOTS_ALL,
     skip_corrupt: bool = False,
     allow_per_task_classes: bool = False,
     demo_seed: int = 0,
     demo_images_per_class: int = 40,
     demo_image_size: int = 64,
+    demo_world: int = 1,
     num_threads: int = 0,
     force_rebuild: bool = False,
 ) -> list[TaskData]:
@@ -171,10 +193,13 @@ def build_tasks(
     val_fraction: share of each class's train examples carved out as the
       validation split (`common.carve_val`, seeded by split_seed); 0 = no
       validation split. Ignored for a domain whose split_files have a val list.
+    val_per_class: a floor on each class's carved validation images (capped at half of the
+      class; 0 = the fraction alone).
+    shots: train images per class, drawn by split_seed from what the carve leaves (0 = all).
     skip_corrupt: skip unreadable images instead of failing (default fails,
       naming the file); the count is logged and kept in metadata.json.
     allow_per_task_classes: allow domains with different class lists.
-    demo_seed, demo_images_per_class, demo_image_size: the demo world.
+    demo_seed, demo_images_per_class, demo_image_size, demo_world: the demo world.
     num_threads: image conversion threads while building (0 = CPU count).
     force_rebuild: rebuild even if the domain is already prepared.
 
@@ -193,11 +218,16 @@ def build_tasks(
   module = builders.get(name)   # the dataset plug-in (common.FolderDataset)
   if not 0.0 <= val_fraction < 1.0:
     raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+  if val_per_class < 0:
+    raise ValueError(f"val_per_class must be >= 0, got {val_per_class}")
+  if shots < 0:
+    raise ValueError(f"shots must be >= 0 (0 = all), got {shots}")
   options = common.BuildOptions(
       split_seed=split_seed, train_fraction=train_fraction, split_files=split_files,
       skip_corrupt=skip_corrupt, allow_per_task_classes=allow_per_task_classes,
       num_threads=num_threads, demo_seed=demo_seed,
-      demo_images_per_class=demo_images_per_class, demo_image_size=demo_image_size)
+      demo_images_per_class=demo_images_per_class, demo_image_size=demo_image_size,
+      demo_world=demo_world)
   data_dir = os.path.abspath(os.path.expanduser(data_dir or default_data_dir()))
   domain_names = module.domains(root, domains, options)
   config_names = {d: module.config_name(d, root, options) for d in domain_names}
@@ -240,7 +270,8 @@ def build_tasks(
              name, len(todo), os.path.join(data_dir, module.Builder.name), size / 2**20)
 
   return [_task(i, name, d, paths[d], opened[d], skip_corrupt, split_seed=split_seed,
-                val_fraction=val_fraction) for i, d in enumerate(domain_names)]
+                val_fraction=val_fraction, val_per_class=val_per_class, shots=shots)
+          for i, d in enumerate(domain_names)]
 
 
 @contextlib.contextmanager
@@ -271,42 +302,66 @@ def _listing(source) -> tuple[list[str], list[int]]:
   return relpaths, labels
 
 
-def _split_views(domain: str, path: str, raw: Sequence[str], train_all, val_written, test, *,
-                 split_seed: int, val_fraction: float):
-  """(train, val, tag, lists folder): the carve (cached in index.json) and the written lists."""
-  counts = {"train": len(train_all), "val": len(val_written), "test": len(test)}
-  if len(val_written):
+def split_tag(*, files_val: bool, split_seed: int, val_fraction: float, val_per_class: int,
+              shots: int) -> str:
+  """The split folder's name: how val was made ('files', 'val0.1[-min8]-seed0', 'none'), then
+  '-shots<k>' (with the seed when the carve does not already name it) for a few-shot draw."""
+  if files_val:
     tag = "files"
   elif val_fraction > 0:
-    tag = f"val{val_fraction:g}-seed{split_seed}"
+    tag = (f"val{val_fraction:g}" + (f"-min{val_per_class}" if val_per_class else "")
+           + f"-seed{split_seed}")
   else:
     tag = "none"
+  if shots:
+    tag += ("" if tag.startswith("val") else f"-seed{split_seed}") + f"-shots{shots}"
+  return tag
+
+
+def _split_views(domain: str, path: str, raw: Sequence[str], train_all, val_written, test, *,
+                 split_seed: int, val_fraction: float,
+                 val_per_class: int = common.DEFAULT_VAL_PER_CLASS,
+                 shots: int = common.SHOTS_ALL):
+  """(train, val, tag, lists folder, checksums, short classes): the carve and few-shot draw
+  (cached in index.json) and the written lists."""
+  counts = {"train": len(train_all), "val": len(val_written), "test": len(test)}
+  files_val = bool(len(val_written))
+  tag = split_tag(files_val=files_val, split_seed=split_seed, val_fraction=val_fraction,
+                  val_per_class=val_per_class, shots=shots)
   folder = os.path.join(_splits_root(path), tag)
   index_path = os.path.join(folder, "index.json")
   cached = None
   if os.path.isfile(index_path):
     with open(index_path, encoding="utf-8") as f:
       cached = json.load(f)
-    if cached.get("num_records") != counts:
+    if cached.get("num_records") != counts or "checksums" not in cached:
       log.warning("%s: %s does not match the prepared data (%s vs %s); recomputing",
                   domain, index_path, cached.get("num_records"), counts)
       cached = None
   if cached is None:
     log.info("%s: listing records to write the split lists in %s (once)", domain, folder)
     train_rows = list(zip(*_listing(train_all)))
+    relpaths, labels = [r for r, _ in train_rows], [l for _, l in train_rows]
     if tag.startswith("val"):
       train_idx, val_idx = common.carve_val(
-          [r for r, _ in train_rows], [l for _, l in train_rows], raw, domain=domain,
-          seed=split_seed, val_fraction=val_fraction)
+          relpaths, labels, raw, domain=domain, seed=split_seed, val_fraction=val_fraction,
+          min_per_class=val_per_class)
     else:
       train_idx, val_idx = list(range(len(train_all))), []
+    train_idx, short = common.sample_shots(relpaths, labels, raw, train_idx, domain=domain,
+                                           seed=split_seed, shots=shots)
+    if short:
+      log.warning("%s: %d class(es) have fewer than %d train images and keep all of theirs: %s",
+                  domain, len(short), shots, short)
     lists = {"train": [train_rows[i] for i in train_idx],
-             "val": ([train_rows[i] for i in val_idx] if tag != "files"
+             "val": ([train_rows[i] for i in val_idx] if not files_val
                      else list(zip(*_listing(val_written)))),
              "test": list(zip(*_listing(test)))}
-    if tag == "none":
+    if tag.startswith("none"):
       del lists["val"]  # No list: passed back as split_files it must not read as an empty val.
-    cached = {"num_records": counts, "val_split": tag, "train": train_idx, "val": val_idx}
+    cached = {"num_records": counts, "val_split": tag, "train": train_idx, "val": val_idx,
+              "short_classes": short,
+              "checksums": {split: common.split_checksum(rows) for split, rows in lists.items()}}
     try:
       common.write_split_lists(folder, domain, lists)
       tmp = f"{index_path}.tmp{uuid.uuid4().hex[:12]}"
@@ -317,16 +372,17 @@ def _split_views(domain: str, path: str, raw: Sequence[str], train_all, val_writ
       log.warning("%s: could not write the split lists to %s (%s); using them in memory",
                   domain, folder, e)
       folder = ""
-  if tag == "files":
-    return train_all, val_written, tag, folder
   train_idx, val_idx = cached["train"], cached["val"]
   train = train_all if len(train_idx) == len(train_all) else Subset(train_all, train_idx)
-  return train, (Subset(train_all, val_idx) if val_idx else ()), tag, folder
+  val = val_written if files_val else (Subset(train_all, val_idx) if val_idx else ())
+  return train, val, tag, folder, cached["checksums"], cached.get("short_classes", {})
 
 
 def _task(task_id: int, dataset: str, domain: str, path: str, builder,
           skip_corrupt: bool, *, split_seed: int = common.DEFAULT_SPLIT_SEED,
-          val_fraction: float = common.DEFAULT_VAL_FRACTION) -> TaskData:
+          val_fraction: float = common.DEFAULT_VAL_FRACTION,
+          val_per_class: int = common.DEFAULT_VAL_PER_CLASS,
+          shots: int = common.SHOTS_ALL) -> TaskData:
   info = builder.info
   metadata = dict(info.metadata or {})
   skipped = list(metadata.get("skipped_files", []))
@@ -341,11 +397,28 @@ def _task(task_id: int, dataset: str, domain: str, path: str, builder,
   train_all, val_written, test = (
       builder.as_data_source(s, decoders=decoders) if s in info.splits else ()
       for s in ("train", "val", "test"))
-  train, val, tag, folder = _split_views(domain, path, raw, train_all, val_written, test,
-                                         split_seed=split_seed, val_fraction=val_fraction)
+  train, val, tag, folder, checksums, short = _split_views(
+      domain, path, raw, train_all, val_written, test, split_seed=split_seed,
+      val_fraction=val_fraction, val_per_class=val_per_class, shots=shots)
   task_info = TaskInfo(
       name=domain, dataset=dataset, builder=f"{builder.name}/{info.config_name}",
       class_names=tuple(common.prompt_name(c) for c in raw), raw_class_names=raw,
       num_train=len(train), num_test=len(test), num_val=len(val), num_skipped=len(skipped),
-      data_dir=path, val_split=tag, split_lists=folder)
+      data_dir=path, val_split=tag, split_lists=folder, shots=shots,
+      split_checksums=dict(checksums), short_classes=dict(short))
   return TaskData(task_id=task_id, info=task_info, train=train, test=test, val=val)
+
+
+def splits_record(tasks: Sequence[TaskData]) -> dict[str, Any]:
+  """What results.json records of the splits: per task the split parameters, sizes and each
+  list's sha256, and one sha256 over all of them (equal digests = the same examples)."""
+  per_task = {
+      t.info.name: {"split": t.info.val_split, "shots": t.info.shots,
+                    "num_train": t.info.num_train, "num_val": t.info.num_val,
+                    "num_test": t.info.num_test, "sha256": dict(t.info.split_checksums),
+                    **({"short_classes": dict(t.info.short_classes)}
+                       if t.info.short_classes else {})}
+      for t in tasks}
+  joined = json.dumps({n: r["sha256"] for n, r in per_task.items()}, sort_keys=True)
+  return {"tasks": per_task,
+          "sha256": hashlib.sha256(joined.encode("utf-8")).hexdigest()}

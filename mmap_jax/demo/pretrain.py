@@ -45,6 +45,7 @@ from mmap_jax import parallel, paths, resources
 from mmap_jax.checkpoints import store
 from mmap_jax.checkpoints.errors import CheckpointError
 from mmap_jax.demo import world as demo_world
+from mmap_jax.demo import world_v2
 from mmap_jax.data.preprocess import CLIP_MEAN, CLIP_STD, eval_pixels, random_resized_crop_box
 from mmap_jax.models import clip
 from mmap_jax.models.config import ClipConfig, get_variant
@@ -73,6 +74,16 @@ _CAPTION_SUFFIXES = ("centered", "close-up", "high quality", "in the middle of t
                      "low resolution", "small image", "seen in full")
 
 
+WORLDS = {1: demo_world, 2: world_v2}   # data.world -> the module drawing pairs and eval images
+
+
+def world_module(version: int):
+  """The demo world `data.world` names (1: `world`, 10 classes; 2: `world_v2`, 24 classes)."""
+  if version not in WORLDS:
+    raise ValueError(f"data.world={version!r}; known worlds: {sorted(WORLDS)}")
+  return WORLDS[version]
+
+
 # ----------------------------------------------------------------------------- config
 
 def default_config() -> mlc.ConfigDict:
@@ -85,6 +96,7 @@ def default_config() -> mlc.ConfigDict:
   c.clip.layers = mlc.FieldReference(None, field_type=int)  # override both towers' depth
 
   c.data = mlc.ConfigDict()
+  c.data.world = 1                # which demo world's pairs (and zero-shot eval images)
   c.data.batch_size = 128         # global; the in-batch negatives of the contrastive loss
   c.data.text_length = 24         # tokens per caption (longer ones are cut, EOT kept)
   c.data.reuse = 1                # >1: each drawn pair serves that many steps (hurts: data-hungry)
@@ -230,19 +242,20 @@ def _eval_pixels(image: np.ndarray, size: int) -> np.ndarray:
   return image if image.shape[:2] == (size, size) else eval_pixels(Image.fromarray(image), size)
 
 
-def draw_unit(seed: int, unit: int, n: int,
-              draw_size: int = DRAW_SIZE) -> tuple[np.ndarray, list[str]]:
+def draw_unit(seed: int, unit: int, n: int, draw_size: int = DRAW_SIZE,
+              world: int = 1) -> tuple[np.ndarray, list[str]]:
   """The `n` pairs of rendering unit `unit`: uint8 [n, draw_size, draw_size, 3] and captions.
 
-  A pure function of (seed, unit), one generator per pair. Pairs are `demo_world`'s (its styles,
-  captions and held-out combinations), drawn at the demo tree's size.
+  A pure function of (seed, unit, world), one generator per pair. Pairs are the world's (its
+  styles, captions and held-out combinations), drawn at the demo tree's size.
   """
+  w = world_module(world)
   images = np.empty((n, draw_size, draw_size, 3), np.uint8)
   captions = []
   for j in range(n):
     spec_rng = np.random.default_rng([_STREAM_TAG, seed, unit, j])
-    spec = demo_world.pretraining_spec(spec_rng)
-    images[j] = demo_world.render(spec.obj, spec.color, spec.style, spec_rng, draw_size)
+    spec = w.pretraining_spec(spec_rng)
+    images[j] = w.render(spec.obj, spec.color, spec.style, spec_rng, draw_size)
     captions.append(spec.caption)
   return images, captions
 
@@ -270,10 +283,11 @@ def assemble_batch(seed: int, step: int, units: Sequence[tuple[np.ndarray, list[
 
 
 def render_batch(seed: int, step: int, batch_size: int, size: int, *, reuse: int = 1,
-                 crop_scale_min: float = 1.0,
-                 caption_extra_prob: float = 0.0) -> tuple[np.ndarray, list[str]]:
+                 crop_scale_min: float = 1.0, caption_extra_prob: float = 0.0,
+                 world: int = 1) -> tuple[np.ndarray, list[str]]:
   """Pretraining batch `step` for `seed` (what `PairStream` yields), computed in one go."""
-  units = [draw_unit(seed, u, _unit_size(batch_size, reuse)) for u in batch_units(step, reuse)]
+  units = [draw_unit(seed, u, _unit_size(batch_size, reuse), DRAW_SIZE, world)
+           for u in batch_units(step, reuse)]
   return assemble_batch(seed, step, units, size, crop_scale_min=crop_scale_min,
                         caption_extra_prob=caption_extra_prob)
 
@@ -318,6 +332,7 @@ class PairStream:
     d = config.data
     self._seed, self._size = int(config.seed), image_size
     self._reuse = int(d.reuse)
+    self._world = int(d.get("world", 1))
     self._unit_size = _unit_size(int(d.batch_size), self._reuse)
     self._crop, self._extra = float(d.crop_scale_min), float(d.caption_extra_prob)
     self._tokens = CaptionTokenizer(tokenizer, int(d.text_length))
@@ -334,7 +349,8 @@ class PairStream:
 
   def _request(self, unit: int) -> None:
     if unit not in self._units:
-      self._units[unit] = self._pool.submit(_timed, draw_unit, self._seed, unit, self._unit_size)
+      self._units[unit] = self._pool.submit(_timed, draw_unit, self._seed, unit, self._unit_size,
+                                            DRAW_SIZE, self._world)
 
   def _drawn(self, unit: int) -> tuple[np.ndarray, list[str]]:
     job = self._units[unit]
@@ -381,15 +397,17 @@ def _timed(fn, *args) -> _Timed:
 
 def zero_shot_eval_set(seed: int, per_class: int, size: int,
                        domains: Sequence[str] = demo_world.DOMAINS, *,
-                       draw_size: int = DRAW_SIZE) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-  """domain -> (uint8 images [N, size, size, 3], labels [N]): demo-tree images (drawn at
-  `draw_size`, CLIP-resized to `size`) of a seed the demo itself does not use."""
+                       draw_size: int = DRAW_SIZE,
+                       world: int = 1) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """domain -> (uint8 images [N, size, size, 3], labels [N]): demo-tree images of `world` (drawn
+  at `draw_size`, CLIP-resized to `size`) of a seed the demo itself does not use."""
+  w = world_module(world)
   out = {}
   for domain in domains:
     images, labels = [], []
-    for label, obj in enumerate(demo_world.OBJECTS):
+    for label, obj in enumerate(w.OBJECTS):
       for i in range(per_class):
-        images.append(_eval_pixels(demo_world.tree_image(seed, domain, obj, i, draw_size), size))
+        images.append(_eval_pixels(w.tree_image(seed, domain, obj, i, draw_size), size))
         labels.append(label)
     out[domain] = (np.stack(images), np.asarray(labels, np.int32))
   return out
@@ -417,9 +435,9 @@ def class_text_embeddings(cfg: ClipConfig, params: Params, tokenizer: ClipTokeni
 def zero_shot_accuracy(cfg: ClipConfig, params: Params, tokenizer: ClipTokenizer,
                        eval_set: Mapping[str, tuple[np.ndarray, np.ndarray]], *,
                        template: str = ZERO_SHOT_TEMPLATE, batch_size: int = 256,
-                       ) -> dict[str, float]:
+                       classes: Sequence[str] = demo_world.OBJECTS) -> dict[str, float]:
   """Top-1 accuracy per domain of classifying by cosine to '<template>' of each object name."""
-  text = class_text_embeddings(cfg, params, tokenizer, template=template)
+  text = class_text_embeddings(cfg, params, tokenizer, classes, template=template)
   result = {}
   for domain, (images, labels) in eval_set.items():
     preds = []
@@ -510,12 +528,14 @@ def pretrain(config: mlc.ConfigDict, workdir: str | os.PathLike, *,
     logging.info("pretrain: resumed from step %d of %d", start, steps)
   meta = {"config": config.to_dict(), "variant": config.clip.variant}
 
+  version = int(config.data.get("world", 1))
+  world = world_module(version)
   eval_set = zero_shot_eval_set(int(config.eval.seed), int(config.eval.per_class),
-                                cfg.vision.image_size)
+                                cfg.vision.image_size, world=version)
   evaluate = lambda params: zero_shot_accuracy(
       cfg, params, tokenizer, eval_set, template=config.eval.template,
-      batch_size=int(config.eval.batch_size))
-  chance = 1.0 / len(demo_world.OBJECTS)
+      batch_size=int(config.eval.batch_size), classes=world.OBJECTS)
+  chance = 1.0 / len(world.OBJECTS)
   schedule = optim_lib.learning_rate_schedule(config.optim, steps)
   history, losses = [], []
   recent = collections.deque(maxlen=50)   # device scalars: no host sync per step
@@ -572,8 +592,8 @@ def pretrain(config: mlc.ConfigDict, workdir: str | os.PathLike, *,
   writer.close()
   params = _finalize_params(state["learned"], state["opt_state"], bool(config.zero_unused_tokens))
   report = {
-      "variant": config.clip.variant, "seed": int(config.seed), "steps": steps,
-      "resumed_from_step": start, "batch_size": int(config.data.batch_size),
+      "variant": config.clip.variant, "world": version, "seed": int(config.seed),
+      "steps": steps, "resumed_from_step": start, "batch_size": int(config.data.batch_size),
       "param_count": clip.count_params(params),
       "time_seconds": round(time.time() - t_start, 1),
       "train_loop_seconds": round(loop_seconds, 1),
@@ -587,7 +607,7 @@ def pretrain(config: mlc.ConfigDict, workdir: str | os.PathLike, *,
       "logit_scale": float(np.exp(params["logit_scale"])),
       "loss_curve": losses,
       "zero_shot": {"template": config.eval.template, "images_per_domain":
-                    int(config.eval.per_class) * len(demo_world.OBJECTS),
+                    int(config.eval.per_class) * len(world.OBJECTS),
                     "eval_seed": int(config.eval.seed), "accuracy": acc, "average": average,
                     "chance": chance, "history": history},
       "config": config.to_dict(),

@@ -320,8 +320,123 @@ def _build_shapes() -> Mapping[str, tuple[_Part, ...]]:
   return types.MappingProxyType(s)
 
 
-_SHAPES = _build_shapes()
-_FLIPPABLE = frozenset({"cup", "fish", "car", "key", "umbrella", "boat"})
+def _blob(circles, centre=(0.0, 0.0), n=64, y_max=np.inf) -> np.ndarray:
+  """Outline of a union of circles [(x, y, r)] seen from `centre` (star-shaped unions),
+  cut at y <= y_max: one polygon, so outlines show no seams between the circles."""
+  c = np.asarray(centre, np.float64)
+  t = np.linspace(0, 2 * np.pi, n, endpoint=False)
+  d = np.stack([np.cos(t), np.sin(t)], 1)
+  best = np.zeros(n)
+  for x, y, r in circles:
+    q = np.array([x, y]) - c
+    b = d @ q
+    disc = b * b - q @ q + r * r
+    best = np.maximum(best, np.where(disc >= 0, b + np.sqrt(np.maximum(disc, 0)), 0))
+  pts = c + d * best[:, None]
+  pts[:, 1] = np.minimum(pts[:, 1], y_max)
+  return pts
+
+
+def _build_more_shapes() -> Mapping[str, tuple[_Part, ...]]:
+  """The world-2 objects beyond OBJECTS (`world_v2.OBJECTS`): 14 more silhouettes."""
+  s = {}
+  t = np.linspace(0, 2 * np.pi, 60, endpoint=False)
+  heart = np.stack([16 * np.sin(t) ** 3,
+                    -(13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t))],
+                   1) / 17.5 + [0.0, -0.05]
+  s["heart"] = (_fill("body", heart),
+                _fill("light", _ellipse(-0.42, -0.42, 0.12, 0.09, n=12)))
+  s["moon"] = (_fill("body", _ellipse(0, 0, 0.88, 0.88, n=48)),
+               _hole(_ellipse(0.42, -0.18, 0.72, 0.72, n=48)),
+               _fill("accent", _ellipse(-0.55, 0.2, 0.08, 0.08, n=10)))
+  s["arrow"] = (
+      _fill("body", [[-0.7, -0.08], [0.35, -0.08], [0.35, -0.36], [0.94, 0.0], [0.35, 0.36],
+                     [0.35, 0.08], [-0.7, 0.08]]),
+      _fill("accent", [[-0.94, -0.34], [-0.62, -0.34], [-0.42, 0.0], [-0.62, 0.34],
+                       [-0.94, 0.34], [-0.74, 0.0]]),
+  )
+  bell = np.concatenate([[[-0.86, 0.6]], _quad([-0.62, 0.3], [-0.62, -0.72], [0, -0.72]),
+                         _quad([0, -0.72], [0.62, -0.72], [0.62, 0.3]), [[0.86, 0.6]]])
+  s["bell"] = (_fill("dark", _ellipse(0, 0.68, 0.16, 0.16, n=16)),
+               _fill("body", bell),
+               _fill("accent", _ellipse(0, -0.8, 0.13, 0.12, n=14)),
+               _line("accent", [[-0.62, 0.32], [0.62, 0.32]], 0.06, False))
+  s["bottle"] = (
+      _fill("body", [[-0.13, -0.78], [0.13, -0.78], [0.13, -0.45], [0.38, -0.2], [0.38, 0.92],
+                     [-0.38, 0.92], [-0.38, -0.2], [-0.13, -0.45]]),
+      _fill("dark", _rect(-0.16, -0.94, 0.16, -0.76)),
+      _fill("light", _rect(-0.38, 0.15, 0.38, 0.55)),
+  )
+  s["mushroom"] = (
+      _fill("light", [[-0.2, -0.05], [0.2, -0.05], [0.28, 0.88], [-0.28, 0.88]]),
+      _fill("body", np.concatenate([_ellipse(0, 0.05, 0.94, 0.82, 180, 360, 32),
+                                    [[0.94, 0.05], [-0.94, 0.05]]])),
+      _fill("light", _ellipse(-0.4, -0.3, 0.13, 0.11, n=12)),
+      _fill("light", _ellipse(0.3, -0.45, 0.15, 0.12, n=12)),
+      _fill("light", _ellipse(0.1, -0.12, 0.1, 0.08, n=12)),
+  )
+  s["sword"] = (
+      _fill("body", [[-0.07, -0.96], [0.07, -0.82], [0.07, 0.3], [-0.07, 0.3]]),
+      _fill("accent", _rect(-0.38, 0.3, 0.38, 0.42)),
+      _fill("wood", _rect(-0.06, 0.42, 0.06, 0.8)),
+      _fill("accent", _ellipse(0, 0.86, 0.1, 0.1, n=12)),
+  )
+  s["chair"] = (
+      _fill("body", _rect(-0.55, -0.92, -0.36, 0.12)),
+      _fill("body", _rect(-0.55, -0.02, 0.6, 0.16)),
+      _fill("wood", _rect(-0.55, 0.16, -0.42, 0.92)),
+      _fill("wood", _rect(0.46, 0.16, 0.6, 0.92)),
+      _fill("accent", _rect(-0.55, -0.7, -0.36, -0.56)),
+  )
+  s["hammer"] = (
+      _fill("wood", _rect(-0.1, -0.42, 0.1, 0.94)),
+      _fill("body", [[-0.75, -0.86], [0.45, -0.86], [0.45, -0.42], [-0.75, -0.42],
+                     [-0.85, -0.55], [-0.85, -0.73]]),
+      _fill("body", [[0.45, -0.8], [0.9, -0.95], [0.78, -0.64], [0.45, -0.5]]),
+  )
+  u = np.linspace(0, 1, 24)
+  kite_tail = np.stack([0.7 * u, 0.5 + 0.42 * u + 0.08 * np.sin(6 * np.pi * u)], 1)
+  s["kite"] = (
+      _line("dark", kite_tail, 0.04),
+      _fill("body", [[-0.2, -0.94], [0.84, -0.5], [0, 0.5], [-0.92, -0.1]]),
+      _line("accent", [[-0.2, -0.94], [0, 0.5]], 0.04, False),
+      _line("accent", [[-0.92, -0.1], [0.84, -0.5]], 0.04, False),
+  )
+  s["rocket"] = (
+      _fill("accent", [[-0.24, 0.05], [-0.6, 0.7], [-0.24, 0.55]]),
+      _fill("accent", [[0.24, 0.05], [0.6, 0.7], [0.24, 0.55]]),
+      _fill("body", np.concatenate([_quad([-0.26, 0.7], [-0.3, -0.5], [0, -0.96]),
+                                    _quad([0, -0.96], [0.3, -0.5], [0.26, 0.7])])),
+      _fill("light", _ellipse(0, -0.2, 0.13, 0.13, n=16)),
+      _fill("dark", [[-0.18, 0.7], [0.18, 0.7], [0.1, 0.88], [-0.1, 0.88]]),
+  )
+  s["cloud"] = (
+      _fill("body", _blob([(-0.55, 0.2, 0.36), (-0.1, -0.12, 0.5), (0.45, 0.08, 0.42),
+                           (0.05, 0.3, 0.4)], centre=(0, 0.15), y_max=0.52)),
+  )
+  s["crown"] = (
+      _fill("body", [[-0.86, 0.55], [-0.86, -0.55], [-0.45, -0.08], [0, -0.78], [0.45, -0.08],
+                     [0.86, -0.55], [0.86, 0.55]]),
+      _fill("accent", _rect(-0.86, 0.3, 0.86, 0.55)),
+      _fill("light", _ellipse(0, 0.05, 0.12, 0.12, n=14)),
+  )
+  wave = np.linspace(-0.62, 0.86, 20)
+  top = np.stack([wave, -0.86 + 0.08 * np.sin(3 * (wave + 0.62))], 1)
+  s["flag"] = (
+      _fill("dark", _rect(-0.74, -0.92, -0.62, 0.95)),
+      _fill("body", np.concatenate([top, (top + [0, 0.72])[::-1]])),
+      _fill("accent", _ellipse(0.1, -0.5, 0.16, 0.16, n=16)),
+  )
+  return types.MappingProxyType(s)
+
+
+MORE_OBJECTS: tuple[str, ...] = (
+    "heart", "moon", "arrow", "bell", "bottle", "mushroom", "sword", "chair", "hammer", "kite",
+    "rocket", "cloud", "crown", "flag")
+_SHAPES = types.MappingProxyType({**_build_shapes(), **_build_more_shapes()})
+assert tuple(_SHAPES)[len(OBJECTS):] == MORE_OBJECTS
+_FLIPPABLE = frozenset({"cup", "fish", "car", "key", "umbrella", "boat",
+                        "moon", "arrow", "chair", "hammer", "flag"})
 
 
 # ----------------------------------------------------------------------------
@@ -510,7 +625,11 @@ def _drop_shadow(bg, a, size, light, radius_px, rng, strength):
   return bg * (1 - strength * sh)[..., None]
 
 
-def _render_photo(scene, size, rng, studio: bool = False):
+def _render_photo(scene, size, rng, studio: bool = False, *,
+                  light_range=(190, 350), tex_div: int = 4, horizon=(0.6, 0.85),
+                  grain: float = 0.08):
+  """Shaded object on a studio backdrop or a textured scene. The keyword ranges are the
+  downstream `photo` rendering's; the world-2 pretraining styles draw with others."""
   col, a = _layers(scene, size)
   yy, xx = _grid(size)
   h = rng.random()
@@ -524,19 +643,20 @@ def _render_photo(scene, size, rng, studio: bool = False):
   if studio:
     light = _light_dir(rng, 200, 250)
   else:
-    light = _light_dir(rng, 190, 350)
+    light = _light_dir(rng, *light_range)
     bg = bg * (0.8 + 0.4 * _smooth_noise(rng, size, 4))[..., None]
-    tex = _smooth_noise(rng, size, max(4, size // 4)) - 0.5
+    tex = _smooth_noise(rng, size, max(4, size // tex_div)) - 0.5
     bg = bg + 0.16 * tex[..., None] * rng.uniform(0.5, 1.0)
-    horizon = rng.uniform(0.6, 0.85) * size
+    horizon = rng.uniform(*horizon) * size
     floor = np.clip((yy - horizon) / 1.5, 0, 1)[..., None]
     bg = bg * (1 - 0.3 * floor) + 0.3 * floor * _hsv(rng.random(), 0.3, 0.45)
   bg = _drop_shadow(bg, a, size, light, scene.radius / _SS, rng,
                     0.6 if studio else 0.45)
   out = _shade(col, a, scene, size, light, rng) + bg * (1 - a)[..., None]
   if not studio:
+    grain_level = grain
     grain = rng.random((size, size), dtype=np.float32) - 0.5  # luminance grain
-    out = out + 0.08 * grain[..., None]
+    out = out + grain_level * grain[..., None]
   return out
 
 
@@ -597,9 +717,10 @@ def _dabs(img, rng, cell: float, elong: float, jitter: float,
   return np.take(dab_col, win, axis=0) * (bristle * seam)[..., None]
 
 
-def _render_painting(scene, size, rng):
-  base = _render_photo(scene, size, rng)
-  return _dabs(base, rng, cell=max(2.0, size / 22), elong=2.8, jitter=0.05,
+def _render_painting(scene, size, rng, *, cell_div: float = 22, elong: float = 2.8,
+                     **photo):
+  base = _render_photo(scene, size, rng, **photo)
+  return _dabs(base, rng, cell=max(2.0, size / cell_div), elong=elong, jitter=0.05,
                flow=False)
 
 
@@ -609,9 +730,9 @@ def _render_oil(scene, size, rng):
                jitter=0.06, flow=True)
 
 
-def _render_clipart(scene, size, rng):
-  col, a = _layers(scene, size, outline=max(1.5, 0.042 * size))
-  bg = _hsv(rng.random(), rng.uniform(0.04, 0.22), rng.uniform(0.93, 1.0))
+def _render_clipart(scene, size, rng, *, outline: float = 0.042, bg_sat=(0.04, 0.22)):
+  col, a = _layers(scene, size, outline=max(1.5, outline * size))
+  bg = _hsv(rng.random(), rng.uniform(*bg_sat), rng.uniform(0.93, 1.0))
   return col + bg * (1 - a)[..., None]
 
 
@@ -702,9 +823,9 @@ def _hatch(mask, scene, rng, angles, spacing: float) -> np.ndarray:
   return out * mask * (field < -0.1)
 
 
-def _render_sketch(scene, size, rng):
-  ink, mask = _strokes(scene, size, rng, rng.uniform(0.9, 1.25), 2, 1.1)
-  if rng.random() < 0.7:
+def _render_sketch(scene, size, rng, *, jitter=(0.9, 1.25), hatch_prob: float = 0.7):
+  ink, mask = _strokes(scene, size, rng, rng.uniform(*jitter), 2, 1.1)
+  if rng.random() < hatch_prob:
     hatch = _hatch(mask, scene, rng, [rng.uniform(0.6, 1.0)],
                    rng.uniform(4, 6) * size / 64)
     ink = np.maximum(ink, 0.45 * hatch)
@@ -776,7 +897,7 @@ def render(obj: str, color: str, domain_or_style: str,
   from rng, so the same generator state gives the same image.
   """
   if obj not in _SHAPES:
-    raise ValueError(f"unknown object {obj!r}; expected one of {OBJECTS}")
+    raise ValueError(f"unknown object {obj!r}; expected one of {OBJECTS + MORE_OBJECTS}")
   if color not in _PALETTE:
     raise ValueError(f"unknown color {color!r}; expected one of {COLORS}")
   if domain_or_style not in _RENDERERS:
@@ -833,12 +954,16 @@ def _manifest(seed, images_per_class, size, domains, objects) -> dict:
 
 
 def _write_class(tmp: str, seed: int, domain: str, obj: str,
-                 images_per_class: int, size: int) -> None:
-  """Write one <domain>/<class> folder of the tree (also run in workers)."""
+                 images_per_class: int, size: int, image_fn=None) -> None:
+  """Write one <domain>/<class> folder of the tree (also run in workers).
+
+  `image_fn(seed, domain, obj, index, size)` draws one image (default: this world's
+  `tree_image`; a module-level function, so it pickles to spawned workers)."""
+  image_fn = image_fn or tree_image
   folder = pathlib.Path(tmp) / domain / folder_name(obj)
   folder.mkdir(parents=True)
   for i in range(images_per_class):
-    img = tree_image(seed, domain, obj, i, size)
+    img = image_fn(seed, domain, obj, i, size)
     # Level 1: ~2x faster than the default and no larger for noisy art.
     Image.fromarray(img).save(folder / f"{i}.png", compress_level=1)
 
@@ -873,6 +998,30 @@ def generate_tree(root: str | os.PathLike, *, seed: int = 0,
   if images_per_class < 1:
     raise ValueError("images_per_class must be >= 1")
   manifest = _manifest(seed, images_per_class, size, domains, objects)
+  return write_tree(root, manifest, seed=seed, images_per_class=images_per_class, size=size,
+                    domains=domains, objects=objects, workers=workers)
+
+
+WORLD_VERSIONS = (1, 2)
+
+
+def generate_world_tree(version: int, root: str | os.PathLike, **kwargs) -> dict:
+  """`generate_tree` of demo world `version` (1: this module; 2: `world_v2`), so the demo
+  dataset builder reaches both worlds through this one module."""
+  if version == 1:
+    return generate_tree(root, **kwargs)
+  if version == 2:
+    from mmap_jax.demo import world_v2  # world_v2 builds on this module: imported on use.
+    return world_v2.generate_tree(root, **kwargs)
+  raise ValueError(f"demo_world={version}; known worlds: {WORLD_VERSIONS}")
+
+
+def write_tree(root: str | os.PathLike, manifest: dict, *, seed: int, images_per_class: int,
+               size: int, domains: Sequence[str], objects: Sequence[str], workers: int = 1,
+               image_fn=None) -> dict:
+  """`generate_tree`'s writer for any world: `image_fn` draws the images (default this world's
+  `tree_image`), `manifest` is what root's manifest.json must equal. Same atomicity and reuse
+  rules as `generate_tree`."""
   root = pathlib.Path(root)
   if root.exists():
     existing = root / "manifest.json"
@@ -885,7 +1034,7 @@ def generate_tree(root: str | os.PathLike, *, seed: int = 0,
   root.parent.mkdir(parents=True, exist_ok=True)
   tmp = pathlib.Path(tempfile.mkdtemp(prefix=root.name + ".tmp-",
                                       dir=root.parent))
-  jobs = [(str(tmp), seed, d, o, images_per_class, size)
+  jobs = [(str(tmp), seed, d, o, images_per_class, size, image_fn)
           for d in domains for o in objects]
   try:
     if workers <= 1:

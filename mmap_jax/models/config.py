@@ -95,6 +95,11 @@ VARIANTS: dict[str, ClipConfig] = {
     "demo": ClipConfig(embed_dim=64,
                        vision=VisionConfig(image_size=64, patch_size=16, width=128, layers=4, heads=4),
                        text=TextConfig(width=64, layers=3, heads=2)),
+    # World 2's CLIP (issue 25): 64 px in 8 px patches = 64 image tokens, 6 layers per tower.
+    "demo_v2": ClipConfig(embed_dim=128,
+                          vision=VisionConfig(image_size=64, patch_size=8, width=128, layers=6,
+                                              heads=4),
+                          text=TextConfig(width=128, layers=6, heads=4)),
 }
 
 

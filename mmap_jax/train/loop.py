@@ -29,7 +29,7 @@ import numpy as np
 from absl import logging
 
 from mmap_jax import heads, parallel, paths
-from mmap_jax.data import pipeline
+from mmap_jax.data import pipeline, sources
 from mmap_jax.prompts import multitask
 from mmap_jax.train import cadence as cadence_lib, checkpointing, evaluate as evaluation
 from mmap_jax.train import correctness
@@ -149,7 +149,8 @@ class _Run:
     extra = {"groups": [[names[i] for i in g] for g in groups] if groups else None,
              "clip": self.clip.path, "dataset": config.data.name, "split": split,
              "trained_steps": self.total,
-             "optim": self.recipe.to_dict() if self.recipe is not None else None}
+             "optim": self.recipe.to_dict() if self.recipe is not None else None,
+             "splits": sources.splits_record(self.tasks)}
     if val_accuracy is not None:
       extra["val_accuracy"] = dict(val_accuracy)
       extra["val_average"] = selection_lib.mean(val_accuracy) if val_accuracy else None

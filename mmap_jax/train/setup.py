@@ -58,6 +58,19 @@ def validate(config: mlc.ConfigDict, num_devices: Optional[int] = None) -> None:
        f"data.train_fraction={config.data.train_fraction} must be in (0, 1)")
   need(0.0 <= config.data.val_fraction < 1.0,
        f"data.val_fraction={config.data.val_fraction} must be in [0, 1) (0: no validation split)")
+  shots = config.data.get("shots", 0)
+  need(not isinstance(shots, bool) and isinstance(shots, int) and shots >= 0,
+       f"data.shots={shots!r} must be an integer >= 0 (train images per class; 0 = all)")
+  vmin = config.data.get("val_per_class", 0)
+  need(not isinstance(vmin, bool) and isinstance(vmin, int) and vmin >= 0,
+       f"data.val_per_class={vmin!r} must be an integer >= 0")
+  need(isinstance(config.data.split_seed, int) and not isinstance(config.data.split_seed, bool)
+       and config.data.split_seed >= 0,
+       f"data.split_seed={config.data.split_seed!r} must be an integer >= 0")
+  if config.data.name == "demo_domains":
+    need(config.data.get("demo_world", 1) in (1, 2),
+         f"data.demo_world={config.data.get('demo_world')!r}; allowed: 1 (10 classes), 2 "
+         "(24 classes, the paper's regime)")
   need(config.train.select in SELECT_RULES,
        f"train.select={config.train.select!r}; allowed: {SELECT_RULES}")
   need(not (config.train.select == "best_val" and config.data.val_fraction == 0
@@ -217,8 +230,10 @@ def _build_tasks(config: mlc.ConfigDict) -> list[sources.TaskData]:
       d.name, root=d.root, data_dir=d.data_dir, domains=_csv(d.domains),
       split_seed=d.split_seed, train_fraction=d.train_fraction, split_files=d.split_files,
       val_fraction=d.val_fraction, skip_corrupt=d.skip_corrupt, allow_per_task_classes=d.allow_per_task_classes,
+      val_per_class=d.get("val_per_class", 0), shots=d.get("shots", 0),
       **({"demo_seed": d.demo_seed, "demo_images_per_class": d.demo_images_per_class,
-          "demo_image_size": d.demo_image_size} if d.name == "demo_domains" else {}))
+          "demo_image_size": d.demo_image_size, "demo_world": d.get("demo_world", 1)}
+         if d.name == "demo_domains" else {}))
 
 
 def check_validation(config: mlc.ConfigDict, tasks: Sequence[sources.TaskData]) -> None:

@@ -41,8 +41,11 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", "
 DEFAULT_SPLIT_SEED = 0
 DEFAULT_TRAIN_FRACTION = 0.8
 DEFAULT_VAL_FRACTION = 0.1
+DEFAULT_VAL_PER_CLASS = 0  # The library's carve is the fraction alone; configs ask for 8.
+SHOTS_ALL = 0              # data.shots: 0 (or "all") = every train image; k = k per class.
 SPLITS = ("train", "val", "test")
 _VAL_SALT = zlib.crc32(b"val")  # The val carve's stream differs from the train/test split's.
+_SHOTS_SALT = zlib.crc32(b"shots")  # ... and the few-shot draw's from both.
 
 
 class DataLayoutError(FileNotFoundError):
@@ -88,6 +91,8 @@ class BuildOptions:
     num_threads: image conversion threads while building (0 = CPU count).
     demo_seed, demo_images_per_class, demo_image_size: the generated
       `demo_domains` world (ignored by the other datasets).
+    demo_world: which demo world draws it (1: `mmap_jax.demo.world`, 10 classes; 2:
+      `mmap_jax.demo.world_v2`, 24 classes, the paper's regime).
   """
 
   split_seed: int = DEFAULT_SPLIT_SEED
@@ -99,6 +104,7 @@ class BuildOptions:
   demo_seed: int = 0
   demo_images_per_class: int = 40
   demo_image_size: int = 64
+  demo_world: int = 1
 
   def __post_init__(self):
     if not 0.0 < self.train_fraction < 1.0:
@@ -248,18 +254,22 @@ def seeded_split(
 
 def carve_val(
     relpaths: Sequence[str], labels: Sequence[int], class_names: Sequence[str], *,
-    domain: str, seed: int, val_fraction: float,
+    domain: str, seed: int, val_fraction: float, min_per_class: int = DEFAULT_VAL_PER_CLASS,
 ) -> tuple[list[int], list[int]]:
   """(train indices, val indices) into a prepared train split: stratified and seeded.
 
   Each class's examples, ordered by relpath, are shuffled by (seed, domain, class name) on a
   stream of its own, and the first round(val_fraction * n) go to val (at least one, at most
-  n - 1, when the class has >= 2 examples and val_fraction > 0). So the carve depends only on
-  the split seed, the domain, the class and its files: the same for every method and training
-  seed of a sweep, and no class loses all of its training images.
+  n - 1, when the class has >= 2 examples and val_fraction > 0). `min_per_class` raises that
+  count to a floor (the few-shot protocol's >= 8 images per class), capped at n // 2 so a small
+  class keeps half of its images for training. So the carve depends only on the split seed, the
+  domain, the class and its files: the same for every method, training seed and `shots` of a
+  sweep, and no class loses all of its training images.
   """
   if not 0.0 <= val_fraction < 1.0:
     raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+  if min_per_class < 0:
+    raise ValueError(f"min_per_class must be >= 0, got {min_per_class}")
   by_label: dict[int, list[int]] = {}
   for i, label in enumerate(labels):
     by_label.setdefault(int(label), []).append(i)
@@ -269,7 +279,7 @@ def carve_val(
     n = len(members)
     n_val = int(round(val_fraction * n))
     if val_fraction > 0 and n >= 2:
-      n_val = min(max(n_val, 1), n - 1)
+      n_val = min(max(n_val, 1, min(min_per_class, n // 2)), n - 1)
     elif n < 2:
       n_val = 0
     cls = class_names[label]
@@ -278,6 +288,47 @@ def carve_val(
     val += [members[j] for j in rng.permutation(n)[:n_val].tolist()]
   val_set = set(val)
   return [i for i in range(len(labels)) if i not in val_set], sorted(val)
+
+
+def sample_shots(
+    relpaths: Sequence[str], labels: Sequence[int], class_names: Sequence[str],
+    indices: Sequence[int], *, domain: str, seed: int, shots: int,
+) -> tuple[list[int], dict[str, int]]:
+  """The few-shot train split: `shots` of `indices` per class, drawn by the split seed.
+
+  Each class's candidates, ordered by relpath, are permuted by (seed, domain, class name) on a
+  stream of its own and the first `shots` kept, so the draws are nested (the 4-shot split is
+  part of the 16-shot one) and independent of the method and training seed. `shots=0` keeps
+  every index. Returns (sorted indices, {class: count} of the classes with fewer than `shots`
+  candidates, which keep all of theirs).
+  """
+  if shots < 0:
+    raise ValueError(f"shots must be >= 0 (0 = all), got {shots}")
+  if shots == SHOTS_ALL:
+    return sorted(int(i) for i in indices), {}
+  by_label: dict[int, list[int]] = {}
+  for i in indices:
+    by_label.setdefault(int(labels[i]), []).append(int(i))
+  kept, short = [], {}
+  for label, members in sorted(by_label.items()):
+    members.sort(key=lambda i: relpaths[i])
+    cls = class_names[label]
+    rng = np.random.default_rng(
+        [seed, zlib.crc32(domain.encode()), zlib.crc32(cls.encode()), _SHOTS_SALT])
+    kept += [members[j] for j in rng.permutation(len(members))[:shots].tolist()]
+    if len(members) < shots:
+      short[cls] = len(members)
+  return sorted(kept), short
+
+
+def split_lists_text(rows: Sequence[tuple[str, int]]) -> str:
+  """A split list's exact file content (lines `<relpath> <label>`)."""
+  return "".join(f"{relpath} {label}\n" for relpath, label in rows)
+
+
+def split_checksum(rows: Sequence[tuple[str, int]]) -> str:
+  """sha256 of a split list's content: what results.json records to identify a split."""
+  return hashlib.sha256(split_lists_text(rows).encode("utf-8")).hexdigest()
 
 
 def write_split_lists(folder: str, domain: str,
@@ -293,7 +344,7 @@ def write_split_lists(folder: str, domain: str,
     path = os.path.join(folder, f"{domain}_{split}.txt")
     tmp = f"{path}.tmp{uuid.uuid4().hex[:12]}"  # Unique per process and host: hosts may race.
     with open(tmp, "w", encoding="utf-8") as f:
-      f.writelines(f"{relpath} {label}\n" for relpath, label in rows)
+      f.write(split_lists_text(rows))
     os.replace(tmp, path)
     out[split] = path
   return out
