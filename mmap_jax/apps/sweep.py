@@ -54,8 +54,9 @@ grouping drew a heatmap. Paired statistics: every row's `delta_ci` = {"mean", "l
 (`--reference`, default method=mmap_mt; `resolve_reference`) with a 95% paired bootstrap
 interval (`mmap_jax.apps.stats`: seeds, then test images, one draw for both), computed from the
 runs' per-image `test_correct.npz`; the table marks intervals excluding 0 with '*'.
-`accuracies.csv` holds every (setting, seed, task) test (and validation) accuracy. The workdir may be a `gs://`-style URI: every read and write goes
-through `mmap_jax.paths` (etils.epath), results.json atomically.
+`accuracies.csv` holds every (setting, seed, task) test (and validation) accuracy. The workdir
+may be a `gs://`-style URI: every read and write goes through `mmap_jax.paths` (etils.epath),
+results.json atomically.
 """
 from __future__ import annotations
 
