@@ -11,6 +11,14 @@ set (`--config.method=X` or `file.py:method=X`). Precedence: `config.optim` > `o
 > the published recipe. `resolve` runs once, before anything compiles, and says which fields came
 from where; the trainer records both in results.json and the checkpoint metadata.
 
+Objective: every form minimises the sum of its tasks' mean losses (heads.py), and the published
+recipes are single-task ones (a sum over one task). So an ST form trains each task exactly as
+published, while an MT form's shared parameters receive the sum of T tasks' gradients: for SGD
+that is up to T times a single-task step at the same lr (Adam(W) is invariant to the scale). The
+table keeps the published values for both forms, and no lr is divided by T behind the user's
+back (a field would then mean different things at different T); MT and ST forms are tuned
+separately (`optim_per_family` accepts method keys such as "mmap_st", see `resolve_config`).
+
 Schedules are per step (this project counts steps, not epochs): `warmup_steps` of warm-up, then a
 cosine from `lr` to `min_lr` at the last step. Dassl's recipes (CoOp, MaPLe, IVLP, VPT in the MaPLe
 repo, CLIP-Adapter) warm up for one epoch at a constant 1e-5 (`warmup_type="constant"`); how many
