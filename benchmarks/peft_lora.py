@@ -72,7 +72,7 @@ def main():
       return (per_task.sum() if spec.single_task else per_task.mean()), {}
     return fn
 
-  opt = benchmark._optimizer(config)  # pylint: disable=protected-access
+  opt = benchmark.optimizer(spec)
   state = train_step.init_state(learned, opt)
   batches = [jax.device_put(b) for b in benchmark.host_batches(w, 2, 0)]
   compiled, flops, temp = {}, {}, {}

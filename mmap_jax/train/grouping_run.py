@@ -59,9 +59,10 @@ def affinity_filter(which: str):
 
 
 def _grouping_step_fn(clip_cfg, spec: PromptSpec, optimizer, dtype, remat, filter_fn=None,
-                      ema_decay: float = 0.0):
+                      ema_decay: float = 0.0, text_sharding=parallel.REPLICATED_TEXT):
   def step(gstate, clip_params, class_tokens, batch, record):
-    loss_t = heads.per_task_loss_fn(clip_params, clip_cfg, spec, dtype=dtype, remat=remat)
+    loss_t = heads.per_task_loss_fn(clip_params, clip_cfg, spec, dtype=dtype, remat=remat,
+                                    text_sharding=text_sharding)
     params, opt_state, aff, metrics = grouping.grouping_step(
         loss_t, gstate["params"], gstate["opt_state"], optimizer, gstate["affinity"],
         class_tokens, batch["image"], batch["label"], record=record,
@@ -71,18 +72,21 @@ def _grouping_step_fn(clip_cfg, spec: PromptSpec, optimizer, dtype, remat, filte
 
 
 def make_grouping_step(clip_cfg, spec: PromptSpec, optimizer, *, dtype=jnp.float32,
-                       remat: bool = False, filter_fn=None, ema_decay: float = 0.0):
+                       remat: bool = False, filter_fn=None, ema_decay: float = 0.0,
+                       text_sharding=parallel.REPLICATED_TEXT):
   """jit(step)(gstate, clip_params, class_tokens, batch, record) -> (gstate, metrics)."""
-  return jax.jit(_grouping_step_fn(clip_cfg, spec, optimizer, dtype, remat, filter_fn, ema_decay),
-                 donate_argnums=(0,))
+  return jax.jit(_grouping_step_fn(clip_cfg, spec, optimizer, dtype, remat, filter_fn, ema_decay,
+                                   text_sharding), donate_argnums=(0,))
 
 
 def make_grouping_steps(clip_cfg, spec: PromptSpec, optimizer, *, dtype=jnp.float32,
-                        remat: bool = False, filter_fn=None, ema_decay: float = 0.0):
+                        remat: bool = False, filter_fn=None, ema_decay: float = 0.0,
+                        text_sharding=parallel.REPLICATED_TEXT):
   """K grouping steps per call (train.steps_per_call), a lax.scan of the same step:
   jit(steps)(gstate, clip_params, class_tokens, batches [K, T, B, ...], records [K]) ->
   (gstate, metrics stacked [K, ...]); equal to K calls of `make_grouping_step`."""
-  step = _grouping_step_fn(clip_cfg, spec, optimizer, dtype, remat, filter_fn, ema_decay)
+  step = _grouping_step_fn(clip_cfg, spec, optimizer, dtype, remat, filter_fn, ema_decay,
+                          text_sharding)
 
   def steps(gstate, clip_params, class_tokens, batches, records):
     return jax.lax.scan(lambda gs, xs: step(gs, clip_params, class_tokens, *xs), gstate,
@@ -246,7 +250,8 @@ def run_grouping(config: mlc.ConfigDict, workdir: str, clip: setup.Clip,
                                "affinity": grouping.AffinityState.zeros(len(tasks), ema_size)},
                               mesh)
   k = int(config.train.get("steps_per_call", 1))
-  kw = dict(dtype=dtype, remat=config.clip.remat, filter_fn=filter_fn, ema_decay=ema)
+  kw = dict(dtype=dtype, remat=config.clip.remat, filter_fn=filter_fn, ema_decay=ema,
+            text_sharding=setup.text_sharding(config, mesh))
   if k == 1:
     step = make_grouping_step(clip.cfg, spec, optimizer, **kw)
   else:

@@ -61,15 +61,6 @@ def _model(config: mlc.ConfigDict, workdir: str, clip: setup.Clip, tasks, mesh,
   return spec, groups, group_init
 
 
-def _loss_fn(clip_cfg, spec, groups, dtype, remat):
-  def loss_fn(learned, frozen, batch):
-    loss, aux = heads.multitask_loss(
-        learned, frozen["clip"], clip_cfg, spec, groups, frozen["class_tokens"],
-        {"images": batch["image"], "labels": batch["label"]}, dtype=dtype, remat=remat)
-    return loss, {"per_task_loss": aux["per_task_loss"], "mean_task_loss": aux["mean_task_loss"]}
-  return loss_fn
-
-
 def _checkpointer(config, workdir) -> checkpointing.Checkpointer:
   return checkpointing.Checkpointer(setup.workdir_paths(workdir)["checkpoints"],
                                     keep=config.train.keep_checkpoints)
@@ -95,6 +86,7 @@ class _Run:
   selection: Optional[selection_lib.Selection] = None  # validation record (training runs)
   selected: Any = None       # the selected learned pytree (best_val; None: run.state's)
   recipe: Any = None         # recipes.Resolved: the optimisation recipe this run trains with
+  text_sharding: Any = parallel.REPLICATED_TEXT  # how the text tower splits the class prompts
 
   def restore(self) -> Optional[checkpointing.Restored]:
     if self.step is None:
@@ -190,7 +182,7 @@ def _prepare(config: mlc.ConfigDict, workdir: str, *, step: Optional[int] = None
                                         mesh),
               optimizer=optimizer,
               state=parallel.replicate(train_step.init_state(learned, optimizer), mesh),
-              total=total, recipe=recipe)
+              total=total, recipe=recipe, text_sharding=setup.text_sharding(config, mesh))
 
 
 def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict:
@@ -218,7 +210,7 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict:
 
   writer = report.ScalarWriter(setup.workdir_paths(workdir)["tensorboard"])
   eval_fns = evaluation.make_eval_fns(run.clip.cfg, run.spec, run.groups, len(run.tasks),
-                                      dtype=run.dtype)
+                                      dtype=run.dtype, text_sharding=run.text_sharding)
   if run.total > 0:
     run.selection = selection_lib.Selection.from_json(
         restored.meta.get("selection") if restored is not None else None, config.train.select)
@@ -287,7 +279,8 @@ def _train(config, run: _Run, it, meta, writer, start, preempt, run_eval) -> boo
   """
   total, ckpt = run.total, run.ckpt
   k = int(config.train.get("steps_per_call", 1))
-  loss_fn = _loss_fn(run.clip.cfg, run.spec, run.groups, run.dtype, config.clip.remat)
+  loss_fn = train_step.make_loss_fn(run.clip.cfg, run.spec, run.groups, dtype=run.dtype,
+                                    remat=config.clip.remat, text_sharding=run.text_sharding)
   cadence = cadence_lib.Cadence(
       total=total, start=start, log_every=config.train.log_every,
       eval_every=config.train.eval_every, ckpt_every=config.train.ckpt_every,
@@ -386,7 +379,7 @@ def evaluate_workdir(config: mlc.ConfigDict, workdir: str, *, step: Optional[int
       raise FileNotFoundError(f"checkpoint {run.step} in {run.ckpt.directory} holds no "
                               f"selected state for step {at}")
   eval_fns = evaluation.make_eval_fns(run.clip.cfg, run.spec, run.groups, len(run.tasks),
-                                      dtype=run.dtype)
+                                      dtype=run.dtype, text_sharding=run.text_sharding)
   accuracy = run.evaluate(config, eval_fns, split=split, learned=learned)
   return run.write_results(config, out or workdir, accuracy, at, split=split, selection=record,
                            fields={"evaluated_state": state, "checkpoint_step": run.step})

@@ -123,12 +123,28 @@ def validate(config: mlc.ConfigDict, num_devices: Optional[int] = None) -> None:
     need(not config.groups.init_from_warmup or mode == "gradient",
          f"groups.init_from_warmup=True needs groups.mode='gradient' (only it runs the warm-up "
          f"whose shared MmAP it copies), got groups.mode={mode!r}")
+  shard_text, text_chunk = _parallel_fields(config)
+  need(isinstance(shard_text, bool), f"parallel.shard_text={shard_text!r} must be true or false")
+  need(isinstance(text_chunk, int) and not isinstance(text_chunk, bool) and text_chunk >= 0,
+       f"parallel.text_chunk={text_chunk!r} must be an integer >= 0 (0: no chunking)")
   try:
     PromptSpec.from_config(config.prompt, config.method).validate_fields()
   except (ValueError, TypeError) as e:
     errors.append(str(e))
   if errors:
     raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+
+
+def _parallel_fields(config: mlc.ConfigDict) -> tuple[Any, Any]:
+  """(parallel.shard_text, parallel.text_chunk); configs written before them get the defaults."""
+  p = config.get("parallel") or {}
+  return p.get("shard_text", True), p.get("text_chunk", 0)
+
+
+def text_sharding(config: mlc.ConfigDict, mesh) -> parallel.TextSharding:
+  """How the run's text tower splits the class prompts over `mesh` (see parallel.TextSharding)."""
+  shard_text, text_chunk = _parallel_fields(config)
+  return parallel.text_sharding(mesh, bool(shard_text), int(text_chunk))
 
 
 @dataclasses.dataclass(frozen=True)
