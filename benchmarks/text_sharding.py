@@ -25,27 +25,30 @@ import sys
 REPO = pathlib.Path(__file__).resolve().parents[1]
 OUT = REPO / "benchmarks" / "text_sharding"
 SHAPES = {"oh": (4, 65), "dn": (6, 345), "in1": (1, 1000), "in4": (4, 1000)}
-# (shape, images per task, devices, shard_text, also the grouping step): the targets first.
+# (shape, images per task, devices, shard_text, also the grouping step[, parallel.text_chunk]):
+# the targets first.
 RUNS = [("dn", 8, 8, True, True), ("dn", 8, 1, True, True), ("oh", 8, 1, True, True),
         ("oh", 8, 8, True, True), ("oh", 32, 1, True, False), ("oh", 32, 32, True, False),
         ("dn", 32, 1, True, False), ("dn", 32, 32, True, False),
-        ("in1", 8, 8, True, False), ("in4", 8, 8, True, False),
+        ("in1", 8, 8, True, False), ("in4", 8, 8, True, False), ("in4", 8, 8, True, False, 25),
+        ("in1", 8, 8, True, False, 25), ("in4", 8, 8, False, False), ("in1", 8, 8, False, False),
         ("dn", 8, 8, False, True), ("oh", 8, 8, False, True), ("oh", 32, 32, False, False),
-        ("dn", 32, 32, False, False), ("in1", 8, 8, False, False), ("in4", 8, 8, False, False),
-        ("in4", 8, 1, True, False)]
+        ("dn", 32, 32, False, False), ("in4", 8, 1, True, False)]
 
 
-def name(shape: str, batch: int, devices: int, shard: bool) -> str:
-  return f"{shape}_b{batch}_n{devices}" + ("" if shard or devices == 1 else "_replicated")
+def name(shape: str, batch: int, devices: int, shard: bool, chunk: int = 0) -> str:
+  return (f"{shape}_b{batch}_n{devices}" + ("" if shard or devices == 1 else "_replicated")
+          + (f"_chunk{chunk}" if chunk else ""))
 
 
-def run_one(shape: str, batch: int, devices: int, shard: bool, grouping: bool) -> None:
+def run_one(shape: str, batch: int, devices: int, shard: bool, grouping: bool,
+            chunk: int = 0) -> None:
   tasks, classes = SHAPES[shape]
-  out = OUT / f"{name(shape, batch, devices, shard)}.json"
+  out = OUT / f"{name(shape, batch, devices, shard, chunk)}.json"
   if out.exists():
     return
   args = (f"compile_only,num_tasks={tasks},num_classes={classes},batch_size={batch},"
-          f"shard_text={str(shard).lower()}" + (",grouping" if grouping else ""))
+          f"shard_text={str(shard).lower()},text_chunk={chunk}" + (",grouping" if grouping else ""))
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
              JAX_PLATFORMS="cpu")
   print(f"{out.name}: {args}", file=sys.stderr, flush=True)
@@ -54,8 +57,8 @@ def run_one(shape: str, batch: int, devices: int, shard: bool, grouping: bool) -
                  cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL)
 
 
-def _load(shape, batch, devices, shard=True):
-  path = OUT / f"{name(shape, batch, devices, shard)}.json"
+def _load(shape, batch, devices, shard=True, chunk=0):
+  path = OUT / f"{name(shape, batch, devices, shard, chunk)}.json"
   return json.loads(path.read_text()) if path.exists() else None
 
 
@@ -68,11 +71,12 @@ def _eff(one, many, part):
 
 def table() -> str:
   """Per-device FLOPs (efficiency = single-device FLOPs / (N x per-device)) and temp bytes."""
-  lines = ["| shape | images/task | N | shard_text | train TFLOP/device | efficiency | "
-           "grouping TFLOP/device | grouping efficiency | temp GiB/device | temp vs 1 device |",
-           "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
-  for shape, batch, devices, shard, _ in sorted(RUNS, key=lambda r: (r[0], r[1], r[2], not r[3])):
-    many, one = _load(shape, batch, devices, shard), _load(shape, batch, 1)
+  lines = ["| shape | images/task | N | shard_text | text_chunk | train TFLOP/device | efficiency "
+           "| grouping TFLOP/device | grouping efficiency | temp GiB/device | temp vs 1 device |",
+           "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+  for run in sorted(RUNS, key=lambda r: (r[0], r[1], r[2], not r[3], r[5:])):
+    shape, batch, devices, shard, chunk = run[:4] + (run[5] if len(run) > 5 else 0,)
+    many, one = _load(shape, batch, devices, shard, chunk), _load(shape, batch, 1)
     if many is None:
       continue
     train, eff = _eff(one, many, "train_step")
@@ -82,7 +86,7 @@ def table() -> str:
              if one and devices > 1 else "")
     t, c = SHAPES[shape]
     lines.append(f"| {shape} (T={t}, C={c}) | {batch} | {devices} | {str(shard).lower()} | "
-                 f"{train} | {eff if devices > 1 else ''} | {group} | "
+                 f"{chunk} | {train} | {eff if devices > 1 else ''} | {group} | "
                  f"{geff if devices > 1 else ''} | {temp / 2**30:.2f} | {ratio} |")
   return "\n".join(lines)
 
@@ -95,7 +99,7 @@ def main() -> None:
   OUT.mkdir(parents=True, exist_ok=True)
   if not args.table_only:
     for run in RUNS:
-      if args.only in name(*run[:4]):
+      if args.only in name(*run[:4], *run[5:]):
         run_one(*run)
   text = table()
   (REPO / "benchmarks" / "text_sharding.md").write_text(
