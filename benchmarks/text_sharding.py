@@ -85,7 +85,8 @@ def table() -> str:
     ratio = (f"{temp / one['train_step']['temp_bytes_per_device']:.2f}"
              if one and devices > 1 else "")
     t, c = SHAPES[shape]
-    lines.append(f"| {shape} (T={t}, C={c}) | {batch} | {devices} | {str(shard).lower()} | "
+    on = "(1 device)" if devices == 1 else str(shard).lower()
+    lines.append(f"| {shape} (T={t}, C={c}) | {batch} | {devices} | {on} | "
                  f"{chunk} | {train} | {eff if devices > 1 else ''} | {group} | "
                  f"{geff if devices > 1 else ''} | {temp / 2**30:.2f} | {ratio} |")
   return "\n".join(lines)

@@ -25,6 +25,17 @@ import ml_collections as mlc
 
 from configs.common import parse_arg
 
+# Office-Home's 65 classes (the workload's class names; the order of the official release).
+OFFICE_HOME_CLASSES = (
+    "Alarm_Clock", "Backpack", "Batteries", "Bed", "Bike", "Bottle", "Bucket", "Calculator",
+    "Calendar", "Candles", "Chair", "Clipboards", "Computer", "Couch", "Curtains", "Desk_Lamp",
+    "Drill", "Eraser", "Exit_Sign", "Fan", "File_Cabinet", "Flipflops", "Flowers", "Folder",
+    "Fork", "Glasses", "Hammer", "Helmet", "Kettle", "Keyboard", "Knives", "Lamp_Shade", "Laptop",
+    "Marker", "Monitor", "Mop", "Mouse", "Mug", "Notebook", "Oven", "Pan", "Paper_Clip", "Pen",
+    "Pencil", "Postit_Notes", "Printer", "Push_Pin", "Radio", "Refrigerator", "Ruler", "Scissors",
+    "Screwdriver", "Shelf", "Sink", "Sneakers", "Soda", "Speaker", "Spoon", "TV", "Table",
+    "Telephone", "ToothBrush", "Toys", "Trash_Can", "Webcam")
+
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
   a = parse_arg(arg, tiny=False, model="ViT-B/16", num_tasks=4, num_groups=2, batch_size=8,
@@ -40,6 +51,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.num_groups = a.num_groups
   c.batch_size = a.batch_size         # images per task per step (all devices together)
   c.num_classes = a.num_classes       # per task (Office-Home's names, cycled beyond 65)
+  c.class_names = OFFICE_HOME_CLASSES
   c.prompt = mlc.ConfigDict()         # PromptSpec fields; None = MmAP's published defaults
   c.prompt.length = mlc.FieldReference(None, field_type=int)
   c.prompt.depth = mlc.FieldReference(None, field_type=int)

@@ -48,16 +48,6 @@ RESULT_KEYS = ("devices", "train_step", "workload", "environment", "step_s_media
 TORCH_KEYS = ("torch_step_s_median", "torch_peak_memory_bytes", "speedup_vs_torch")
 TORCH_REFERENCE = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "torch_reference.py"
 
-# Office-Home's 65 classes (the workload's class names; the order of the official release).
-OFFICE_HOME_CLASSES = (
-    "Alarm_Clock", "Backpack", "Batteries", "Bed", "Bike", "Bottle", "Bucket", "Calculator",
-    "Calendar", "Candles", "Chair", "Clipboards", "Computer", "Couch", "Curtains", "Desk_Lamp",
-    "Drill", "Eraser", "Exit_Sign", "Fan", "File_Cabinet", "Flipflops", "Flowers", "Folder",
-    "Fork", "Glasses", "Hammer", "Helmet", "Kettle", "Keyboard", "Knives", "Lamp_Shade", "Laptop",
-    "Marker", "Monitor", "Mop", "Mouse", "Mug", "Notebook", "Oven", "Pan", "Paper_Clip", "Pen",
-    "Pencil", "Postit_Notes", "Printer", "Push_Pin", "Radio", "Refrigerator", "Ruler", "Scissors",
-    "Screwdriver", "Shelf", "Sink", "Sneakers", "Soda", "Speaker", "Spoon", "TV", "Table",
-    "Telephone", "ToothBrush", "Toys", "Trash_Can", "Webcam")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,11 +73,12 @@ class Workload:
     return self.num_tasks * self.batch_size
 
 
-def class_names(num_tasks: int, num_classes: int) -> tuple[tuple[str, ...], ...]:
-  n = len(OFFICE_HOME_CLASSES)
-  names = tuple(OFFICE_HOME_CLASSES[i % n] + (f"_{i // n}" if i >= n else "")
-                for i in range(num_classes))
-  return (names,) * num_tasks
+def class_names(config: mlc.ConfigDict) -> tuple[tuple[str, ...], ...]:
+  """`num_classes` names per task: config.class_names, cycled with a suffix beyond their count."""
+  base, n = tuple(config.class_names), int(config.num_classes)
+  names = tuple(base[i % len(base)] + (f"_{i // len(base)}" if i >= len(base) else "")
+                for i in range(n))
+  return (names,) * int(config.num_tasks)
 
 
 def class_tokens_for(w: Workload, spec: PromptSpec) -> heads.ClassTokens:
@@ -114,7 +105,7 @@ def build_workload(config: mlc.ConfigDict) -> Workload:
   mesh = parallel.data_mesh()
   w = Workload(clip_cfg=clip_cfg, spec=spec, groups=groups, num_tasks=t,
                batch_size=int(config.batch_size),
-               class_names=class_names(t, int(config.num_classes)), class_tokens=None,
+               class_names=class_names(config), class_tokens=None,
                tokenizer=ClipTokenizer.from_bpe_file(vocab), truncate=bool(config.truncate),
                dtype={"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.dtype],
                remat=bool(config.remat), share_prefix=bool(config.share_prefix), mesh=mesh,
