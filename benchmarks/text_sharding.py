@@ -63,9 +63,11 @@ def _load(shape, batch, devices, shard=True, chunk=0):
 
 
 def _eff(one, many, part):
-  if not one or not many or part not in one or part not in many:
+  if part not in many:
     return "", ""
   n, flops = many["devices"], many[part]["flops_per_device"]
+  if not one or part not in one:
+    return f"{flops / 1e12:.3f}", ""
   return f"{flops / 1e12:.3f}", f"{one[part]['flops_per_device'] / (n * flops):.0%}"
 
 
