@@ -2,7 +2,8 @@
 
 Everything data-parallel in the project is `jax.jit` over a 1-D ("data",) mesh: learned
 parameters, optimizer state and the frozen CLIP weights are replicated, batches are split along
-their per-task batch axis. (pmap is in maintenance mode; jit + NamedSharding is what it lowers to.)
+their per-task batch axis, and the text tower's class prompts along their class axis
+(`TextSharding`). (pmap is in maintenance mode; jit + NamedSharding is what it lowers to.)
 """
 from __future__ import annotations
 
