@@ -31,8 +31,8 @@ RUNS = [("dn", 8, 8, True, True), ("dn", 8, 1, True, True), ("oh", 8, 1, True, T
         ("oh", 8, 8, True, True), ("oh", 32, 1, True, False), ("oh", 32, 32, True, False),
         ("dn", 32, 1, True, False), ("dn", 32, 32, True, False),
         ("in1", 8, 8, True, False), ("in4", 8, 8, True, False), ("in4", 8, 8, True, False, 25),
-        ("in1", 8, 8, True, False, 25), ("in4", 8, 8, False, False), ("in1", 8, 8, False, False),
-        ("dn", 8, 8, False, True), ("oh", 8, 8, False, True), ("oh", 32, 32, False, False),
+        ("in1", 8, 8, True, False, 25), ("in4", 8, 8, False, False), ("dn", 8, 8, False, True),
+        ("oh", 8, 8, False, True), ("in1", 8, 8, False, False), ("oh", 32, 32, False, False),
         ("dn", 32, 32, False, False), ("in4", 8, 1, True, False)]
 
 
