@@ -3,7 +3,8 @@
 A task is one domain with its own class list. All tasks' classes are padded to C_max and encoded
 in ONE batched text call (vmap over tasks, since each task has its own prompts); padded classes
 carry a valid dummy sequence (a copy of the task's first class, so no NaNs) and are excluded from
-the softmax by the class mask, never by zeroing logits.
+the softmax by the class mask, never by zeroing logits. Over a mesh, `parallel.TextSharding`
+splits that class axis between the devices (each encodes only its share; features all-gathered).
 
 Shapes: class ids [T, C_max, S], images [T, B, H, W, 3], labels [T, B], logits [T, B, C_max].
 Labels index the task's own classes (< that task's class count).
