@@ -2,7 +2,7 @@
 # The GPU/TPU benchmark: the fixed workload (configs/benchmark.py) in bfloat16 and float32, with
 # and without remat, per-task batch doubling from 8 until out of memory (caught; the setting
 # ends there) or max_batch; step time, images/s, MFU against the device's peak (a table of known
-# devices in mmap_jax/apps/accelerator.py, else the measured matmul peak) and device memory. Prints
+# devices in mmap_jax/apps/accelerator.py; none on others) and device memory. Prints
 # a markdown table (stderr) and writes everything to OUT_JSON.
 #
 #   bash benchmarks/accelerator.sh [OUT_JSON] [CONFIG_ARGS] [more launch.benchmark flags]

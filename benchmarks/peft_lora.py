@@ -30,7 +30,7 @@ def main():
   parser.add_argument("--targets", default="q,v")
   parser.add_argument("--rank", type=int, default=4)
   parser.add_argument("--layers", type=int, default=12, help="blocks per tower (12: ViT-B/16)")
-  parser.add_argument("--config", default="parts=none", help="configs/benchmark.py argument")
+  parser.add_argument("--config", default="", help="configs/benchmark.py argument")
   parser.add_argument("--runs", type=int, default=3, help="0: FLOPs, temp bytes, losses only")
   parser.add_argument("--warmup", type=int, default=1, help="untimed interleaved rounds first")
   parser.add_argument("--out", default=None)
@@ -72,7 +72,7 @@ def main():
       return (per_task.sum() if spec.single_task else per_task.mean()), {}
     return fn
 
-  opt = benchmark._optimizer(config)  # pylint: disable=protected-access
+  opt = benchmark.optimizer(spec)
   state = train_step.init_state(learned, opt)
   batches = [jax.device_put(b) for b in benchmark.host_batches(w, 2, 0)]
   compiled, flops, temp = {}, {}, {}

@@ -173,6 +173,14 @@ def base_config(*, method: str = "mmap_mt", runlocal: bool = False) -> mlc.Confi
   # temporaries serve K steps and the host dispatches once per K. Calls end at every
   # log/eval/checkpoint step, so those stay exact; each distinct call length compiles once.
   c.train.steps_per_call = 1
+
+  # The text tower over the ("data",) mesh (mmap_jax/parallel.py TextSharding): shard_text splits
+  # the class prompts over the devices (false: every device encodes all; same result);
+  # text_chunk > 0 encodes each device's classes that many at a time under remat (large label
+  # sets: bounded text activations), 0 all at once.
+  c.parallel = mlc.ConfigDict()
+  c.parallel.shard_text = True
+  c.parallel.text_chunk = 0
   return c
 
 

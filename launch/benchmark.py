@@ -1,15 +1,16 @@
-r"""Time the MmAP-MT training step (and its parts) on the fixed benchmark workload; write JSON.
+r"""Cost and time the trainer's MmAP-MT step on the fixed benchmark workload; write JSON.
 
-  python -m launch.benchmark --config=configs/benchmark.py --out=benchmarks/results/cpu_DATE.json
+  python -m launch.benchmark --config=configs/benchmark.py --out=/tmp/bench.json
   python -m launch.benchmark --config=configs/benchmark.py --vs_torch     # + PyTorch, same run
   python -m launch.benchmark --config=configs/benchmark.py:tiny           # smoke run, seconds
-  python -m launch.benchmark --config=configs/benchmark.py:steps_per_call=4  # K steps per call
+  python -m launch.benchmark --config=configs/benchmark.py:compile_only,grouping  # costs only
   python -m launch.benchmark --config=configs/benchmark.py:accelerator    # GPU/TPU sweep + MFU
 
-Prints one line per measurement and the JSON (top-level keys: mmap_jax.apps.benchmark.RESULT_KEYS,
-plus TORCH_KEYS with --vs_torch). See configs/benchmark.py for the workload and its arguments.
-Runs with host_runtime.CPU_FAST_XLA_FLAGS (and, when MMAP_JAX_ALLOCATOR=tcmalloc|glibc asks for
-it, a retaining allocator); both are recorded in the JSON's `environment`.
+Prints one line per measurement and the JSON (top-level keys: benchmark.RESULT_KEYS, plus
+TORCH_KEYS with --vs_torch; compile_only writes train_step.flops_per_device,
+train_step.temp_bytes_per_device and devices). With
+XLA_FLAGS=--xla_force_host_platform_device_count=N it costs the SPMD program of N CPU devices.
+See configs/benchmark.py for the arguments.
 """
 import sys
 

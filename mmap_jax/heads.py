@@ -3,7 +3,8 @@
 A task is one domain with its own class list. All tasks' classes are padded to C_max and encoded
 in ONE batched text call (vmap over tasks, since each task has its own prompts); padded classes
 carry a valid dummy sequence (a copy of the task's first class, so no NaNs) and are excluded from
-the softmax by the class mask, never by zeroing logits.
+the softmax by the class mask, never by zeroing logits. Over a mesh, `parallel.TextSharding`
+splits that class axis between the devices (each encodes only its share; features all-gathered).
 
 Shapes: class ids [T, C_max, S], images [T, B, H, W, 3], labels [T, B], logits [T, B, C_max].
 Labels index the task's own classes (< that task's class count).
@@ -23,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmap_jax import parallel
 from mmap_jax.models import clip
 from mmap_jax.models.config import ClipConfig
 from mmap_jax.prompts.base import PromptTokens
@@ -121,19 +123,48 @@ def _scale_per_task(clip_per_task: Any) -> bool:
 
 def text_features(clip_params: Any, clip_cfg: ClipConfig, text_prompts: Optional[jax.Array],
                   class_tokens: ClassTokens, *, dtype=jnp.float32, remat: bool = False,
-                  share_prefix: bool = True, clip_per_task: Any = False) -> jax.Array:
+                  share_prefix: bool = True, clip_per_task: Any = False,
+                  text_sharding: parallel.TextSharding = parallel.REPLICATED_TEXT) -> jax.Array:
   """Normalized class text features [T, C_max, E]; `text_prompts` [T, J, L, d_t] or None.
 
   One vmap over tasks; `clip_per_task` when the CLIP params have a leading [T] (fullft_st), or
-  a per-leaf pytree of axes (see `_clip_axes`).
+  a per-leaf pytree of axes (see `_clip_axes`). `text_sharding` splits the class axis over the
+  mesh (and chunks it); the result is the same, replicated.
   """
   def one(params, ids, eot, prompts):
     feats = clip.encode_text(params, clip_cfg, clip.embed_tokens(params, ids), eot, prompts,
                              dtype=dtype, remat=remat, share_prefix=share_prefix)
     return clip.normalize(feats)
   in_axes = (_clip_axes(clip_params, clip_per_task), 0, 0, _axis(text_prompts, True))
-  return jax.vmap(one, in_axes)(clip_params, jnp.asarray(class_tokens.ids),
-                                jnp.asarray(class_tokens.eot), text_prompts)
+  encode = lambda ids, eot: jax.vmap(one, in_axes)(clip_params, ids, eot, text_prompts)
+  ids, eot = jnp.asarray(class_tokens.ids), jnp.asarray(class_tokens.eot)
+  num_tasks, num_classes = eot.shape
+  padded = text_sharding.padded_classes(num_classes)
+  ids, eot = (_pad_classes(x, padded) for x in (ids, eot))
+  shards, chunk = text_sharding.shards, text_sharding.chunk
+  split = text_sharding.split_rows
+  if not chunk or padded // shards == chunk:
+    feats = split(encode(split(ids), split(eot)))
+  else:
+    # Device d holds classes [d*m, (d+1)*m); chunk j of every device is encoded together.
+    m = padded // shards
+    def to_chunks(x):   # [T, C, ...] -> [m/chunk, T, shards * chunk, ...]
+      x = x.reshape((num_tasks, shards, m // chunk, chunk) + x.shape[2:])
+      return jnp.moveaxis(x, 2, 0).reshape((m // chunk, num_tasks, shards * chunk) + x.shape[4:])
+    def encode_chunk(xs):
+      return split(encode(split(xs[0]), split(xs[1])))
+    feats = jax.lax.map(jax.checkpoint(encode_chunk), (to_chunks(ids), to_chunks(eot)))
+    feats = feats.reshape((m // chunk, num_tasks, shards, chunk, -1))
+    feats = jnp.moveaxis(feats, 0, 2).reshape((num_tasks, padded, -1))
+  return text_sharding.gather_rows(feats)[:, :num_classes]
+
+
+def _pad_classes(x: jax.Array, padded: int) -> jax.Array:
+  """[T, C, ...] -> [T, padded, ...] with copies of class 0 (valid sequences, sliced off later)."""
+  extra = padded - x.shape[1]
+  if extra == 0:
+    return x
+  return jnp.concatenate([x, jnp.repeat(x[:, :1], extra, axis=1)], axis=1)
 
 
 def image_features(clip_params: Any, clip_cfg: ClipConfig, visual_prompts: Optional[jax.Array],
@@ -158,12 +189,13 @@ def logits_from_features(clip_params: Any, image_feats: jax.Array, text_feats: j
 
 def task_logits(clip_params: Any, clip_cfg: ClipConfig, prompts: Optional[PromptTokens],
                 class_tokens: ClassTokens, images: jax.Array, *, dtype=jnp.float32,
-                remat: bool = False, share_prefix: bool = True,
-                clip_per_task: Any = False) -> jax.Array:
+                remat: bool = False, share_prefix: bool = True, clip_per_task: Any = False,
+                text_sharding: parallel.TextSharding = parallel.REPLICATED_TEXT) -> jax.Array:
   """Logits [T, B, C_max]; text features recomputed from the prompts (leading T) on every call."""
   prompts = prompts if prompts is not None else PromptTokens(None, None)
   txt = text_features(clip_params, clip_cfg, prompts.text, class_tokens, dtype=dtype,
-                      remat=remat, share_prefix=share_prefix, clip_per_task=clip_per_task)
+                      remat=remat, share_prefix=share_prefix, clip_per_task=clip_per_task,
+                      text_sharding=text_sharding)
   img = image_features(clip_params, clip_cfg, prompts.visual, images, dtype=dtype, remat=remat,
                        clip_per_task=clip_per_task)
   return logits_from_features(clip_params, img, txt, clip_per_task=clip_per_task)
@@ -194,7 +226,8 @@ def masked_cross_entropy(logits: jax.Array, labels: jax.Array, class_mask: jax.A
 def multitask_loss(learned: Any, clip_params: Any, clip_cfg: ClipConfig, spec: PromptSpec,
                    groups: Optional[Groups], class_tokens: ClassTokens,
                    batch: Mapping[str, jax.Array], *, dtype=jnp.float32, remat: bool = False,
-                   share_prefix: bool = True, dropout_key: Optional[jax.Array] = None
+                   share_prefix: bool = True, dropout_key: Optional[jax.Array] = None,
+                   text_sharding: parallel.TextSharding = parallel.REPLICATED_TEXT
                    ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """(loss, aux) for `jax.value_and_grad(..., has_aux=True)` w.r.t. `learned`.
 
@@ -210,7 +243,7 @@ def multitask_loss(learned: Any, clip_params: Any, clip_cfg: ClipConfig, spec: P
   params = clip_params_for(learned, clip_params, spec, dropout_key=dropout_key)
   logits = task_logits(params, clip_cfg, prompts, class_tokens, batch["images"], dtype=dtype,
                        remat=remat, share_prefix=share_prefix,
-                       clip_per_task=clip_task_axes(params, spec))
+                       clip_per_task=clip_task_axes(params, spec), text_sharding=text_sharding)
   per_task = masked_cross_entropy(logits, batch["labels"], class_tokens.class_mask,
                                   batch.get("mask"))
   loss = per_task.sum()
@@ -233,7 +266,8 @@ def _shared_tokens(learned: Any, clip_cfg: ClipConfig, spec: PromptSpec) -> Prom
 
 
 def per_task_loss_fn(clip_params: Any, clip_cfg: ClipConfig, spec: PromptSpec, *,
-                     dtype=jnp.float32, remat: bool = False, share_prefix: bool = True
+                     dtype=jnp.float32, remat: bool = False, share_prefix: bool = True,
+                     text_sharding: parallel.TextSharding = parallel.REPLICATED_TEXT
                      ) -> Callable[[Any, ClassTokens, jax.Array, jax.Array], jax.Array]:
   """fn(shared_learned, class_tokens_t, images_t [B,H,W,3], labels_t [B]) -> scalar loss.
 
@@ -251,7 +285,8 @@ def per_task_loss_fn(clip_params: Any, clip_cfg: ClipConfig, spec: PromptSpec, *
     add = lambda x: None if x is None else jnp.asarray(x)[None]
     ct = ClassTokens(*(add(x) for x in class_tokens_t))
     logits = task_logits(params, clip_cfg, PromptTokens(add(tokens.text), add(tokens.visual)),
-                         ct, add(images_t), dtype=dtype, remat=remat, share_prefix=share_prefix)
+                         ct, add(images_t), dtype=dtype, remat=remat, share_prefix=share_prefix,
+                         text_sharding=text_sharding)
     return masked_cross_entropy(logits, add(labels_t), ct.class_mask)[0]
   return fn
 
@@ -259,12 +294,13 @@ def per_task_loss_fn(clip_params: Any, clip_cfg: ClipConfig, spec: PromptSpec, *
 def single_task_loss(shared_learned: Any, clip_params: Any, clip_cfg: ClipConfig,
                      spec: PromptSpec, class_tokens: ClassTokens, task_index: jax.Array,
                      images: jax.Array, labels: jax.Array, *, dtype=jnp.float32,
-                     remat: bool = False, share_prefix: bool = True) -> jax.Array:
+                     remat: bool = False, share_prefix: bool = True,
+                     text_sharding: parallel.TextSharding = parallel.REPLICATED_TEXT) -> jax.Array:
   """Task `task_index`'s loss with a shared prompt set; vmappable over task_index/images/labels.
 
   class_tokens keeps its task axis (indexed inside); images [B, H, W, 3], labels [B].
   """
   ct = ClassTokens(*(jnp.take(jnp.asarray(x), task_index, axis=0) for x in class_tokens))
   fn = per_task_loss_fn(clip_params, clip_cfg, spec, dtype=dtype, remat=remat,
-                        share_prefix=share_prefix)
+                        share_prefix=share_prefix, text_sharding=text_sharding)
   return fn(shared_learned, ct, images, labels)

@@ -2,7 +2,8 @@
 
 Everything data-parallel in the project is `jax.jit` over a 1-D ("data",) mesh: learned
 parameters, optimizer state and the frozen CLIP weights are replicated, batches are split along
-their per-task batch axis. (pmap is in maintenance mode; jit + NamedSharding is what it lowers to.)
+their per-task batch axis, and the text tower's class prompts along their class axis
+(`TextSharding`). (pmap is in maintenance mode; jit + NamedSharding is what it lowers to.)
 """
 from __future__ import annotations
 
@@ -226,3 +227,52 @@ def check_batch_divisible(per_task_batch: int, mesh: Mesh, field: str = "input.b
   if per_task_batch % n:
     raise ValueError(f"{field}={per_task_batch} must be a multiple of the number of devices "
                      f"({n}) so every device gets the same share of each task's batch")
+
+
+@dataclasses.dataclass(frozen=True)
+class TextSharding:
+  """How the text tower splits the class-prompt axis (`parallel.shard_text`, `.text_chunk`).
+
+  Images are split over the mesh; without this every device would also encode every class
+  prompt (T x C rows), forward and backward, which caps the speed-up at a few chips for large
+  label sets. With a mesh, each task's class axis is padded to a multiple of the device count
+  (copies of class 0, sliced off afterwards) and split, so each device encodes T x C/N rows; the
+  [T, C, E] features are then all-gathered (the backward reduce-scatters their cotangent).
+  `chunk` > 0 encodes each device's rows `chunk` classes at a time under remat, bounding the
+  text activations for large label sets. mesh=None: the replicated computation.
+  """
+  mesh: Optional[Mesh] = None
+  chunk: int = 0
+
+  @property
+  def shards(self) -> int:
+    return 1 if self.mesh is None else int(self.mesh.devices.size)
+
+  def padded_classes(self, num_classes: int) -> int:
+    """Classes per task after padding: a multiple of shards (x chunk when chunked)."""
+    per_device = -(-num_classes // self.shards)
+    if self.chunk:
+      per_device = -(-per_device // self.chunk) * self.chunk
+    return per_device * self.shards
+
+  def split_rows(self, x: Any) -> Any:
+    """[T, rows, ...] placed with the rows split over the mesh (a no-op when replicated)."""
+    if self.mesh is None:
+      return x
+    spec = P(None, DATA_AXIS, *([None] * (x.ndim - 2)))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
+
+  def gather_rows(self, x: Any) -> Any:
+    """The all-gathered (replicated) value of `split_rows` output."""
+    if self.mesh is None:
+      return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, P()))
+
+
+REPLICATED_TEXT = TextSharding()
+
+
+def text_sharding(mesh: Optional[Mesh], shard_text: bool = True, chunk: int = 0) -> TextSharding:
+  """The run's TextSharding: split over `mesh` when `shard_text` and it has > 1 device."""
+  split = shard_text and mesh is not None and mesh.devices.size > 1
+  return TextSharding(mesh if split else None, int(chunk))

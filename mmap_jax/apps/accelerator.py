@@ -2,13 +2,13 @@
 
 For every (dtype, remat) setting the per-task batch doubles from `batch_start` until the device
 runs out of memory (XLA's RESOURCE_EXHAUSTED is caught and ends that setting) or `max_batch`;
-each row is the training step of `mmap_jax.apps.benchmark.bench_train_step` (the trainer's jitted
-step, `steps_per_call` steps per call) with step time, images/s, XLA's FLOPs, MFU against the
-device's peak for that dtype, and device memory. The same code runs on CPU (tests: the tiny
-workload), where no table entry exists and the measured matmul peak is the reference.
+each row is the trainer's step as `mmap_jax.apps.benchmark` builds and times it
+(`steps_per_call` steps per call) with step time, images/s, XLA's FLOPs, MFU against the
+device's peak for that dtype (the table below; None on devices it does not list, e.g. CPU), and
+device memory.
 
-MFU = achieved FLOP/s / (peak FLOP/s per device x devices used). FLOPs are XLA's cost analysis
-of the single-step program (what the hardware executes, remat recomputation included).
+MFU = achieved FLOP/s / (peak FLOP/s per device x devices). FLOPs are XLA's cost analysis of
+the single-step program (what the hardware executes, remat recomputation included).
 """
 from __future__ import annotations
 
@@ -86,24 +86,24 @@ def is_out_of_memory(exc: BaseException) -> bool:
   return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
 
 
-def device_memory() -> dict[str, Any]:
-  """The allocator's counters of the local devices (max over them); {} where not reported."""
-  stats = [d.memory_stats() or {} for d in jax.local_devices()]
-  keys = ("peak_bytes_in_use", "bytes_in_use", "bytes_limit")
-  return {k: max(int(s[k]) for s in stats) for k in keys if all(k in s for s in stats)}
-
-
-def _row(w, config, clip_params, device_ct, pl, peak_per_device: float, k: int) -> dict[str, Any]:
-  flops = benchmark.single_step_flops(w, config, clip_params, device_ct, pl) if k > 1 else None
-  t = benchmark.bench_train_step(w, config, clip_params, device_ct, pl, k, flops)
-  achieved = t["flops"] / t["s_median"] if t["flops"] else None
-  devices = pl.devices
+def _row(w, config, peak_per_device: Optional[float], k: int) -> dict[str, Any]:
+  compiled, args, batches, compile_s = benchmark.train_step_program(w, config, 1, abstract=False)
+  cost = benchmark.costs(compiled)
+  if k > 1:
+    del compiled
+    compiled, args, batches, compile_s = benchmark.train_step_program(w, config, k,
+                                                                      abstract=False)
+  t = benchmark.time_steps(compiled, args, batches, k, config)
+  devices = jax.device_count()
+  flops = cost["flops_per_device"] * devices
+  achieved = flops / t["s_median"]
   return {"step_s_median": t["s_median"], "step_s_min": t["s_min"], "step_s_max": t["s_max"],
           "images_per_s": w.images_per_step / t["s_median"], "images_per_step": w.images_per_step,
-          "flops_per_step": t["flops"], "achieved_flops_per_s": achieved,
-          "mfu": achieved / (peak_per_device * devices) if achieved else None,
-          "devices": devices, "compile_s": t["compile_s"], "temp_bytes": t["temp_bytes"],
-          "memory": t["memory"], "device_memory": device_memory(), "final_loss": t["final_loss"],
+          "flops_per_step": flops, "achieved_flops_per_s": achieved,
+          "mfu": achieved / (peak_per_device * devices) if peak_per_device else None,
+          "devices": devices, "compile_s": compile_s,
+          "temp_bytes_per_device": cost["temp_bytes_per_device"],
+          "device_memory": benchmark.device_memory(), "final_loss": t["final_loss"],
           "finite": t["finite"], "all_s": t["all_s"], "steps_per_call": k}
 
 
@@ -115,44 +115,25 @@ def run_sweep(config: mlc.ConfigDict, *, log: Callable[[str], None] = print,
               row_fn: Callable[..., dict[str, Any]] = _row) -> dict[str, Any]:
   """All (dtype, remat, batch) rows of the sweep; returns the JSON dict (`rows`, `peaks`, ...)."""
   t_start = time.perf_counter()
-  benchmark.set_compiler_options(config)
   dev = jax.devices()[0]
   table = known_peak(dev.device_kind)
   dtypes, remats = _split(config.sweep_dtypes), [r.lower() in ("1", "true") for r in
                                                  _split(config.sweep_remat)]
-  sizes = [int(x) for x in _split(config.peak_sizes)]
-  probes, peaks = {}, {}
-  for dtype in dtypes:
-    probes[dtype] = benchmark.measure_matmul_peak(sizes, int(config.peak_runs),
-                                                  float(config.peak_warmup_s), dtype=dtype)
-    if table is not None:
-      peaks[dtype] = {"flops_per_s": getattr(table, dtype), "source": f"table: {table.name} "
-                      f"({table.source})" + (f"; f32 = {table.float32_note}"
-                                             if dtype == "float32" else "")}
-    else:
-      peaks[dtype] = {"flops_per_s": probes[dtype]["flops_per_s_best"],
-                      "source": f"probe: best {dtype} matmul ({probes[dtype]['best_variant']})"}
-    log(f"{dtype} peak {peaks[dtype]['flops_per_s'] / TERA:.2f} TFLOP/s per device "
-        f"({peaks[dtype]['source']}); probe best {probes[dtype]['flops_per_s_best'] / TERA:.3f}")
+  peaks = {d: {"flops_per_s": getattr(table, d), "source": f"{table.name} ({table.source})"
+               + (f"; f32 = {table.float32_note}" if d == "float32" else "")} if table else
+           {"flops_per_s": None, "source": f"{dev.device_kind} is not in KNOWN_DEVICES: no MFU"}
+           for d in dtypes}
   k = int(config.get("steps_per_call", 1))
   rows = []
-  base = benchmark.build_workload(config)
-  clip_params = None
   for dtype in dtypes:
     for remat in remats:
       batch = int(config.batch_start)
       while batch <= int(config.max_batch):
         c = mlc.ConfigDict(config.to_dict())
-        c.dtype, c.remat, c.batch_size = dtype, remat, batch
-        w = benchmark.build_workload(c)
-        pl = benchmark.Placement.for_workload(w, int(c.eval_batch_size))
-        if clip_params is None or pl.devices != clip_params[0]:
-          clip_params = (pl.devices, pl.put(benchmark.random_clip_params(base.clip_cfg,
-                                                                         int(c.seed))))
-        device_ct = pl.put(w.class_tokens)
+        c.dtype, c.remat, c.batch_size, c.compile_only = dtype, remat, batch, False
         row = {"dtype": dtype, "remat": remat, "batch_size_per_task": batch}
         try:
-          row.update(row_fn(w, c, clip_params[1], device_ct, pl, peaks[dtype]["flops_per_s"], k))
+          row.update(row_fn(benchmark.build_workload(c), c, peaks[dtype]["flops_per_s"], k))
         except Exception as exc:  # pylint: disable=broad-except
           if not is_out_of_memory(exc):
             raise
@@ -165,18 +146,18 @@ def run_sweep(config: mlc.ConfigDict, *, log: Callable[[str], None] = print,
         batch *= 2
         gc.collect()
   result = {"backend": jax.default_backend(), "device_kind": dev.device_kind,
-            "devices": len(jax.devices()), "known_device": table.name if table else None,
-            "peaks": peaks, "matmul_probe": probes, "steps_per_call": k, "rows": rows,
-            "best": _best(rows), "workload": {"model": config.model, "method": config.method,
-                                              "num_tasks": int(config.num_tasks),
-                                              "num_classes": int(config.num_classes)},
+            "devices": jax.device_count(), "known_device": table.name if table else None,
+            "peaks": peaks, "steps_per_call": k, "rows": rows, "best": _best(rows),
+            "workload": {"model": config.model, "method": config.method,
+                         "num_tasks": int(config.num_tasks),
+                         "num_classes": int(config.num_classes)},
             "environment": benchmark.environment(), "total_s": time.perf_counter() - t_start}
   log(table_text(result))
   return result
 
 
 def _line(r: dict[str, Any]) -> str:
-  mem = r["device_memory"].get("peak_bytes_in_use") or r["memory"]["bytes"] or 0
+  mem = r["device_memory"].get("peak_bytes_in_use") or 0
   return (f"{r['dtype']:>8} remat={str(r['remat']):5} batch {r['batch_size_per_task']:>4}/task: "
           f"{r['step_s_median'] * 1e3:9.2f} ms/step {r['images_per_s']:9.1f} img/s "
           f"MFU {100 * (r['mfu'] or 0):5.1f}%  mem {mem / 2**30:6.2f} GiB")
@@ -195,7 +176,7 @@ def _best(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def table_text(result: dict[str, Any]) -> str:
   """The sweep as a markdown table (what WORKSPACE.md quotes)."""
   lines = [f"{result['device_kind']} x {result['devices']} ({result['backend']}); peaks: "
-           + ", ".join(f"{d} {p['flops_per_s'] / TERA:.1f} TFLOP/s ({p['source']})"
+           + ", ".join(f"{d} {(p['flops_per_s'] or 0) / TERA:.1f} TFLOP/s ({p['source']})"
                        for d, p in result["peaks"].items()),
            "", "| dtype | remat | batch/task | step (ms) | images/s | MFU | peak memory "
            "(GiB) | XLA temp (GiB) |", "|---|---|---:|---:|---:|---:|---:|---:|"]
@@ -204,9 +185,9 @@ def table_text(result: dict[str, Any]) -> str:
       lines.append(f"| {r['dtype']} | {r['remat']} | {r['batch_size_per_task']} | out of memory "
                    "| | | | |")
       continue
-    mem = r["device_memory"].get("peak_bytes_in_use") or r["memory"]["bytes"] or 0
+    mem = r["device_memory"].get("peak_bytes_in_use") or 0
     lines.append(f"| {r['dtype']} | {r['remat']} | {r['batch_size_per_task']} | "
                  f"{r['step_s_median'] * 1e3:.2f} | {r['images_per_s']:.1f} | "
                  f"{100 * (r['mfu'] or 0):.1f}% | {mem / 2**30:.2f} | "
-                 f"{(r['temp_bytes'] or 0) / 2**30:.2f} |")
+                 f"{(r['temp_bytes_per_device'] or 0) / 2**30:.2f} |")
   return "\n".join(lines)

@@ -422,7 +422,7 @@ def _text_tower(x, eot_index, blocks, cfg: ClipConfig, prompts, remat, pooled_on
   for i in range(last):
     if prompts is not None and 1 <= i < prompts.shape[0]:
       x = _replace_tokens(x, prompts[i], 1)
-    x = block(x, blocks[str(i)], tc.heads, mask, cfg.activation)
+    x = block(x, blocks[str(i)], tc.heads, mask, cfg.activation, 0)  # 6 args: remat's statics
   if not pooled_only_last:
     return jnp.take_along_axis(x, eot_index[:, None, None], axis=1)[:, 0]
   i = tc.layers - 1

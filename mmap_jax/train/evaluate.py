@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmap_jax import heads
+from mmap_jax import heads, parallel
 from mmap_jax.data import pipeline, sources
 from mmap_jax.models.config import ClipConfig
 from mmap_jax.prompts import multitask
@@ -19,8 +19,13 @@ from mmap_jax.prompts.spec import PromptSpec
 
 
 def make_eval_fns(clip_cfg: ClipConfig, spec: PromptSpec, groups, num_tasks: int, *,
-                  dtype=jnp.float32) -> tuple[Callable, Callable]:
-  """(text_fn, batch_fn): jitted; the CLIP weights and prompts are arguments, never constants."""
+                  dtype=jnp.float32,
+                  text_sharding: parallel.TextSharding = parallel.REPLICATED_TEXT
+                  ) -> tuple[Callable, Callable]:
+  """(text_fn, batch_fn): jitted; the CLIP weights and prompts are arguments, never constants.
+
+  text_fn encodes every task's classes once per evaluation, split over the mesh by
+  `text_sharding` (its result is replicated)."""
 
   def prompts_and_params(learned, clip_params):
     prompts = multitask.task_prompts(learned, clip_cfg, spec, groups, num_tasks=num_tasks)
@@ -30,7 +35,8 @@ def make_eval_fns(clip_cfg: ClipConfig, spec: PromptSpec, groups, num_tasks: int
   def text_fn(learned, clip_params, class_tokens):
     prompts, params = prompts_and_params(learned, clip_params)
     return heads.text_features(params, clip_cfg, prompts.text, class_tokens, dtype=dtype,
-                               clip_per_task=multitask.clip_task_axes(params, spec))
+                               clip_per_task=multitask.clip_task_axes(params, spec),
+                               text_sharding=text_sharding)
 
   @jax.jit
   def batch_fn(learned, clip_params, text_feats, class_mask, images, task):

@@ -90,7 +90,7 @@ TOWER_SPLIT = grouping.Split(_split_sources, _merge_sources)
 
 
 def tower_split_loss_fn(clip_params, clip_cfg, spec: PromptSpec, *, dtype=jnp.float32,
-                        remat: bool = False):
+                        remat: bool = False, text_sharding=parallel.REPLICATED_TEXT):
   """`heads.per_task_loss_fn` of mmap_shared on `TOWER_SPLIT`'s form: the text prompts expand
   from `source_text`, the visual ones from `source_visual`, so each copy's gradient is that
   tower's contribution (equal in value to the plain loss; tested against it)."""
@@ -101,7 +101,7 @@ def tower_split_loss_fn(clip_params, clip_cfg, spec: PromptSpec, *, dtype=jnp.fl
                           add(mmap_prompt.layer_kron(s["source_visual"], s["scale_visual"])))
     ct = heads.ClassTokens(*(None if x is None else add(x) for x in class_tokens_t))
     logits = heads.task_logits(clip_params, clip_cfg, tokens, ct, add(images_t), dtype=dtype,
-                               remat=remat)
+                               remat=remat, text_sharding=text_sharding)
     return heads.masked_cross_entropy(logits, add(labels_t), ct.class_mask)[0]
   return fn
 
@@ -128,16 +128,19 @@ def tower_filters(towers: str, which: str):
 
 
 def _grouping_step_fn(clip_cfg, spec: PromptSpec, optimizer, dtype, remat, filter_fn=None,
-                      ema_decay: float = 0.0, affinity: str = "cosine", towers: str = "summed"):
+                      ema_decay: float = 0.0, affinity: str = "cosine", towers: str = "summed",
+                      text_sharding=parallel.REPLICATED_TEXT):
   """towers != "summed" (cosine only): the loss takes TOWER_SPLIT's form and `filter_fn` the
   split gradients (`tower_filters`)."""
   split = TOWER_SPLIT if affinity == "cosine" and towers != "summed" else None
 
   def step(gstate, clip_params, class_tokens, batch, record, lr=None):
     if split is None:
-      loss_t = heads.per_task_loss_fn(clip_params, clip_cfg, spec, dtype=dtype, remat=remat)
+      loss_t = heads.per_task_loss_fn(clip_params, clip_cfg, spec, dtype=dtype, remat=remat,
+                                      text_sharding=text_sharding)
     else:
-      loss_t = tower_split_loss_fn(clip_params, clip_cfg, spec, dtype=dtype, remat=remat)
+      loss_t = tower_split_loss_fn(clip_params, clip_cfg, spec, dtype=dtype, remat=remat,
+                                   text_sharding=text_sharding)
     params, opt_state, aff, metrics = grouping.grouping_step(
         loss_t, gstate["params"], gstate["opt_state"], optimizer, gstate["affinity"],
         class_tokens, batch["image"], batch["label"], record=record,
@@ -149,21 +152,23 @@ def _grouping_step_fn(clip_cfg, spec: PromptSpec, optimizer, dtype, remat, filte
 
 def make_grouping_step(clip_cfg, spec: PromptSpec, optimizer, *, dtype=jnp.float32,
                        remat: bool = False, filter_fn=None, ema_decay: float = 0.0,
-                       affinity: str = "cosine", towers: str = "summed"):
+                       affinity: str = "cosine", towers: str = "summed",
+                       text_sharding=parallel.REPLICATED_TEXT):
   """jit(step)(gstate, clip_params, class_tokens, batch, record[, lr]) -> (gstate, metrics);
   `lr` is the step's learning rate, TAG's lookahead step (groups.affinity='tag' only)."""
   return jax.jit(_grouping_step_fn(clip_cfg, spec, optimizer, dtype, remat, filter_fn, ema_decay,
-                                   affinity, towers), donate_argnums=(0,))
+                                   affinity, towers, text_sharding), donate_argnums=(0,))
 
 
 def make_grouping_steps(clip_cfg, spec: PromptSpec, optimizer, *, dtype=jnp.float32,
                         remat: bool = False, filter_fn=None, ema_decay: float = 0.0,
-                        affinity: str = "cosine", towers: str = "summed"):
+                        affinity: str = "cosine", towers: str = "summed",
+                        text_sharding=parallel.REPLICATED_TEXT):
   """K grouping steps per call (train.steps_per_call), a lax.scan of the same step:
   jit(steps)(gstate, clip_params, class_tokens, batches [K, T, B, ...], records [K][, lrs [K]])
   -> (gstate, metrics stacked [K, ...]); equal to K calls of `make_grouping_step`."""
   step = _grouping_step_fn(clip_cfg, spec, optimizer, dtype, remat, filter_fn, ema_decay,
-                           affinity, towers)
+                           affinity, towers, text_sharding)
 
   def steps(gstate, clip_params, class_tokens, batches, records, lrs=None):
     return jax.lax.scan(lambda gs, xs: step(gs, clip_params, class_tokens, *xs), gstate,
@@ -367,7 +372,7 @@ def run_grouping(config: mlc.ConfigDict, workdir: str, clip: setup.Clip,
                               mesh)
   k = int(config.train.get("steps_per_call", 1))
   kw = dict(dtype=dtype, remat=config.clip.remat, filter_fn=filter_fn, ema_decay=ema,
-            affinity=kind, towers=towers)
+            affinity=kind, towers=towers, text_sharding=setup.text_sharding(config, mesh))
   schedule = optim.learning_rate_schedule(setup.recipe(shared_config).recipe, total)
 
   def lr_args(first, n):

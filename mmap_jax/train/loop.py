@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import socket
 import time
 from typing import Any, Optional
@@ -28,7 +27,7 @@ import ml_collections as mlc
 import numpy as np
 from absl import logging
 
-from mmap_jax import heads, parallel, paths
+from mmap_jax import parallel, paths
 from mmap_jax.data import pipeline, sources
 from mmap_jax.prompts import multitask
 from mmap_jax.train import cadence as cadence_lib, checkpointing, evaluate as evaluation
@@ -59,20 +58,6 @@ def _model(config: mlc.ConfigDict, workdir: str, clip: setup.Clip, tasks, mesh,
       if config.groups.init_from_warmup:
         group_init = result.warmup["shared"]
   return spec, groups, group_init
-
-
-def _loss_fn(clip_cfg, spec, groups, dtype, remat, seed: int = 0):
-  def loss_fn(learned, frozen, batch):
-    # A training step's dropout key (LoRA's prompt.lora_dropout): seed and step, so a resumed
-    # run draws the masks an uninterrupted one would.
-    key = (jax.random.fold_in(jax.random.key(seed + 11), batch["step"]) if "step" in batch
-           else None)
-    loss, aux = heads.multitask_loss(
-        learned, frozen["clip"], clip_cfg, spec, groups, frozen["class_tokens"],
-        {"images": batch["image"], "labels": batch["label"]}, dtype=dtype, remat=remat,
-        dropout_key=key)
-    return loss, {"per_task_loss": aux["per_task_loss"], "mean_task_loss": aux["mean_task_loss"]}
-  return loss_fn
 
 
 def _checkpointer(config, workdir, read_only: bool = False) -> checkpointing.Checkpointer:
@@ -115,6 +100,7 @@ class _Run:
     return {"steps": self.total, "grouping_warmup_steps": self.grouping_steps,
             "grouping_counted_in_budget": bool(counted), "budget_steps": self.budget_steps,
             "wall_seconds": round(self.wall_seconds(), 2), "host": socket.gethostname()}
+  text_sharding: Any = parallel.REPLICATED_TEXT  # how the text tower splits the class prompts
 
   def restore(self) -> Optional[checkpointing.Restored]:
     if self.step is None:
@@ -219,7 +205,8 @@ def _prepare(config: mlc.ConfigDict, workdir: str, *, step: Optional[int] = None
               optimizer=optimizer,
               state=parallel.replicate(train_step.init_state(learned, optimizer), mesh),
               total=total, recipe=recipe, grouping_steps=grouping_steps,
-              budget_steps=total and int(config.train.steps), t0=t0)
+              budget_steps=total and int(config.train.steps), t0=t0,
+              text_sharding=setup.text_sharding(config, mesh))
 
 
 def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict:
@@ -251,7 +238,7 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict:
   writer = report.ScalarWriter(setup.workdir_paths(workdir)["tensorboard"],
                                purge_step=start + 1 if start else None)
   eval_fns = evaluation.make_eval_fns(run.clip.cfg, run.spec, run.groups, len(run.tasks),
-                                      dtype=run.dtype)
+                                      dtype=run.dtype, text_sharding=run.text_sharding)
   if run.total > 0:
     run.selection = selection_lib.Selection.from_json(
         restored.meta.get("selection") if restored is not None else None, config.train.select)
@@ -314,8 +301,9 @@ def _train(config, run: _Run, it, meta, writer, start, preempt, run_eval) -> boo
   """
   total = run.total
   k = int(config.train.get("steps_per_call", 1))
-  loss_fn = _loss_fn(run.clip.cfg, run.spec, run.groups, run.dtype, config.clip.remat,
-                     int(config.seed))
+  loss_fn = train_step.make_loss_fn(run.clip.cfg, run.spec, run.groups, dtype=run.dtype,
+                                    remat=config.clip.remat, text_sharding=run.text_sharding,
+                                    seed=int(config.seed))
   cadence = cadence_lib.Cadence(
       total=total, start=start, log_every=config.train.log_every,
       eval_every=config.train.eval_every, ckpt_every=config.train.ckpt_every,
@@ -395,7 +383,7 @@ def evaluate_workdir(config: Optional[mlc.ConfigDict], workdir: str, *, step: Op
       raise FileNotFoundError(f"checkpoint {run.step} in {run.ckpt.directory} holds no "
                               f"selected state for step {at}")
   eval_fns = evaluation.make_eval_fns(run.clip.cfg, run.spec, run.groups, len(run.tasks),
-                                      dtype=run.dtype)
+                                      dtype=run.dtype, text_sharding=run.text_sharding)
   accuracy = run.evaluate(config, eval_fns, split=split, learned=learned)
   return run.write_results(config, out or workdir, accuracy, at, split=split, selection=record,
                            fields={"evaluated_state": state, "checkpoint_step": run.step})

@@ -157,6 +157,10 @@ def validate(config: mlc.ConfigDict, num_devices: Optional[int] = None) -> None:
            f"groups.init_from_warmup=True counts the grouping warm-up's "
            f"{grouping_run.warmup_total_steps(config)} steps against train.steps="
            f"{config.train.steps}: raise train.steps or shorten groups.warmup_steps")
+  shard_text, text_chunk = _parallel_fields(config)
+  need(isinstance(shard_text, bool), f"parallel.shard_text={shard_text!r} must be true or false")
+  need(isinstance(text_chunk, int) and not isinstance(text_chunk, bool) and text_chunk >= 0,
+       f"parallel.text_chunk={text_chunk!r} must be an integer >= 0 (0: no chunking)")
   if config.method in METHODS:   # else the method error above says it (and its allowed values)
     try:
       PromptSpec.from_config(config.prompt, config.method).validate_fields()
@@ -164,6 +168,18 @@ def validate(config: mlc.ConfigDict, num_devices: Optional[int] = None) -> None:
       errors.append(str(e))
   if errors:
     raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+
+
+def _parallel_fields(config: mlc.ConfigDict) -> tuple[Any, Any]:
+  """(parallel.shard_text, parallel.text_chunk); configs written before them get the defaults."""
+  p = config.get("parallel") or {}
+  return p.get("shard_text", True), p.get("text_chunk", 0)
+
+
+def text_sharding(config: mlc.ConfigDict, mesh) -> parallel.TextSharding:
+  """How the run's text tower splits the class prompts over `mesh` (see parallel.TextSharding)."""
+  shard_text, text_chunk = _parallel_fields(config)
+  return parallel.text_sharding(mesh, bool(shard_text), int(text_chunk))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,8 +14,31 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mmap_jax import heads, parallel
+
 # loss_fn(learned, frozen, batch) -> (scalar loss, aux dict of arrays)
 LossFn = Callable[[Any, Any, dict], tuple[jax.Array, dict]]
+
+
+def make_loss_fn(clip_cfg, spec, groups, *, dtype=jnp.float32, remat: bool = False,
+                 share_prefix: bool = True,
+                 text_sharding: parallel.TextSharding = parallel.REPLICATED_TEXT,
+                 seed: int = 0) -> LossFn:
+  """The trainer's loss: loss_fn(learned, frozen {"clip", "class_tokens"}, batch {"image",
+  "label"[, "step"]}) -> (loss, {"per_task_loss", "mean_task_loss"}); the multi-task objective of
+  `heads.multitask_loss` (the benchmark times this same function). With `batch["step"]` (a
+  train step made with `pass_step=True`) a training step's dropout key (LoRA's
+  prompt.lora_dropout) is drawn from `seed` and the step, so a resumed run draws the masks an
+  uninterrupted one would."""
+  def loss_fn(learned, frozen, batch):
+    key = (jax.random.fold_in(jax.random.key(seed + 11), batch["step"]) if "step" in batch
+           else None)
+    loss, aux = heads.multitask_loss(
+        learned, frozen["clip"], clip_cfg, spec, groups, frozen["class_tokens"],
+        {"images": batch["image"], "labels": batch["label"]}, dtype=dtype, remat=remat,
+        share_prefix=share_prefix, text_sharding=text_sharding, dropout_key=key)
+    return loss, {"per_task_loss": aux["per_task_loss"], "mean_task_loss": aux["mean_task_loss"]}
+  return loss_fn
 
 
 def init_state(learned: Any, optimizer: optax.GradientTransformation) -> dict:
