@@ -352,6 +352,7 @@ def e2e_env(tmp_path_factory, bpe_path):
 E2E_METHODS = ("clipadapter_mt", "bitfit_mt", "lora_st", "lora_mt")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", E2E_METHODS)
 def test_end_to_end(method, e2e_env):
   """Train 6 steps, evaluate, write results; the checkpoint restores to the same accuracy and
