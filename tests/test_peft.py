@@ -268,6 +268,7 @@ def test_st_gradient_of_task_t_is_its_single_task_gradient(family, params, ct, d
                                err_msg=k)
 
 
+@pytest.mark.slow
 def test_lora_merged_equals_unmerged(params, ct, data):
   """W + (alpha/r) A B folded into the kernels == x A B kept apart, for MT and ST: the cosine
   similarities (logits / exp(logit_scale)) agree to 1e-6 (float32 rounding of different sums).
@@ -303,6 +304,7 @@ def test_task_clip_params_slices_one_task(params):
   assert multitask.task_clip_params({}, params, PromptSpec(method="zeroshot"), 0) is params
 
 
+@pytest.mark.slow
 def test_train_step_moves_only_learned_leaves(params, ct, data):
   """One real jitted SGD step (donated state): every learned leaf changes, the frozen CLIP
   (a jit argument) is bit-identical afterwards."""
