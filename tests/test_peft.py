@@ -230,6 +230,7 @@ def zeroshot_logits(params, ct, data):
   return jit(fn)(params, ct, data)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", PEFT_METHODS)
 def test_init_equals_zeroshot_exactly_and_every_learned_leaf_gets_gradient(
     method, params, ct, data, zeroshot_logits):
