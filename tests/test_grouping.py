@@ -73,6 +73,7 @@ def _warm_up(rules, steps=6, seed=0):
 
 # ----------------------------------------------------------------------------- gradients
 
+@pytest.mark.slow
 def test_vmapped_gradients_equal_python_loop():
   shared, heads, x, y = _mlp_setup()
   losses, grads = _PER_TASK(_mlp_task_loss, shared, heads, x, y)

@@ -237,6 +237,7 @@ def zeroshot_logits(params, ct, data):
   return jit(fn)(params, ct, data)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", PEFT_METHODS)
 def test_init_equals_zeroshot_exactly_and_every_learned_leaf_gets_gradient(
     method, params, ct, data, zeroshot_logits):
@@ -275,6 +276,7 @@ def test_st_gradient_of_task_t_is_its_single_task_gradient(family, params, ct, d
                                err_msg=k)
 
 
+@pytest.mark.slow
 def test_lora_merged_equals_unmerged(params, ct, data):
   """W + (alpha/r) A B folded into the kernels == x A B kept apart, for MT and ST: the cosine
   similarities (logits / exp(logit_scale)) agree to 1e-6 (float32 rounding of different sums).
@@ -310,6 +312,7 @@ def test_task_clip_params_slices_one_task(params):
   assert multitask.task_clip_params({}, params, PromptSpec(method="zeroshot"), 0) is params
 
 
+@pytest.mark.slow
 def test_train_step_moves_only_learned_leaves(params, ct, data):
   """One real jitted SGD step (donated state): every learned leaf changes, the frozen CLIP
   (a jit argument) is bit-identical afterwards."""
@@ -359,6 +362,7 @@ def e2e_env(tmp_path_factory, bpe_path):
 E2E_METHODS = ("clipadapter_mt", "bitfit_mt", "lora_st", "lora_mt")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", E2E_METHODS)
 def test_end_to_end(method, e2e_env):
   """Train 6 steps, evaluate, write results; the checkpoint restores to the same accuracy and

@@ -252,6 +252,7 @@ def test_schedules_linear_and_constant_warmup():
 
 # ----------------------------------------------------------------------------- results.json
 
+@pytest.mark.slow
 def test_results_json_records_the_resolved_recipe(tmp_path, bpe_path):
   clip_dir = fx.make_tiny_clip(tmp_path / "clip", bpe_path)
   c = fx.tiny_config(clip_dir, str(tmp_path / "tfds"), method="coop_mt")

@@ -27,6 +27,7 @@ def _optimizer():
   return optim.make_optimizer(oc, 10)      # warm-up + cosine + clipping: count-dependent state
 
 
+@pytest.mark.slow
 def test_scanned_steps_equal_single_steps_bit_for_bit(bpe_path):
   """K steps in one call == K calls of the single step: state and every step's metrics, exactly
   (CPU, float32), including a chunk length of 1. (optim.accum_steps runs inside the same
