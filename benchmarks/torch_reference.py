@@ -15,7 +15,7 @@ one text + one image forward per task, then one backward and an SGD step:
            i >= 1 (< J) replaces the last 2L tokens by visual[i]; post-LN of the class token;
            visual projection
     logits = exp(logit_scale) * cos(image, text) [B, C]; cross-entropy over the real classes
-  loss = mean over tasks; backward; SGD(momentum 0.9, weight decay 5e-4)
+  loss = sum over tasks of each task's mean CE (heads.multitask_loss); backward; SGD(momentum 0.9, weight decay 5e-4)
 
 The math is the same as mmap_jax's (`heads.multitask_loss` with `mmap_mt`), which
 tests/test_benchmark.py checks (loss and gradients on the same weights, tiny CLIP).
@@ -147,7 +147,7 @@ class MmapMT(nn.Module):
   def forward(self, ids: torch.Tensor, eot: torch.Tensor, class_mask: torch.Tensor,
               images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """ids [T, C, 77], eot [T, C], class_mask [T, C], images [T, B, 3, H, W], labels [T, B]
-    -> (mean task loss, per-task losses [T])."""
+    -> (summed task loss, per-task losses [T])."""
     scale = self.clip.logit_scale.exp()
     losses = []
     for t in range(ids.shape[0]):
@@ -158,7 +158,7 @@ class MmapMT(nn.Module):
       logits = torch.where(class_mask[t][None, :], logits, torch.full_like(logits, NEG))
       losses.append(F.cross_entropy(logits, labels[t]))
     per_task = torch.stack(losses)
-    return per_task.mean(), per_task
+    return per_task.sum(), per_task
 
 
 def make_optimizer(model: MmapMT, lr: float = 0.0035) -> torch.optim.Optimizer:
