@@ -69,7 +69,7 @@ def main(argv):
                   reference=_REFERENCE.value)
   if out.get("preempted"):
     from mmap_jax.train import loop  # pylint: disable=g-import-not-at-top
-    sys.exit(loop.PREEMPTED_EXIT_CODE)
+    sys.exit(out.get("exit_code") or loop.PREEMPTED_EXIT_CODE)  # 130 after a Ctrl-C
 
 
 def run():

@@ -208,11 +208,11 @@ def test_a_preempted_run_stops_the_sweep_and_a_rerun_resumes_it(swept, tmp_path)
     name = os.path.relpath(workdir, tmp_path / "p")
     ran.append(name)
     if name == RUNS[1] and ran.count(name) == 1:
-      return {"preempted": True, "step": 3}
+      return {"preempted": True, "step": 3, "exit_code": 130}   # a Ctrl-C'd run
     _fake_run(pathlib.Path(workdir), {"a": 0.5 + config.seed / 10})
     return {}
   out = sweep.run(swept["settings"], str(tmp_path / "p"), run_fn=run_fn, log=lambda s: None)
-  assert ran == RUNS[:2] and out["preempted"] == RUNS[1]
+  assert ran == RUNS[:2] and out["preempted"] == RUNS[1] and out["exit_code"] == 130
   assert out["missing"] == RUNS[1:]
   assert "preempted" not in swept["summary"]
   out = sweep.run(swept["settings"], str(tmp_path / "p"), run_fn=run_fn, log=lambda s: None)

@@ -391,9 +391,10 @@ def run(settings: Sequence[Setting], workdir: str, *, run_fn: Optional[RunFn] = 
   JSON.
 
   A run that fails is reported and the others still run; a SweepError listing the failures is
-  raised at the end (after the table of the finished ones is written). A preempted run (SIGTERM)
-  stops the sweep: the host is going away; the returned dict then names it ('<setting>/seed=<s>')
-  under "preempted" (launch.sweep exits with the trainer's preemption status). `reference`: see
+  raised at the end (after the table of the finished ones is written). A preempted run (SIGTERM,
+  or Ctrl-C) stops the sweep: the host is going away; the returned dict then names it
+  ('<setting>/seed=<s>') under "preempted" and gives the run's "exit_code" (launch.sweep exits
+  with it: 143 after SIGTERM, 130 after Ctrl-C). `reference`: see
   `resolve_reference` (checked before the first run).
   """
   resolve_reference(settings, reference)
@@ -408,7 +409,7 @@ def run(settings: Sequence[Setting], workdir: str, *, run_fn: Optional[RunFn] = 
   seeds = list(dict.fromkeys(r.seed for r in runs))
   log(f"sweep: {len(settings)} settings x {len(seeds)} seeds ({', '.join(map(str, seeds))}) = "
       f"{len(runs)} runs, {len(runs) - len(todo)} finished, {len(todo)} to run, in {workdir}")
-  failed, preempted = [], None
+  failed, preempted, exit_code = [], None, None
   for i, r in enumerate(todo, 1):
     sub = os.fspath(workdir / r.name)   # a str, as launch.train's --workdir
     log(f"sweep: [{i}/{len(todo)}] running {r.name}")
@@ -420,7 +421,7 @@ def run(settings: Sequence[Setting], workdir: str, *, run_fn: Optional[RunFn] = 
       continue
     if isinstance(out, dict) and out.get("preempted"):
       log(f"sweep: {r.name} was preempted; stopping (re-run the sweep to resume)")
-      preempted = r.name
+      preempted, exit_code = r.name, out.get("exit_code")
       break
   from mmap_jax import parallel  # Multi-process: process 0 has written every results.json.
   parallel.sync("mmap_jax:sweep_outputs")
@@ -428,7 +429,9 @@ def run(settings: Sequence[Setting], workdir: str, *, run_fn: Optional[RunFn] = 
   if failed:
     raise SweepError("runs failed: " + "; ".join(f"{n} ({type(e).__name__}: {e})"
                                                   for n, e in failed))
-  return {**summary, "preempted": preempted} if preempted else summary
+  if not preempted:
+    return summary
+  return {**summary, "preempted": preempted, "exit_code": exit_code}
 
 
 def _validate_devices(settings: Sequence[Setting]) -> None:
