@@ -16,25 +16,22 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from launch import distributed_flags, entry
+from launch import distributed_flags, entry, shared_flags
 from mmap_jax.apps import sweep, tune
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Base experiment config file[:args]; --config.* overrides apply to every "
-    "run.", lock_config=True)
+_CONFIG = shared_flags.config("Base experiment config file[:args]; --config.* overrides apply "
+                               "to every run.")
 _PLAN = flags.DEFINE_string("plan", None, "method[=v1,v2,...][;method...]: what to tune; "
                             f"default: {','.join(tune.DEFAULT_METHODS)} with default grids.")
 _FIELD = flags.DEFINE_string("field", tune.DEFAULT_FIELD, "The tuned config field.")
 _SEEDS = flags.DEFINE_string("tune_seeds", ",".join(map(str, tune.DEFAULT_TUNING_SEEDS)),
                              "The tuning seeds (>= 2); the final sweep must use other seeds.")
 _MAX_EXT = flags.DEFINE_integer("max_extensions", 3, "Grid extensions allowed per side.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "The tuning's directory (local or gs://).")
-flags.mark_flags_as_required(["config", "workdir"])
+_WORKDIR = shared_flags.workdir("The tuning's directory (local or gs://).")
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  shared_flags.no_arguments(argv)
   config_flag = flags.FLAGS["config"]
   distributed_flags.initialize()
   try:
@@ -47,7 +44,7 @@ def main(argv):
     raise app.UsageError(str(e)) from None
   if out.get("preempted"):
     from mmap_jax.train import loop  # pylint: disable=g-import-not-at-top
-    sys.exit(loop.PREEMPTED_EXIT_CODE)
+    sys.exit(out.get("exit_code") or loop.PREEMPTED_EXIT_CODE)  # 130 after a Ctrl-C
 
 
 def run():

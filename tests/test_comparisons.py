@@ -19,6 +19,7 @@ from mmap_jax.models.config import VARIANTS
 from mmap_jax.prompts import PromptSpec, init_learned, task_prompts, trainable_param_count
 from mmap_jax.prompts.multitask import clip_params_for
 from mmap_jax.train import grouping_run, loop, setup
+from mmap_jax.train import step as train_step
 from tests import train_fixtures as fx
 from tests.test_multitask_model import NAMES, numpy_clip
 
@@ -78,7 +79,7 @@ def test_mt_task_specific_gradient_equals_its_st_gradient(tok, params, data):
     alone = {"group": jax.tree.map(lambda x: x[g][None], learned["group"]),
              "task": jax.tree.map(lambda x: x[t][None], learned["task"])}
     batch = {"images": data["images"][t:t + 1], "labels": data["labels"][t:t + 1]}
-    got = one_task(alone, heads.task_slice(ct, [t]), batch)
+    got = one_task(alone, heads.ClassTokens(*(np.asarray(x)[[t]] for x in ct)), batch)
     for name in ("source", "scale_text", "scale_visual"):
       want = got["task"][name][0]
       np.testing.assert_allclose(full["task"][name][t], want, rtol=1e-4,
@@ -232,7 +233,7 @@ def test_lora_dropout_only_in_training(tok, params, data):
   np.testing.assert_allclose(off, none, rtol=1e-6)           # rate 0: no change with a key
   np.testing.assert_allclose(plain, merged, rtol=1e-4, atol=1e-4)   # eval: no dropout
   # The trainer's loss draws a key from (seed, step) only when the step passes one.
-  fn = loop._loss_fn(CFG, spec, None, jnp.float32, False, seed=0)
+  fn = train_step.make_loss_fn(CFG, spec, None, dtype=jnp.float32, remat=False, seed=0)
   frozen = {"clip": params, "class_tokens": ct}
   batch = {"image": data["images"], "label": data["labels"]}
   l_eval = jit(lambda l: fn(l, frozen, batch)[0])(learned)

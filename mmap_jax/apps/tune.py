@@ -181,7 +181,8 @@ def tune(config_ref: str, workdir: str, *, plan: Mapping[str, Optional[list[floa
       log(f"tune: {search.method}: {field} grid {search.grid}, seeds {list(tuning_seeds)}")
       result = sweep.run(settings, str(sub), run_fn=run_fn, log=log, reference="none")
       if result.get("preempted"):
-        return {**out, "preempted": f"{search.method}/{result['preempted']}"}
+        return {**out, "preempted": f"{search.method}/{result['preempted']}",
+                "exit_code": result.get("exit_code")}
       search.scores.update(_scores(settings, sub, field, tuning_seeds))
       best = search.best()
       side = "low" if best == search.grid[0] else "high" if best == search.grid[-1] else None
