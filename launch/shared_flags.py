@@ -7,7 +7,8 @@ The multi-process flags every launcher also takes are launch/distributed_flags.p
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import sys
+from typing import Any, Mapping, Optional, Sequence
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -35,3 +36,11 @@ def no_arguments(argv: Sequence[str]) -> None:
   """Launchers that take flags only: a stray positional argument is a usage error."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {list(argv[1:])}")
+
+
+def exit_if_interrupted(out: Mapping[str, Any]) -> None:
+  """A sweep or tuning stopped by SIGTERM or Ctrl-C exits with the interrupted run's status
+  (143, or 130 after Ctrl-C), so a restarting scheduler reruns the same command."""
+  if out.get("preempted"):
+    from mmap_jax.train import cadence  # pylint: disable=g-import-not-at-top
+    sys.exit(out.get("exit_code") or cadence.PREEMPTED_EXIT_CODE)

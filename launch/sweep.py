@@ -23,7 +23,6 @@ interval over seeds and test images; '*' marks intervals that exclude 0.
 (finished ones commented out), to start each on its own TPU slice; afterwards the same sweep
 without --print_only finds them finished and only builds the table.
 """
-import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -67,9 +66,7 @@ def main(argv):
   distributed_flags.initialize()
   out = sweep.run(settings, _WORKDIR.value, log=lambda s: print(s, flush=True),
                   reference=_REFERENCE.value)
-  if out.get("preempted"):
-    from mmap_jax.train import loop  # pylint: disable=g-import-not-at-top
-    sys.exit(out.get("exit_code") or loop.PREEMPTED_EXIT_CODE)  # 130 after a Ctrl-C
+  shared_flags.exit_if_interrupted(out)
 
 
 def run():

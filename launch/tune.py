@@ -11,7 +11,6 @@ grids extended until the best value is interior; then the final table on other s
 <workdir>/<method>/optim.lr=<v>/seed=<s>; finished runs are skipped, so rerunning the same
 command resumes (and a finished tuning only rewrites tuning.json / tuning.md / tuned.json).
 """
-import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -42,9 +41,7 @@ def main(argv):
                     max_extensions=_MAX_EXT.value, log=lambda s: print(s, flush=True))
   except sweep.SweepError as e:
     raise app.UsageError(str(e)) from None
-  if out.get("preempted"):
-    from mmap_jax.train import loop  # pylint: disable=g-import-not-at-top
-    sys.exit(out.get("exit_code") or loop.PREEMPTED_EXIT_CODE)  # 130 after a Ctrl-C
+  shared_flags.exit_if_interrupted(out)
 
 
 def run():

@@ -25,3 +25,14 @@ def tok(bpe_path):
   """The real CLIP tokenizer (built once per test session)."""
   from mmap_jax.tokenizer import ClipTokenizer
   return ClipTokenizer.from_bpe_file(bpe_path)
+
+
+@pytest.fixture(autouse=True)
+def _restore_signal_handlers():
+  """Tests that build `cadence.Preemption` objects directly (without its context manager) leave
+  their SIGINT/SIGTERM handlers installed; each test starts from the handlers the session had."""
+  import signal
+  saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+  yield
+  for s, handler in saved.items():
+    signal.signal(s, handler)

@@ -168,8 +168,8 @@ def tune(config_ref: str, workdir: str, *, plan: Mapping[str, Optional[list[floa
     check_eval_cadence(first[0].config, f"method {method}")
     searches.append(MethodTuning(method, list(grid or default_grid(first[0].config))))
   if run_fn is None:
-    from mmap_jax.train import loop
-    run_fn = _tolerate_divergence(loop.train_and_evaluate, loop.NonFiniteError)
+    from mmap_jax.train import cadence, loop
+    run_fn = _tolerate_divergence(loop.train_and_evaluate, cadence.NonFiniteError)
   out = {"field": field, "tuning_seeds": list(tuning_seeds), "max_extensions": max_extensions,
          "min_evals": MIN_EVALS, "selection": "val_average mean over the tuning seeds",
          "methods": {}}

@@ -968,6 +968,19 @@ def _write_class(tmp: str, seed: int, domain: str, obj: str,
     Image.fromarray(img).save(folder / f"{i}.png", compress_level=1)
 
 
+def check_tree_request(domains: Sequence[str], objects: Sequence[str], images_per_class: int,
+                       known_domains: Sequence[str], known_objects: Sequence[str]) -> None:
+  """A tree request names only a world's domains and objects and at least one image each."""
+  for d in domains:
+    if d not in known_domains:
+      raise ValueError(f"unknown domain {d!r}; expected one of {tuple(known_domains)}")
+  for o in objects:
+    if o not in known_objects:
+      raise ValueError(f"unknown object {o!r}; expected one of {tuple(known_objects)}")
+  if images_per_class < 1:
+    raise ValueError("images_per_class must be >= 1")
+
+
 def generate_tree(root: str | os.PathLike, *, seed: int = 0,
                   images_per_class: int = 40, size: int = 64,
                   domains: Sequence[str] = DOMAINS,
@@ -989,14 +1002,7 @@ def generate_tree(root: str | os.PathLike, *, seed: int = 0,
   pays for trees of a few thousand images.
   """
   domains, objects = tuple(domains), tuple(objects)
-  for d in domains:
-    if d not in DOMAINS:
-      raise ValueError(f"unknown domain {d!r}; expected one of {DOMAINS}")
-  for o in objects:
-    if o not in OBJECTS:
-      raise ValueError(f"unknown object {o!r}; expected one of {OBJECTS}")
-  if images_per_class < 1:
-    raise ValueError("images_per_class must be >= 1")
+  check_tree_request(domains, objects, images_per_class, DOMAINS, OBJECTS)
   manifest = _manifest(seed, images_per_class, size, domains, objects)
   return write_tree(root, manifest, seed=seed, images_per_class=images_per_class, size=size,
                     domains=domains, objects=objects, workers=workers)

@@ -118,14 +118,7 @@ def generate_tree(root: str | os.PathLike, *, seed: int = 0, images_per_class: i
   """<root>/<domain>/<class>/<i>.png + manifest.json, as `world.generate_tree` (deterministic,
   atomic, reused when the manifest matches), with world 2's classes and images."""
   domains, objects = tuple(domains), tuple(objects)
-  for d in domains:
-    if d not in DOMAINS:
-      raise ValueError(f"unknown domain {d!r}; expected one of {DOMAINS}")
-  for o in objects:
-    if o not in OBJECTS:
-      raise ValueError(f"unknown object {o!r}; expected one of {OBJECTS}")
-  if images_per_class < 1:
-    raise ValueError("images_per_class must be >= 1")
+  w1.check_tree_request(domains, objects, images_per_class, DOMAINS, OBJECTS)
   manifest = {
       "world": VERSION, "format_version": _MANIFEST_VERSION, "seed": int(seed),
       "size": int(size), "images_per_class": int(images_per_class), "domains": list(domains),
