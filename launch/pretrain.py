@@ -6,7 +6,7 @@ r"""Pretrain the demo's small CLIP and write it in the project's CLIP format.
 Resumes from the workdir's latest checkpoint; the output directory (default <workdir>/clip) gets
 clip.json, model.safetensors, the tokenizer and pretrain_report.json, replacing what was there
 atomically. A preempted run (SIGTERM) saves a checkpoint and exits with status 143
-(cadence.PREEMPTED_EXIT_CODE); the same command resumes. The library call is
+(cadence.PREEMPTED_EXIT_CODE), 130 after Ctrl-C; the same command resumes. The library call is
 `mmap_jax.demo.pretrain.launch`.
 """
 import sys
@@ -33,7 +33,7 @@ def main(argv):
     out = pretrain.launch(_CONFIG.value, workdir=_WORKDIR.value, vocab=_VOCAB.value or resources.clip_bpe_path(), out=_OUT.value)
   except cadence.Preempted as e:   # checkpoint saved; the same command resumes
     print(e, file=sys.stderr)
-    sys.exit(cadence.PREEMPTED_EXIT_CODE)
+    sys.exit(e.exit_code)   # 143, or 130 after Ctrl-C
   print(f"pretrained CLIP written to {out}")
 
 

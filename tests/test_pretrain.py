@@ -175,19 +175,23 @@ class _NullWriter:
 
 
 @pytest.mark.slow
-def test_sigterm_saves_exits_143_and_resumes(local_run, tmp_path, bpe_path):
-  """launch.pretrain under SIGTERM after step 1 (tests/faults.py): checkpoint 1 (ckpt_every=2,
-  so only the SIGTERM made it), status 143, no output; the same call resumes to the weights
-  of the straight run."""
+@pytest.mark.parametrize("sig,status", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_signal_saves_exits_with_its_status_and_resumes(local_run, tmp_path, bpe_path, sig,
+                                                           status):
+  """launch.pretrain under SIGTERM (or Ctrl-C) after step 1 (tests/faults.py): checkpoint 1
+  (ckpt_every=2, so only the signal made it), status 143 (130), no output; the same call
+  resumes to the weights of the straight run."""
   _, first = local_run
   work = tmp_path / "work"
   proc = subprocess.run(
-      [sys.executable, "-m", "tests.faults", "1:SIGTERM", "launch.pretrain",
+      [sys.executable, "-m", "tests.faults", f"1:{sig}", "launch.pretrain",
        "--config=configs/demo_pretrain.py:runlocal", f"--workdir={work}",
        f"--out={tmp_path / 'clip'}", f"--vocab={bpe_path}"],
       cwd=REPO, env=fx.subprocess_env(), capture_output=True, text=True, timeout=600)
-  assert proc.returncode == cadence.PREEMPTED_EXIT_CODE == 143, proc.stderr[-3000:]
-  assert "SIGTERM received" in proc.stderr and "pretrain step 1/4" in proc.stderr
+  assert proc.returncode == status, proc.stderr[-3000:]
+  assert status == (cadence.PREEMPTED_EXIT_CODE if sig == "SIGTERM"
+                    else cadence.INTERRUPTED_EXIT_CODE)
+  assert f"{sig} received" in proc.stderr and "pretrain step 1/4" in proc.stderr
   assert sorted(int(p.name) for p in (work / "checkpoints").iterdir() if p.name.isdigit()) == [1]
   assert not (tmp_path / "clip").exists()
   config = get_config("runlocal")

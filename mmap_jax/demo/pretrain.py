@@ -497,7 +497,8 @@ def pretrain(config: mlc.ConfigDict, workdir: str | os.PathLike, *,
   Orbax checkpoint in <workdir>/checkpoints with the same batches they would have seen. Steps
   follow the trainer's cadence (`train.cadence`): progress lines (also printed with
   `progress`), TensorBoard scalars in <workdir>/tensorboard, and on SIGTERM a checkpoint, then
-  `cadence.Preempted` (launch.pretrain exits with status 143; the same call resumes).
+  `cadence.Preempted` (launch.pretrain exits with status 143, or 130 after Ctrl-C; the same call
+  resumes).
   """
   t_start = time.time()
   if not config.vocab:
@@ -574,7 +575,7 @@ def pretrain(config: mlc.ConfigDict, workdir: str | os.PathLike, *,
         writer.scalars(done, _zero_shot_scalars("eval/zero_shot", acc))
         logging.info("pretrain step %d zero-shot: %s", done, _fmt_acc(acc))
       if cadence.after(c):   # checkpoint, hooks, preemption (then saved)
-        raise cadence_lib.Preempted(done, ckpt.directory)
+        raise cadence_lib.Preempted(done, ckpt.directory, preemption.exit_code)
   except BaseException:
     writer.close()
     raise

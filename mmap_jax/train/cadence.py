@@ -73,11 +73,12 @@ def register_hook(hook: Hook) -> Callable[[], None]:
 
 
 class Preempted(Exception):
-  """A run stopped for preemption after saving the checkpoint of `step` (rerun to resume)."""
+  """A run stopped for preemption (or Ctrl-C) after saving the checkpoint of `step` (rerun to
+  resume); `exit_code` is what its launcher exits with (143, or 130 after Ctrl-C)."""
 
-  def __init__(self, step: int, directory: str):
+  def __init__(self, step: int, directory: str, exit_code: int = PREEMPTED_EXIT_CODE):
     super().__init__(f"preempted: checkpoint of step {step} saved in {directory}")
-    self.step, self.directory = step, directory
+    self.step, self.directory, self.exit_code = step, directory, exit_code
 
 
 class NonFiniteError(FloatingPointError):
