@@ -21,7 +21,8 @@ from mmap_jax.prompts.multitask import clip_params_for
 from mmap_jax.train import grouping_run, loop, setup
 from mmap_jax.train import step as train_step
 from tests import train_fixtures as fx
-from tests.test_multitask_model import NAMES, numpy_clip
+from tests.test_multitask_model import NAMES
+from tests.test_multitask_model import data, params  # noqa: F401 (the tiny CLIP's fixtures)
 
 CFG = VARIANTS["tiny"]          # text width 48, vision width 64, 3 layers each
 B16 = VARIANTS["ViT-B/16"]
@@ -38,18 +39,6 @@ def spec_of(method, **kw):
   extra = MMAP if method.startswith("mmap") else {}
   return PromptSpec(method=method, **{**extra, **kw}).validate(CFG)
 
-
-@pytest.fixture(scope="module")
-def params():
-  return jax.tree.map(jnp.asarray, numpy_clip(CFG))
-
-
-@pytest.fixture(scope="module")
-def data():
-  rng = np.random.default_rng(1)
-  images = jnp.asarray(rng.standard_normal((3, 4, 32, 32, 3)), jnp.float32)
-  labels = jnp.asarray([rng.integers(0, len(n), 4) for n in NAMES], jnp.int32)
-  return {"images": images, "labels": labels}
 
 
 def _grad(spec, groups, learned, params, ct, batch):

@@ -16,6 +16,7 @@ from mmap_jax.data import sources
 from mmap_jax.data.builders import common
 from mmap_jax.train import setup
 from tests import data_trees
+from tests.test_validation import _files
 
 
 def _name(record) -> str:
@@ -32,14 +33,6 @@ def _per_class(names) -> collections.Counter:
 
 
 # ----------------------------------------------------------------- draws ---
-
-
-def _files(counts):
-  relpaths, labels = [], []
-  for label, n in enumerate(counts):
-    relpaths += [f"d/c{label}/{i:03d}.jpg" for i in range(n)]
-    labels += [label] * n
-  return relpaths, labels
 
 
 def test_sample_shots_is_balanced_nested_seeded_and_keeps_short_classes():
