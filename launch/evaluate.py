@@ -9,7 +9,8 @@ Reports the TEST split by default (--split=val for the validation split) of the 
 checkpoint's validation record selected (--state=selected, what results.json reports) or of
 the checkpoint's own state (--state=checkpoint). Writes results.json / results.md (the per-task
 accuracy table; `split`, `step` and `evaluated_state` say what was evaluated) into --out
-(default: workdir). Without --config the config the checkpoint recorded is used (the run's own,
+(default: workdir), and for the test split test_correct.npz (per-image correctness, what
+`launch.sweep --reference` resamples for paired confidence intervals). Without --config the config the checkpoint recorded is used (the run's own,
 overrides included); give --config (and --config.* overrides) to evaluate it differently, e.g.
 with another data.root.
 """

@@ -30,7 +30,7 @@ def demo_clip_dir(check: bool = False) -> pathlib.Path:
   path = _asset("demo_clip")
   if check and not (path / "clip.json").is_file():
     raise FileNotFoundError(f"the demo CLIP is missing from {path} (no clip.json); rebuild it "
-                            f"with `{REBUILD_DEMO_CLIP}` (about 10 minutes on 2 CPU cores)")
+                            f"with `{REBUILD_DEMO_CLIP}` (about 2 hours on 2 CPU cores)")
   return path
 
 

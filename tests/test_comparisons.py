@@ -236,9 +236,9 @@ def test_lora_dropout_only_in_training(tok, params, data):
 
 def test_grouping_warmup_length_and_budget_fields():
   c = demo.get_config("method=mmap_mt")
-  assert grouping_run.lr_warmup_steps(c) == 20 and c.groups.warmup_steps == 30
-  assert grouping_run.warmup_total_steps(c) == 50
-  assert grouping_run.settings(c)["lr_warmup_steps"] == 20
+  assert grouping_run.lr_warmup_steps(c) == 10 and c.groups.warmup_steps == 20
+  assert grouping_run.warmup_total_steps(c) == 30
+  assert grouping_run.settings(c)["lr_warmup_steps"] == 10
   for m in ("mmap_st", "coop_mt", "mmap_shared_mt"):
     assert grouping_run.warmup_total_steps(demo.get_config(f"method={m}")) == 0
   c.groups.mode = "random"

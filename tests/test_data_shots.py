@@ -174,8 +174,11 @@ def test_config_shots_argument_and_validation(office_home):
   tmp, root, _ = office_home
   from configs import demo, office_home as oh
   assert oh.get_config("").data.shots == 0 and oh.get_config("shots=all").data.shots == 0
-  assert demo.get_config("shots=16").data.shots == 16
-  assert demo.get_config("").data.shots == 0     # the demo keeps its full split for now
+  assert demo.get_config("shots=4").data.shots == 4
+  assert demo.get_config("").data.shots == 16    # the demo's few-shot default (issue 25)
+  assert demo.get_config("shots=all").data.shots == 0
+  assert demo.get_config("runlocal").data.shots == 4       # the smoke run's 20-image tree
+  assert demo.get_config("runlocal,shots=all").data.shots == 0
   with pytest.raises(ValueError, match=r"data.shots: shots='many'"):
     oh.get_config("shots=many")
   c = demo.get_config("runlocal")

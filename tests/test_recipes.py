@@ -65,7 +65,7 @@ def test_none_takes_the_family_recipe_and_an_explicit_field_overrides_only_itsel
 
 
 def test_demo_trains_every_family_with_its_tuned_lr_and_published_rest():
-  """The demo's per-family values: the lr tuned on validation (DEMO_LR) and a 20-step linear
+  """The demo's per-family values: the lr tuned on validation (DEMO_LR) and a 10-step linear
   warm-up; everything else is the family's published recipe, whichever way the method is set."""
   assert set(demo.DEMO_LR) == set(recipes.RECIPES) - {"zeroshot"}
   for method in ("mmap_mt", "mmap_st", "maple_mt", "coop_mt", "vpt_mt", "ivlp_mt", "fullft_mt",
@@ -82,21 +82,21 @@ def test_demo_trains_every_family_with_its_tuned_lr_and_published_rest():
     if family in demo.SGD_FAMILIES and not method.endswith("_st"):
       lr = lr / demo.TUNED_TASKS
     want = dataclasses.replace(recipes.RECIPES[family], lr=lr,
-                               warmup_steps=20, warmup_type="linear")
+                               warmup_steps=10, warmup_type="linear")
     assert res.recipe == want, method
   # The demo's mmap schedule (SGD, linear warm-up then cosine) as the hand-written recipe.
   r = setup.recipe(demo.get_config("method=mmap_mt")).recipe
   old = recipes.Recipe(name="sgd", lr=demo.DEMO_LR["mmap"] / 4, momentum=0.9, weight_decay=5e-4,
-                       warmup_steps=20, warmup_type="linear", grad_clip=0.0)
-  for step in (0, 7, 20, 250, 399):
-    assert float(optim.learning_rate_schedule(r, 400)(step)) == float(
-        optim.learning_rate_schedule(old, 400)(step))
+                       warmup_steps=10, warmup_type="linear", grad_clip=0.0)
+  for step in (0, 7, 10, 150, 199):
+    assert float(optim.learning_rate_schedule(r, 200)(step)) == float(
+        optim.learning_rate_schedule(old, 200)(step))
 
 
 def test_precedence_optim_over_per_family_over_published():
   c = demo.get_config("method=mmap_mt")
   c.optim_per_family.mmap.lr = 0.02          # e.g. a sweep over optim_per_family.mmap.lr
-  c.optim.warmup_steps = 5                   # explicit: wins over the per-family 20
+  c.optim.warmup_steps = 5                   # explicit: wins over the per-family 10
   res = setup.recipe(c)
   assert (res.recipe.lr, res.recipe.warmup_steps, res.recipe.warmup_type) == (0.02, 5, "linear")
   assert res.overridden == ("warmup_steps",) and res.per_family == ("lr", "warmup_type")

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from mmap_jax.train import checkpointing, loop, setup
+from mmap_jax.train import checkpointing, correctness, loop, setup
 from tests import train_fixtures as fx
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -455,6 +455,11 @@ def test_read_only_tools_never_touch_a_run(env, finished, tmp_path):
   # No config given: the one the run recorded in its checkpoint.
   again = loop.evaluate_workdir(None, str(workdir), out=str(tmp_path / "eval"))
   assert again["tasks"] == json.loads(json.dumps(result))["tasks"]
+  # The test evaluation writes the per-image correctness the paired bootstrap reads, as training.
+  got, want = correctness.read_correct(tmp_path / "eval"), correctness.read_correct(workdir)
+  assert want is not None and got.keys() == want.keys()
+  for name in want:
+    np.testing.assert_array_equal(got[name], want[name], err_msg=name)
   assert _tree_bytes(workdir) == before
   # A workdir with no checkpoint (e.g. grouping only) is not given a checkpoints/ directory.
   empty = tmp_path / "grouping_only"

@@ -27,6 +27,7 @@ def tiny_overrides(c: mlc.ConfigDict, data_dir: str) -> mlc.ConfigDict:
   c.data.data_dir = data_dir
   c.data.demo_images_per_class = 6
   c.data.demo_image_size = 32
+  c.data.shots = 0         # the whole (tiny) train pool: 6 images per class leave 2 after val
   c.prompt.source_dim = 16
   c.prompt.length = 2
   c.input.batch_size = 8
@@ -47,7 +48,7 @@ def tiny_config(clip_dir: str, data_dir: str, method: str = "mmap_mt") -> mlc.Co
 def override_flags(data_dir: str) -> list[str]:
   """The same overrides as `tiny_overrides`, as --config.* flags for a subprocess."""
   c = tiny_overrides(demo.get_config("runlocal"), data_dir)
-  keys = ["data.data_dir", "data.demo_images_per_class", "data.demo_image_size",
+  keys = ["data.data_dir", "data.demo_images_per_class", "data.demo_image_size", "data.shots",
           "prompt.source_dim", "prompt.length", "input.batch_size", "input.eval_batch_size",
           "train.steps", "train.log_every", "train.eval_every", "train.ckpt_every",
           "optim.warmup_steps", "groups.warmup_steps"]

@@ -356,6 +356,8 @@ def evaluate_workdir(config: Optional[mlc.ConfigDict], workdir: str, *, step: Op
   is the final checkpoint), `state='checkpoint'` the checkpoint's own current state. The results
   file says which split (`split`) and which state (`evaluated_state`, `step`) it reports.
   `config` None: the config the checkpoint recorded (`trained.recorded_config`).
+  A test evaluation also writes the per-image correctness (`test_correct.npz`, what the sweep's
+  paired bootstrap resamples) beside its results.
   """
   if split not in pipeline.EVAL_SPLITS:
     raise ValueError(f"split={split!r}; allowed: {pipeline.EVAL_SPLITS}")
@@ -384,7 +386,10 @@ def evaluate_workdir(config: Optional[mlc.ConfigDict], workdir: str, *, step: Op
                               f"selected state for step {at}")
   eval_fns = evaluation.make_eval_fns(run.clip.cfg, run.spec, run.groups, len(run.tasks),
                                       dtype=run.dtype, text_sharding=run.text_sharding)
-  accuracy = run.evaluate(config, eval_fns, split=split, learned=learned)
+  accuracy, correct = run.evaluate(config, eval_fns, split=split, learned=learned,
+                                   return_correct=True)
+  if split == "test":
+    correctness.write_correct(out or workdir, correct)  # before results.json, as in training
   return run.write_results(config, out or workdir, accuracy, at, split=split, selection=record,
                            fields={"evaluated_state": state, "checkpoint_step": run.step})
 
