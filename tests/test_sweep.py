@@ -549,6 +549,41 @@ def test_plot_draws_std_error_bars(fake_sweep, monkeypatch):
                                               100 * (coop["mean"] + coop["std"])))
 
 
+def test_shots_sweep_draws_one_curve_per_method(env, tmp_path):
+  """A sweep over data.shots writes accuracy_vs_shots.png: one line per method, x = shots with
+  'all' (0) last, y = the rows' mean test accuracy with their std as error bars."""
+  settings = sweep.make_settings(env["ref"], "method=coop_mt,mmap_mt;data.shots=0,4,16",
+                                 _overrides(env["data"]), seeds=[0, 1])
+  acc = {("coop_mt", 4): 0.3, ("coop_mt", 16): 0.4, ("coop_mt", 0): 0.5,
+         ("mmap_mt", 4): 0.35, ("mmap_mt", 16): 0.45, ("mmap_mt", 0): 0.6}
+  for s in settings:
+    key = (s.values["method"], s.values["data.shots"])
+    for r in s.runs:
+      _fake_run(tmp_path / r.name, {"a": acc[key] + r.seed / 10})
+  drawn = []
+  real = sweep.plot_accuracy_vs_shots
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(sweep, "plot_accuracy_vs_shots",
+               lambda path, curves: drawn.append((curves, real(path, curves))))
+    sweep.write_outputs(settings, str(tmp_path), log=lambda s: None)
+  assert (tmp_path / "accuracy_vs_shots.png").read_bytes()[:8] == PNG_MAGIC
+  (curves, fig), = drawn
+  assert set(curves) == {"coop_mt", "mmap_mt"}
+  assert curves["mmap_mt"][0][0] == pytest.approx(0.65)            # mean of 0.6 and 0.7
+  assert curves["mmap_mt"][0][1] == pytest.approx(np.std([0.6, 0.7], ddof=1))
+  ax = fig.axes[0]
+  assert [t.get_text() for t in ax.get_xticklabels()] == ["4", "16", "all"]
+  lines = {c.get_label(): c.lines[0] for c in ax.containers}       # errorbar: data line first
+  np.testing.assert_allclose(np.asarray(lines["coop_mt"].get_ydata(), float), [35, 45, 55])
+  np.testing.assert_allclose(np.asarray(lines["coop_mt"].get_xdata(), float), [0, 1, 2])
+  # Without a swept data.shots field there is no curve.
+  other = tmp_path / "no_shots"
+  settings = sweep.make_settings(env["ref"], "method=coop_mt", _overrides(env["data"]), seeds=[0])
+  _fake_run(other / settings[0].runs[0].name, {"a": 0.5})
+  sweep.write_outputs(settings, str(other), log=lambda s: None)
+  assert not (other / "accuracy_vs_shots.png").exists()
+
+
 def test_plot_handles_only_zero_parameter_settings(tmp_path):
   path = tmp_path / "p.png"
   fig = sweep.plot_accuracy_vs_params(str(path), [("zeroshot", 0.0, 0.5, None)])

@@ -48,7 +48,8 @@ seed, "trainable_params" / "trainable_percent" (mean over seeds; they differ onl
 picks a different number of groups per seed) and their "_per_seed" lists), `results.md` (the
 paper-style table: rows = settings, columns = swept fields, seeds, tasks, average, val average,
 trainable params; cells mean +- sample std, ddof=1), `accuracy_vs_params.png` (the paper's
-Figure 1 shape, with +-std error bars) and `affinity_<setting>__seed=<s>.png` for each run whose
+Figure 1 shape, with +-std error bars), `accuracy_vs_shots.png` when `data.shots` is swept (one
+line per other-field combination, e.g. per method; x = shots, 'all' last) and `affinity_<setting>__seed=<s>.png` for each run whose
 grouping drew a heatmap. Paired statistics: every row's `delta_ci` = {"mean", "low", "high",
 "excludes_zero", "seeds", ...} is its average test accuracy minus the reference setting's
 (`--reference`, default method=mmap_mt; `resolve_reference`) with a 95% paired bootstrap
@@ -83,6 +84,7 @@ RESULTS_FILE = "results.json"
 CSV_FILE = "accuracies.csv"      # every (setting, seed, task) test accuracy, beside results.json
 TABLE_FILE = "results.md"
 PLOT_FILE = "accuracy_vs_params.png"
+SHOTS_FIELD, SHOTS_PLOT_FILE = "data.shots", "accuracy_vs_shots.png"
 AFFINITY_PLOT = "affinity.png"   # what a grouping run draws into its own workdir
 _MAX_NAME = 120                  # sub-workdir names longer than this are shortened + hashed
 
@@ -737,6 +739,8 @@ def write_outputs(settings: Sequence[Setting], workdir: str, *,
         workdir / PLOT_FILE,
         [(label(r), r["trainable_percent"], r["average"]["mean"], r["average"]["std"])
          for r in summary["rows"]])
+    if SHOTS_FIELD in fields:
+      plot_accuracy_vs_shots(workdir / SHOTS_PLOT_FILE, shots_curves(settings, summary["rows"]))
     copy_affinity_plots(settings, workdir)
     log(table)
     if summary["missing"]:
@@ -756,6 +760,48 @@ def copy_affinity_plots(settings: Sequence[Setting], workdir: paths.PathLike) ->
         paths.write_bytes_atomic(dst, src.read_bytes())
         out.append(os.fspath(dst))
   return out
+
+
+Curve = dict[int, tuple[float, Optional[float]]]   # shots (0 = all) -> (mean accuracy, std)
+
+
+def shots_curves(settings: Sequence[Setting], rows: Sequence[dict]) -> dict[str, Curve]:
+  """{line label: {shots: (mean, std)}} of a sweep over `data.shots`: one line per combination
+  of the other swept fields (e.g. per method), its points the rows at each shots value."""
+  curves: dict[str, Curve] = {}
+  for row in rows:
+    setting = next(s for s in settings if s.values == row["setting"])
+    label = ", ".join(format_value(v) for f, v in setting.fields if f != SHOTS_FIELD) or "default"
+    shots = int(setting.values[SHOTS_FIELD])
+    curves.setdefault(label, {})[shots] = (row["average"]["mean"], row["average"]["std"])
+  return curves
+
+
+def plot_accuracy_vs_shots(path: paths.PathLike, curves: Mapping[str, Curve]):
+  """The few-shot curve: x = train images per class (the swept `data.shots`, evenly spaced, 'all'
+  last), y = average test accuracy (%), one line per method with ± std error bars over seeds."""
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+  fig = Figure(figsize=(6.4, 4.4), dpi=110)
+  FigureCanvasAgg(fig)
+  ax = fig.add_subplot(1, 1, 1)
+  ticks = sorted({k for c in curves.values() for k in c}, key=lambda k: (k == 0, k))
+  pos = {k: i for i, k in enumerate(ticks)}
+  for label, curve in curves.items():
+    ks = sorted(curve, key=lambda k: (k == 0, k))
+    ax.errorbar([pos[k] for k in ks], [100 * curve[k][0] for k in ks],
+                yerr=[100 * (curve[k][1] or 0.0) for k in ks], marker="o", markersize=4,
+                capsize=3, label=label)
+  ax.set_xticks(range(len(ticks)), ["all" if k == 0 else str(k) for k in ticks])
+  ax.set_xlabel("train images per class (data.shots)")
+  ax.set_ylabel("average accuracy (%), mean ± std over seeds")
+  ax.set_title("Accuracy vs shots")
+  ax.grid(True, alpha=0.3)
+  if curves:
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  paths.save_figure(path, fig)
+  return fig
 
 
 Point = tuple[str, float, float, Optional[float]]  # label, trainable %, mean accuracy, its std
