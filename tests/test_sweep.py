@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from mmap_jax.apps import stats, sweep
+from mmap_jax.demo import world_v2
 from mmap_jax.train import loop
 from tests import train_fixtures as fx
 
@@ -80,9 +81,10 @@ def test_table_matches_per_run_results(swept):
   assert saved["seeds"] == [0, 1] and saved["missing"] == []
   assert [r["setting"] for r in saved["rows"]] == [{"method": "zeroshot"}, {"method": "coop_mt"}]
   names = ["photo", "clipart", "sketch", "painting"]
-  assert saved["tasks"] == {t: {"num_classes": 10} for t in names}
+  n = len(world_v2.OBJECTS)   # the demo config's world 2
+  assert saved["tasks"] == {t: {"num_classes": n} for t in names}
   md_rows = [l for l in (workdir / "results.md").read_text().splitlines() if l.startswith("| ")]
-  assert _cells(md_rows[0])[:3] == ["method", "seeds", "photo (10)"]
+  assert _cells(md_rows[0])[:3] == ["method", "seeds", f"photo ({n})"]
   assert "val average" in md_rows[0]   # every run reports its validation accuracy
   for row, md in zip(saved["rows"], md_rows[1:]):
     runs = [_per_run(workdir, w) for w in row["workdirs"]]
