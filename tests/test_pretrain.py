@@ -226,16 +226,16 @@ def test_committed_demo_clip_zero_shot():
                                          world=2)
   acc = pretrain.zero_shot_accuracy(cfg, params, tokenizer, eval_set, batch_size=96,
                                     classes=world_v2.OBJECTS)
-  chance = 1.0 / len(world_v2.OBJECTS)
-  assert np.mean(list(acc.values())) >= 5 * chance, acc
+  # Issue 25's pre-registered zero-shot targets: >= 60% on average, no domain below 40%.
+  assert np.mean(list(acc.values())) >= 0.6 and min(acc.values()) >= 0.4, acc
   report = json.loads((pathlib.Path(path) / pretrain.REPORT_FILE).read_text())
-  assert report["world"] == 2 and report["zero_shot"]["average"] >= 5 * chance
+  assert report["world"] == 2 and report["zero_shot"]["average"] >= 0.6
   assert min(report["zero_shot"]["accuracy"].values()) < 0.95   # room for adaptation
 
 
 def test_world2_stream_and_eval_set(bpe_path):
-  """configs/demo_pretrain.py (world 2, the default) draws world 2's pairs (a function of seed and step, also
-  through the PairStream a resumed run starts mid-way) and scores its 24 classes."""
+  """configs/demo_pretrain.py (world 2, the default) draws world 2's pairs (a function of seed and
+  step, also through the PairStream a resumed run starts mid-way) and scores its 24 classes."""
   from mmap_jax.demo import world_v2
   config = get_config("runlocal")
   assert config.data.world == 2 and config.clip.variant == "tiny"   # runlocal shrinks the model

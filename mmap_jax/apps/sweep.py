@@ -49,8 +49,8 @@ picks a different number of groups per seed) and their "_per_seed" lists), `resu
 paper-style table: rows = settings, columns = swept fields, seeds, tasks, average, val average,
 trainable params; cells mean +- sample std, ddof=1), `accuracy_vs_params.png` (the paper's
 Figure 1 shape, with +-std error bars), `accuracy_vs_shots.png` when `data.shots` is swept (one
-line per other-field combination, e.g. per method; x = shots, 'all' last) and `affinity_<setting>__seed=<s>.png` for each run whose
-grouping drew a heatmap. Paired statistics: every row's `delta_ci` = {"mean", "low", "high",
+line per other-field combination, e.g. per method; x = shots, 'all' last) and
+`affinity_<setting>__seed=<s>.png` for each run whose grouping drew a heatmap. Paired statistics: every row's `delta_ci` = {"mean", "low", "high",
 "excludes_zero", "seeds", ...} is its average test accuracy minus the reference setting's
 (`--reference`, default method=mmap_mt; `resolve_reference`) with a 95% paired bootstrap
 interval (`mmap_jax.apps.stats`: seeds, then test images, one draw for both), computed from the
