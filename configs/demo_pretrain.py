@@ -5,7 +5,7 @@ r"""Pretraining of the demo's own small CLIP (mmap_jax/demo/pretrain.py) on demo
 
 regenerates the committed mmap_jax/assets/demo_clip (run from the repository root; the BPE merges
 are the packaged mmap_jax/assets/clip_bpe file): the "demo_v2" CLIP (64 px in 8 px patches, 6
-layers per tower, 8.8 M parameters), 3000 steps at batch 256 of world 2's web-like pairs (every
+layers per tower, 8.8 M parameters), 2000 steps at batch 256 of world 2's web-like pairs (every
 downstream style family, other samples and rendering parameters; mmap_jax/demo/world_v2.py).
 It is deterministic and resumable: the batches are a function of (seed, step) and the same command
 resumes from the latest checkpoint of its workdir (every 250 steps, and at SIGTERM), so

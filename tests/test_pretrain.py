@@ -140,14 +140,22 @@ def test_same_seed_same_params_and_resume(local_run, tmp_path, bpe_path):
   root, first = local_run
   config = get_config("runlocal")
   config.vocab = str(bpe_path)
+  config.train.eval_every = 1     # evaluations change nothing but the report's curve
   again = pretrain.pretrain(config, tmp_path / "work", out=tmp_path / "clip")
   _assert_same_weights(first, again)
-  # Drop the final checkpoint: the rerun resumes at step 2 and ends where the straight run did.
+  # Drop the final checkpoint: the rerun resumes at step 2 and ends where the straight run did,
+  # and its report still has the curves of the steps before the resume.
   ckpts = tmp_path / "work" / "checkpoints"
   shutil.rmtree(ckpts / "4")
   resumed = pretrain.pretrain(config, tmp_path / "work", out=tmp_path / "resumed")
-  assert pretrain.read_report(resumed)["resumed_from_step"] == 2
+  straight, report = pretrain.read_report(again), pretrain.read_report(resumed)
+  assert report["resumed_from_step"] == 2
   _assert_same_weights(first, resumed)
+  assert [h["step"] for h in report["zero_shot"]["history"]] == [1, 2, 3]
+  assert report["zero_shot"]["history"] == straight["zero_shot"]["history"]
+  assert report["loss_curve"] == straight["loss_curve"]
+  assert [s for s, _ in report["loss_curve"]] == [1, 2, 3, 4]
+  assert report["train_loop_seconds_all_pieces"] > report["train_loop_seconds"]
 
 
 @pytest.mark.slow

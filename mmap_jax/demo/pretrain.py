@@ -113,9 +113,10 @@ def default_config() -> mlc.ConfigDict:
   c.optim.grad_clip = 1.0
 
   c.train = mlc.ConfigDict()
-  # 155.5 GFLOP per step (XLA cost analysis); 2.63 s per step on 2 idle CPU cores, about 2 h 10 min
-  # (the committed asset's pretrain_report.json, seconds_per_step).
-  c.train.steps = 3000
+  # 155.5 GFLOP per step (XLA cost analysis); about 2.6 s per step on 2 CPU cores, so 2000 steps
+  # fit issue 25's 2 h rebuild bound (the asset's pretrain_report.json has the measured time;
+  # 3000 steps took 2 h 10 min and met the backbone targets from about step 1000).
+  c.train.steps = 2000
   c.train.log_every = 25
   c.train.eval_every = 500        # zero-shot evaluation (always at the end; 0: only then)
   c.train.ckpt_every = 250
@@ -524,10 +525,11 @@ def pretrain(config: mlc.ConfigDict, workdir: str | os.PathLike, *,
   state = initial_state(config, cfg, optimizer, mesh)
 
   ckpt = Checkpointer(str(workdir / "checkpoints"), keep=int(config.train.keep_checkpoints))
-  start = 0
+  start, carried = 0, {}
   if ckpt.latest_step() is not None:
     restored = ckpt.restore(state)
     state, start = restored.state, int(restored.data_state["next_step"])
+    carried = restored.data_state   # the curves and loop time of the pieces before this one
     logging.info("pretrain: resumed from step %d of %d", start, steps)
   meta = {"config": config.to_dict(), "variant": config.clip.variant}
 
@@ -540,7 +542,10 @@ def pretrain(config: mlc.ConfigDict, workdir: str | os.PathLike, *,
       batch_size=int(config.eval.batch_size), classes=world.OBJECTS)
   chance = 1.0 / len(world.OBJECTS)
   schedule = optim_lib.learning_rate_schedule(config.optim, steps)
-  history, losses = [], []
+  # A resumed run's report covers every piece: the checkpoint carries the curves and loop time.
+  history = [dict(h) for h in carried.get("history", [])]
+  losses = [tuple(x) for x in carried.get("losses", [])]
+  earlier_seconds = float(carried.get("loop_seconds", 0.0))
   recent = collections.deque(maxlen=50)   # device scalars: no host sync per step
   stream = PairStream(config, tokenizer, cfg.vision.image_size, start)
   writer = ScalarWriter(str(workdir / "tensorboard"))
@@ -550,7 +555,9 @@ def pretrain(config: mlc.ConfigDict, workdir: str | os.PathLike, *,
       eval_every=int(config.train.eval_every), ckpt_every=int(config.train.ckpt_every),
       images_per_step=int(config.data.batch_size), writer=writer, preemption=preemption,
       name="pretrain", echo=progress, checkpointer=ckpt,
-      save=lambda step: ckpt.save(step, state, {"next_step": step}, meta),
+      save=lambda step: ckpt.save(step, state, {
+          "next_step": step, "history": history, "losses": losses,
+          "loop_seconds": earlier_seconds + time.time() - t_loop}, meta),
       on_non_finite=lambda step, loss: logging.warning(
           "pretrain step %d: non-finite loss or gradient (%s), update skipped", step, loss))
   t_loop = time.time()
@@ -601,6 +608,8 @@ def pretrain(config: mlc.ConfigDict, workdir: str | os.PathLike, *,
       "time_seconds": round(time.time() - t_start, 1),
       "train_loop_seconds": round(loop_seconds, 1),
       "seconds_per_step": round(loop_seconds / max(trained, 1), 4),
+      # all pieces of a resumed run: the time to rebuild the asset (plus compiles and evals)
+      "train_loop_seconds_all_pieces": round(earlier_seconds + loop_seconds, 1),
       "draw_seconds_per_step": round(stream.render_seconds / max(trained, 1), 4),
       "input_wait_seconds_per_step": round(stream.wait_seconds / max(trained, 1), 4),
       "devices": mesh.devices.size,
