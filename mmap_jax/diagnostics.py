@@ -32,7 +32,7 @@ import optax
 from mmap_jax import heads, parallel, paths
 from mmap_jax.data import pipeline, sources
 from mmap_jax.models import clip as clip_lib
-from mmap_jax.train import evaluate as evaluation, setup
+from mmap_jax.train import evaluate as evaluation, run_spec, setup
 
 L2_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 DEFAULT_L2 = 1e-3
@@ -168,18 +168,18 @@ def diagnose(config: mlc.ConfigDict) -> dict[str, Any]:
   if config.method not in ("zeroshot",):
     config.method = "zeroshot"                # Only data / CLIP / input fields matter here.
   mesh = parallel.data_mesh()
-  setup.validate(config, mesh.devices.size)
-  clip = setup.load_clip(config)
-  tasks = setup.build_tasks(config)
+  rs = run_spec.resolve(config, mesh.devices.size)
+  clip = setup.load_clip(rs.clip_path)
+  tasks = setup.build_tasks(rs.data)
   params = parallel.replicate(clip.params, mesh)
   feature_fn = _image_feature_fn(clip.cfg)
-  template = config.prompt.zeroshot_template
+  template = rs.prompt.zeroshot_template
   out: dict[str, Any] = {"zero_shot": {}, "linear_probe": {}, "num_classes": None,
                          "test_images": {}, "train_images": {}, "val_images": {},
                          "probe_l2": {}, "probe_val_accuracy": {}}
   for t in tasks:
     name = t.info.name
-    feats = {s: image_features(clip, params, t, s, batch_size=config.input.eval_batch_size,
+    feats = {s: image_features(clip, params, t, s, batch_size=rs.input.eval_batch_size,
                                mesh=mesh, feature_fn=feature_fn)
              for s in ("train", "val", "test")}
     text = class_text_features(clip, clip.params, t.info.class_names, template)
@@ -195,7 +195,7 @@ def diagnose(config: mlc.ConfigDict) -> dict[str, Any]:
                         else counts)
   for key in ("zero_shot", "linear_probe"):
     out[f"{key}_average"] = float(np.mean(list(out[key].values())))
-  out.update({"template": template, "clip": clip.path, "dataset": config.data.name,
+  out.update({"template": template, "clip": clip.path, "dataset": rs.data.name,
               "probe": {"model": "softmax regression on standardised unit image features",
                         "optimizer": f"optax.lbfgs, full batch, {PROBE_ITERS} iterations",
                         "l2_grid": list(L2_GRID), "l2_selected_on": "validation accuracy"},

@@ -19,6 +19,7 @@ from mmap_jax.models.config import VARIANTS
 from mmap_jax.prompts import PromptSpec, init_learned, task_prompts, trainable_param_count
 from mmap_jax.prompts.multitask import clip_params_for
 from mmap_jax.train import grouping_run, loop, setup
+from mmap_jax.train import run_spec
 from mmap_jax.train import step as train_step
 from tests import train_fixtures as fx
 from tests.test_multitask_model import NAMES
@@ -169,15 +170,15 @@ def test_equal_budget_prompt_sizes():
   mmap_j = PromptSpec(method="mmap_mt").depth_for(cfg)
   for method in ("vpt_mt", "maple_mt", "ivlp_st", "coop_mt", "mmap_mt"):
     c = demo.get_config(f"method={method},equal_budget,runlocal")
-    spec = setup.prompt_spec(c, cfg)
-    published = setup.prompt_spec(demo.get_config(f"method={method},runlocal"), cfg)
+    spec = run_spec.resolve(c).prompt_for(cfg)
+    published = run_spec.resolve(demo.get_config(f"method={method},runlocal")).prompt_for(cfg)
     if method == "mmap_mt":
       assert (spec.length, spec.depth_for(cfg)) == (published.length, published.depth_for(cfg))
       continue
     assert spec.length == 16 and published.length in (2, 8, 16), method
     assert spec.depth_for(cfg) == (1 if method == "coop_mt" else mmap_j), method
     assert spec.learned_ctx_init is None, method   # more tokens than "a photo of a": random init
-  assert setup.prompt_spec(demo.get_config("method=maple_mt"), cfg).length == 2
+  assert run_spec.resolve(demo.get_config("method=maple_mt")).prompt_for(cfg).length == 2
 
 
 # ----------------------------------------------------------------------------- point 3: dropout
@@ -236,13 +237,13 @@ def test_lora_dropout_only_in_training(tok, params, data):
 
 def test_grouping_warmup_length_and_budget_fields():
   c = demo.get_config("method=mmap_mt")
-  assert grouping_run.lr_warmup_steps(c) == 10 and c.groups.warmup_steps == 20
-  assert grouping_run.warmup_total_steps(c) == 30
-  assert grouping_run.settings(c)["lr_warmup_steps"] == 10
+  assert run_spec.resolve(c).groups.lr_warmup_steps == 10 and c.groups.warmup_steps == 20
+  assert grouping_run.warmup_total_steps(run_spec.resolve(c)) == 30
+  assert grouping_run.settings(run_spec.resolve(c))["lr_warmup_steps"] == 10
   for m in ("mmap_st", "coop_mt", "mmap_shared_mt"):
-    assert grouping_run.warmup_total_steps(demo.get_config(f"method={m}")) == 0
+    assert grouping_run.warmup_total_steps(run_spec.resolve(demo.get_config(f"method={m}"))) == 0
   c.groups.mode = "random"
-  assert grouping_run.warmup_total_steps(c) == 0
+  assert grouping_run.warmup_total_steps(run_spec.resolve(c)) == 0
   c = demo.get_config("method=mmap_mt,runlocal")
   c.groups.init_from_warmup = True
   c.train.steps = 4                                  # runlocal warm-up: 1 lr + 3 recorded steps

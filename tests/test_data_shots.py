@@ -15,6 +15,7 @@ import pytest
 from mmap_jax.data import sources
 from mmap_jax.data.builders import common
 from mmap_jax.train import setup
+from mmap_jax.train import run_spec
 from tests import data_trees
 from tests.test_validation import _files
 
@@ -189,7 +190,7 @@ def test_config_shots_argument_and_validation(office_home):
   assert "data.shots=-4" in str(e.value) and "data.split_seed=-1" in str(e.value)
   c = oh.get_config(f"clip=demo,root={root},data_dir={tmp / 'tfds'},domains=Art,shots=4")
   setup.validate(c)
-  (t,) = setup.build_tasks(c)
+  (t,) = setup.build_tasks(run_spec.resolve(c).data)
   assert _per_class(_names(t.train)) == {cl: 4 for cl in data_trees.CLASSES}
   assert t.info.num_val == 24
 

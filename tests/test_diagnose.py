@@ -10,6 +10,7 @@ import pytest
 
 from mmap_jax import diagnostics, predict
 from mmap_jax.train import setup
+from mmap_jax.train import run_spec
 from tests import train_fixtures as fx
 
 
@@ -51,7 +52,7 @@ def test_diagnose_on_the_tiny_config(env):
   config = fx.tiny_config(env["clip"], env["data"], "mmap_mt")
   config.data.shots = 2   # Ignored: the probe trains on the full train pool.
   result = diagnostics.diagnose(config)
-  tasks = setup.build_tasks(fx.tiny_config(env["clip"], env["data"], "zeroshot"))
+  tasks = setup.build_tasks(run_spec.resolve(fx.tiny_config(env["clip"], env["data"], "zeroshot")).data)
   names = [t.info.name for t in tasks]
   assert list(result["zero_shot"]) == list(result["linear_probe"]) == names
   assert result["num_classes"] == tasks[0].info.num_classes
@@ -61,7 +62,7 @@ def test_diagnose_on_the_tiny_config(env):
              for a in result[k].values())
   assert result["template"] == "a photo of a {}."
   # Zero-shot agrees with predict.classify on the same test images (the user-facing path).
-  clip = setup.load_clip(config)
+  clip = setup.load_clip(config.clip.path)
   for t in tasks:
     classifier = predict.build_classifier(clip.params, clip.cfg, clip.tokenizer,
                                           t.info.class_names)

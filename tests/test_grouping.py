@@ -11,6 +11,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mmap_jax import grouping as G
+from mmap_jax.train import run_spec
 
 # Module-level jitted functions and one optimizer object: tests with equal shapes share compiles.
 _PER_TASK = jax.jit(G.per_task_gradients, static_argnums=0)
@@ -678,18 +679,18 @@ def test_ablation_groups_from_the_config():
   names = ["a", "b", "c", "d", "e"]
   c = _base_config(mode="random", num_groups=2)
   c.seed = 3
-  assert grouping_run.ablation_groups(c, 5, names) == G.random_groups(5, 2, 3)
+  assert grouping_run.ablation_groups(run_spec.resolve(c), 5, names) == G.random_groups(5, 2, 3)
   c.groups.seed = 11  # groups.seed fixes the partition whatever the run seed
-  assert grouping_run.ablation_groups(c, 5, names) == G.random_groups(5, 2, 11)
-  assert grouping_run.settings(c) == {"mode": "random", "num_groups": 2, "seed": 11}
+  assert grouping_run.ablation_groups(run_spec.resolve(c), 5, names) == G.random_groups(5, 2, 11)
+  assert grouping_run.settings(run_spec.resolve(c)) == {"mode": "random", "num_groups": 2, "seed": 11}
   c.groups.num_groups = 6
   with pytest.raises(setup.ConfigError, match=r"groups\.num_groups=6 must be in 1\.\.5"):
-    grouping_run.ablation_groups(c, 5, names)
-  assert grouping_run.ablation_groups(_base_config(mode="all_in_one"), 5, names) == \
+    grouping_run.ablation_groups(run_spec.resolve(c), 5, names)
+  assert grouping_run.ablation_groups(run_spec.resolve(_base_config(mode="all_in_one")), 5, names) == \
       ((0, 1, 2, 3, 4),)
-  assert grouping_run.ablation_groups(_base_config(mode="one_per_task"), 5, names) == \
+  assert grouping_run.ablation_groups(run_spec.resolve(_base_config(mode="one_per_task")), 5, names) == \
       tuple((i,) for i in range(5))
-  assert grouping_run.ablation_groups(_base_config(mode="explicit", explicit="a+c;b+d+e"), 5,
+  assert grouping_run.ablation_groups(run_spec.resolve(_base_config(mode="explicit", explicit="a+c;b+d+e")), 5,
                                       names) == ((0, 2), (1, 3, 4))
 
 

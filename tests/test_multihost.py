@@ -27,6 +27,7 @@ import pytest
 
 from mmap_jax import parallel
 from mmap_jax.train import checkpointing, setup
+from mmap_jax.train import run_spec
 from tests import train_fixtures as fx
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -44,7 +45,7 @@ def env(tmp_path_factory, bpe_path):
   root = tmp_path_factory.mktemp("multihost")
   clip_dir = fx.make_tiny_clip(root / "clip", bpe_path)
   data = str(root / "tfds")
-  setup.build_tasks(fx.tiny_config(clip_dir, data))  # prepared once, before any 2-process run
+  setup.build_tasks(run_spec.resolve(fx.tiny_config(clip_dir, data)).data)  # prepared once, before any 2-process run
   return {"root": root, "clip": clip_dir, "data": data}
 
 

@@ -21,6 +21,7 @@ from mmap_jax.models.config import VARIANTS
 from mmap_jax.prompts import multitask
 from mmap_jax.prompts.spec import PromptSpec
 from mmap_jax.train import step as train_step
+from mmap_jax.train import run_spec
 from tests import train_fixtures as fx
 from tests.test_multitask_model import numpy_clip
 
@@ -376,7 +377,7 @@ def test_end_to_end(method, e2e_env):
   saved = json.loads((workdir / "results.json").read_text())
   assert saved == json.loads(json.dumps(result)) and saved["method"] == method
   cfg, clip_params, tok = store.load(e2e_env["clip"])
-  spec = setup.prompt_spec(config, cfg)
+  spec = run_spec.resolve(config).prompt_for(cfg)
   assert saved["trainable_params"] == multitask.param_summary(cfg, spec, 4)["trainable"] > 0
   for t in saved["tasks"].values():
     assert 0.0 <= t["accuracy"] <= 1.0
@@ -399,6 +400,6 @@ def test_end_to_end(method, e2e_env):
   assert prompts == (None, None) and not any("lora" in k for k in paths(params))
   classifier = predict.build_classifier(params, cfg, tok, classes, prompts,
                                         template=spec.zeroshot_template)
-  task = next(t for t in setup.build_tasks(config) if t.info.name == "sketch")
+  task = next(t for t in setup.build_tasks(run_spec.resolve(config).data) if t.info.name == "sketch")
   accuracy = fx.predicted_accuracy(classifier, task, cfg.vision.image_size)
   assert accuracy == pytest.approx(saved["tasks"]["sketch"]["accuracy"])

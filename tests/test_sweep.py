@@ -16,6 +16,7 @@ import pytest
 from mmap_jax.apps import stats, sweep
 from mmap_jax.demo import world_v2
 from mmap_jax.train import loop
+from mmap_jax.train import run_spec
 from tests import train_fixtures as fx
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -165,7 +166,7 @@ def test_seeds_change_the_learned_prompts_not_the_split(swept):
   assert leaves[0].shape == leaves[1].shape and leaves[0].size > 0
   assert not np.allclose(leaves[0], leaves[1])
   splits = [[(t.info.name, t.info.num_train, t.info.num_test,
-              [ex["file_name"] for ex in t.test]) for t in setup.build_tasks(r.config)]
+              [ex["file_name"] for ex in t.test]) for t in setup.build_tasks(run_spec.resolve(r.config).data)]
             for r in coop.runs]
   assert splits[0] == splits[1]
   assert all(n_train > 0 and n_test > 0 for _, n_train, n_test, _ in splits[0])

@@ -19,6 +19,7 @@ from mmap_jax.models import clip
 from mmap_jax.models.config import VARIANTS
 from mmap_jax.prompts import PromptSpec, init_learned
 from mmap_jax.train import evaluate, setup, step as train_step
+from mmap_jax.train import run_spec
 from tests.test_multitask_model import CFG, GROUPS, NAMES, numpy_clip, spec_of
 
 jit0 = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
@@ -175,9 +176,9 @@ def test_parallel_fields_are_validated_before_compiling():
     setup.validate(c)
   assert "parallel.text_chunk=-2" in str(e.value) and "parallel.shard_text='yes'" in str(e.value)
   c.parallel = mlc.ConfigDict({"shard_text": False, "text_chunk": 4})
-  assert setup.text_sharding(c, MESH) == parallel.TextSharding(None, 4)
+  assert run_spec.resolve(c).text_sharding(MESH) == parallel.TextSharding(None, 4)
   c.parallel.shard_text = True
-  assert setup.text_sharding(c, MESH).shards == 8
+  assert run_spec.resolve(c).text_sharding(MESH).shards == 8
 
 
 def test_padded_classes():

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from mmap_jax.train import checkpointing, correctness, loop, setup
+from mmap_jax.train import run_spec
 from tests import train_fixtures as fx
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -82,7 +83,7 @@ def finished(env):
     mp.setattr(setup, "build_tasks", recorded_tasks)
     mp.setattr(train_step, "make_train_step", counting_step)
     result = loop.train_and_evaluate(config, str(workdir))
-  tasks = build(config)
+  tasks = build(run_spec.resolve(config).data)
   return workdir, result, reads, tasks
 
 
@@ -154,7 +155,7 @@ def test_zeroshot_evaluates_val_and_test_once(env, tmp_path):
     mp.setattr(setup, "build_tasks", recorded_tasks)
     result = loop.train_and_evaluate(fx.tiny_config(env["clip"], env["data"], "zeroshot"),
                                      str(tmp_path / "zs"))
-  tasks = build(fx.tiny_config(env["clip"], env["data"], "zeroshot"))
+  tasks = build(run_spec.resolve(fx.tiny_config(env["clip"], env["data"], "zeroshot")).data)
   assert result["selection"]["reason"] == "zeroshot (no training)"
   assert result["selection"]["step"] == result["step"] == result["trained_steps"] == 0
   assert set(result["val_accuracy"]) == set(result["tasks"])
@@ -331,7 +332,7 @@ def test_init_from_warmup_and_restart_before_first_checkpoint(env, tmp_path, mon
   c = fx.tiny_config(env["clip"], env["data"])
   c.groups.init_from_warmup = True
   workdir = tmp_path / "init"
-  first = loop._prepare(c, str(workdir))
+  first = loop._prepare(loop.resolve(c), str(workdir))
   first.ckpt.close()
   assert first.groups == ((0, 3), (1, 2))
   record = grouping.load_grouping(workdir)
@@ -349,7 +350,7 @@ def test_init_from_warmup_and_restart_before_first_checkpoint(env, tmp_path, mon
     np.testing.assert_array_equal(leaf, fresh["task"][name])
   # restart (no checkpoint yet): no warm-up may run; same groups, bit-identical init
   monkeypatch.setattr(grouping_run, "make_grouping_step", None)
-  again = loop._prepare(c, str(workdir))
+  again = loop._prepare(loop.resolve(c), str(workdir))
   again.ckpt.close()
   assert again.groups == first.groups
   restarted = jax.device_get(again.state["learned"])
@@ -358,7 +359,7 @@ def test_init_from_warmup_and_restart_before_first_checkpoint(env, tmp_path, mon
   # a grouping made with other settings is never reused silently
   c.groups.affinity_params = "all"
   with pytest.raises(setup.ConfigError, match="affinity_params: file 'source' vs config 'all'"):
-    loop._prepare(c, str(workdir))
+    loop._prepare(loop.resolve(c), str(workdir))
 
 
 @pytest.mark.slow
@@ -484,7 +485,7 @@ def test_predict_with_trained_prompts_matches_evaluation(env, finished, tmp_path
   params, prompts, classes = trained_lib.task_model(trained, cfg, params, "sketch")
   assert prompts.text.shape[1] == 2 * trained.spec.length  # group-shared ++ task-specific
   classifier = predict.build_classifier(params, cfg, tok, classes, prompts)
-  task = next(t for t in setup.build_tasks(fx.tiny_config(env["clip"], env["data"]))
+  task = next(t for t in setup.build_tasks(run_spec.resolve(fx.tiny_config(env["clip"], env["data"])).data)
               if t.info.name == "sketch")
   accuracy = fx.predicted_accuracy(classifier, task, cfg.vision.image_size)
   assert accuracy == pytest.approx(result["tasks"]["sketch"]["accuracy"])
@@ -686,10 +687,10 @@ def test_stacked_batches_equal_single_batches_and_keep_the_sharding(env):
   from mmap_jax import parallel
   from mmap_jax.data import pipeline
   c = _spc_config(env, 3)
-  tasks = setup.build_tasks(c)
+  tasks = setup.build_tasks(run_spec.resolve(c).data)
   mesh = parallel.data_mesh()
   make = lambda: pipeline.train_iterator(tasks, batch_size=8, image_size=32, seed=0,
-                                         augment=setup.augment_config(c), sharding=mesh)
+                                         augment=run_spec.resolve(c).input.augment, sharding=mesh)
   with make() as single, make() as stacked:
     first = [next(single) for _ in range(3)]
     got = stacked.next_steps(3)

@@ -11,6 +11,7 @@ import pytest
 from mmap_jax.data import sources
 from mmap_jax.data.builders import common
 from mmap_jax.train import checkpointing, selection, setup
+from mmap_jax.train import run_spec
 from tests import data_trees
 
 
@@ -103,8 +104,8 @@ def test_val_is_the_same_for_every_method_and_training_seed(tree):
   assert [len(t.val) for t in tasks] == [12, 12]
   for arg, seed in (("method=coop_mt", 0), ("method=mmap_st", 5)):
     c = image_folder.get_config(f"{arg},root={root},data_dir={tmp / 'tfds'}")
-    c.seed = seed
-    again = setup.build_tasks(c)
+    c.seed, c.clip.path = seed, "demo"   # only the data fields matter; a run needs a CLIP
+    again = setup.build_tasks(run_spec.resolve(c).data)
     assert [_names(t.val) for t in again] == [_names(t.val) for t in tasks]
     assert [_names(t.train) for t in again] == [_names(t.train) for t in tasks]
 
@@ -262,7 +263,7 @@ def test_a_missing_clip_and_a_bad_data_root_are_reported_together(tmp_path):
   c.data.root, c.data.data_dir = str(tmp_path / "no_root"), str(tmp_path / "tfds")
   setup.validate(c)   # the values are well-formed; the files are what is missing
   with pytest.raises(setup.ConfigError) as e:
-    setup.load_inputs(c)
+    setup.load_inputs(run_spec.resolve(c))
   msg = str(e.value)
   assert "clip.path:" in msg and "no_clip" in msg, msg
   assert "data:" in msg and "no_root" in msg, msg

@@ -16,7 +16,7 @@ augmentation; the grouping warm-up uses seed+7 / seed+1).
 
 Grouping against random partitions: `--sweep='groups.mode=gradient,random' --seeds=0,1,2,3,4`
 (groups.seed unset) gives the random row one partition per seed, drawn from the run's seed
-(`grouping_run.random_seed`), so its mean ± std and its delta_ci (--reference=
+(`run_spec.GroupSpec.random_seed`), so its mean ± std and its delta_ci (--reference=
 'groups.mode=gradient') are over 5 random partitions, paired seed by seed with the gradient
 grouping's runs; the row's `groups` lists them and `distinct_groups` counts the distinct ones
 (few tasks have few balanced partitions: 4 tasks in 2 groups have 3). Fixing the partition while

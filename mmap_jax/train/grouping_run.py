@@ -17,7 +17,7 @@ Only `gradient` runs the warm-up: first the recipe's lr warm-up (`optim` warmup_
 mmap family, recorded as `lr_warmup_steps`; nothing is recorded, the prompts leave their init),
 then `groups.warmup_steps` recorded steps, so the affinity is not measured at initialisation.
 The warm-up trains the shared MmAP on the SUM of task losses, as every form does (heads.py).
-`warmup_total_steps(config)` is its length; with `groups.init_from_warmup` it counts against
+`warmup_total_steps(spec)` is its length; with `groups.init_from_warmup` it counts against
 `train.steps` (the trainer's budget, train/loop.py). Every mode writes groups.json (with "mode" and "settings");
 a groups.json already in the workdir is reused when its settings match the config, and is an
 error otherwise (a stale grouping is never applied silently). The warm-up also writes its
@@ -31,7 +31,6 @@ from typing import Any, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
-import ml_collections as mlc
 import numpy as np
 import optax
 from absl import logging
@@ -45,6 +44,8 @@ from mmap_jax.prompts import mmap as mmap_prompt, multitask
 from mmap_jax.prompts.base import PromptTokens
 from mmap_jax.prompts.spec import GROUPED_METHODS, PromptSpec
 from mmap_jax.train import chunks, optim, setup
+from mmap_jax.train import run_spec as run_spec_lib
+from mmap_jax.train.run_spec import RunSpec
 
 WARMUP_FILE = "grouping_warmup.safetensors"  # the warm-up's trained {"shared": MmAP} pytree
 
@@ -179,51 +180,16 @@ def make_grouping_steps(clip_cfg, spec: PromptSpec, optimizer, *, dtype=jnp.floa
 
 # ----------------------------------------------------------------------------- settings / reuse
 
-def settings(config: mlc.ConfigDict, mode: Optional[str] = None) -> dict[str, Any]:
+def settings(spec: RunSpec, mode: Optional[str] = None) -> dict[str, Any]:
   """What determines a mode's partition (recorded in groups.json, compared on reuse); `mode`
-  defaults to `groups.mode`."""
-  g, mode = config.groups, mode or config.groups.mode
-  if mode == "gradient":
-    out = {"mode": mode, "affinity_params": g.affinity_params, "grad_ema": float(g.grad_ema),
-           "warmup_steps": int(g.warmup_steps), "every": int(g.every),
-           "lr_warmup_steps": lr_warmup_steps(config),
-           "num_groups": g.num_groups if g.num_groups == "auto" else int(g.num_groups),
-           "threshold": None if g.num_groups else float(g.threshold), "seed": int(config.seed)}
-    affinity = g.get("affinity", "cosine")
-    out["affinity"] = affinity
-    out |= {"towers": g.get("towers", "summed")} if affinity == "cosine" else {
-        "affinity_params": None, "grad_ema": None}   # TAG reads neither
-    return out
-  if mode == "random":
-    return {"mode": mode, "num_groups": int(g.num_groups), "seed": random_seed(config)}
-  if mode == "explicit":
-    return {"mode": mode, "explicit": g.explicit}
-  return {"mode": mode}
+  defaults to `groups.mode` (run_spec.GroupSpec.settings)."""
+  return spec.groups.settings(mode)
 
 
-def lr_warmup_steps(config: mlc.ConfigDict) -> int:
-  """The grouping warm-up's unrecorded lr warm-up: the warm-up recipe's `warmup_steps`."""
-  return int(setup.recipe(_shared_config(config)).recipe.warmup_steps)
-
-
-def warmup_total_steps(config: mlc.ConfigDict) -> int:
+def warmup_total_steps(spec: RunSpec) -> int:
   """Optimizer steps of the grouping warm-up (lr warm-up + recorded steps); 0 when the run has
   none (groups.mode other than gradient, or a method without task groups)."""
-  if config.method not in GROUPED_METHODS or config.groups.mode != "gradient":
-    return 0
-  return lr_warmup_steps(config) + int(config.groups.warmup_steps)
-
-
-def _shared_config(config: mlc.ConfigDict) -> mlc.ConfigDict:
-  """The warm-up's config: one MmAP shared by all tasks (mmap_shared), the run's other fields."""
-  shared_config = mlc.ConfigDict(config.to_dict())
-  shared_config.method = "mmap_shared"
-  return shared_config
-
-
-def random_seed(config: mlc.ConfigDict) -> int:
-  """`groups.seed`, or the run's seed when None (sweeping seeds then averages over partitions)."""
-  return int(config.seed if config.groups.seed is None else config.groups.seed)
+  return spec.groups.warmup_total_steps
 
 
 def _check_reuse(record: dict, want: dict, path: str) -> None:
@@ -285,57 +251,63 @@ def load_warmup(workdir: paths.PathLike, expected: Any) -> Any:
 
 # ----------------------------------------------------------------------------- modes
 
-def ablation_groups(config: mlc.ConfigDict, num_tasks: int, names: Sequence[str]) -> Groups:
+def ablation_groups(spec: RunSpec, num_tasks: int, names: Sequence[str]) -> Groups:
   """The partition of a mode without a warm-up (random, all_in_one, one_per_task, explicit)."""
-  mode = config.groups.mode
+  mode = spec.groups.mode
   if mode == "explicit":
-    return setup.explicit_groups(config.groups.explicit, names)
+    return setup.explicit_groups(spec.groups.explicit, names)
   if mode == "all_in_one":
     return grouping.all_in_one_groups(num_tasks)
   if mode == "one_per_task":
     return grouping.one_per_task_groups(num_tasks)
   if mode == "random":
-    k = int(config.groups.num_groups)
+    k = int(spec.groups.num_groups)
     if not 1 <= k <= num_tasks:
       raise setup.ConfigError(f"groups.num_groups={k} must be in 1..{num_tasks} (the number of "
                               "tasks) with groups.mode='random'")
-    return grouping.random_groups(num_tasks, k, random_seed(config))
+    return grouping.random_groups(num_tasks, k, spec.groups.random_seed)
   raise setup.ConfigError(f"groups.mode={mode!r} has no fixed partition; allowed: "
                           f"{setup.GROUP_MODES}")
 
 
-def task_groups(config: mlc.ConfigDict, workdir: str, clip: setup.Clip,
+def task_groups(spec: RunSpec, workdir: str, clip: setup.Clip,
                 tasks: Sequence[sources.TaskData], mesh) -> GroupingResult:
   """The groups of this run by `groups.mode` (+ the warm-up's MmAP for mode gradient)."""
-  if config.groups.mode == "gradient":
-    return run_grouping(config, workdir, clip, tasks, mesh)
+  if spec.groups.mode == "gradient":
+    return run_grouping(spec, workdir, clip, tasks, mesh)
   names = [t.info.name for t in tasks]
-  want = settings(config)
-  groups = ablation_groups(config, len(tasks), names)
+  want = settings(spec)
+  groups = ablation_groups(spec, len(tasks), names)
   existing = _existing(workdir, names, want)
   if existing is not None and existing != groups:
     raise setup.ConfigError(f"{paths.as_path(workdir) / grouping.GROUPS_FILE} holds groups "
-                            f"{existing}, groups.mode={config.groups.mode!r} gives {groups}")
+                            f"{existing}, groups.mode={spec.groups.mode!r} gives {groups}")
   if existing is None and jax.process_index() == 0:
     grouping.save_grouping(workdir, names, None, groups, {"mode": want["mode"], "settings": want})
   logging.info("task groups (%s): %s", want["mode"], [[names[i] for i in g] for g in groups])
   return GroupingResult(groups, None)
 
 
-def run_grouping(config: mlc.ConfigDict, workdir: str, clip: setup.Clip,
+def run_grouping(run: RunSpec, workdir: str, clip: setup.Clip,
                  tasks: Sequence[sources.TaskData], mesh) -> GroupingResult:
-  """Warm up, partition, write the grouping files; reuse a matching groups.json if present."""
+  """Warm up, partition, write the grouping files; reuse a matching groups.json if present.
+
+  `run.groups.warmup_prompt` / `warmup_recipe` (one MmAP shared by all tasks) must be resolved:
+  `run_spec.resolve` does so for a run whose groups.mode is gradient."""
+  g = run.groups
+  if g.warmup_prompt is None or g.warmup_recipe is None:
+    raise ValueError("run_grouping needs a RunSpec resolved with groups.mode='gradient' and a "
+                     "grouped method")
   names = [t.info.name for t in tasks]
-  want = settings(config, "gradient")
-  auto = config.groups.num_groups == "auto"
-  num_groups = None if auto else (int(config.groups.num_groups) or None)
+  want = settings(run, "gradient")
+  auto = g.num_groups == "auto"
+  num_groups = None if auto else (int(g.num_groups) or None)
   if num_groups is not None and num_groups > len(tasks):
     raise setup.ConfigError(f"groups.num_groups={num_groups} must be <= {len(tasks)} (the number "
                             "of tasks)")
-  threshold = None if num_groups or auto else float(config.groups.threshold)
-  shared_config = _shared_config(config)
-  spec = setup.prompt_spec(shared_config, clip.cfg)
-  key = jax.random.key(config.seed + 7)
+  threshold = None if num_groups or auto else float(g.threshold)
+  spec = run_spec_lib.validated_prompt(g.warmup_prompt, clip.cfg)
+  key = jax.random.key(run.seed + 7)
   existing = _existing(workdir, names, want)
   if existing is not None:
     logging.info("reusing the task grouping in %s: %s", workdir, existing)
@@ -343,37 +315,37 @@ def run_grouping(config: mlc.ConfigDict, workdir: str, clip: setup.Clip,
     if parallel.broadcast_from_process0((paths.as_path(workdir) / WARMUP_FILE).exists()):
       expected = jax.eval_shape(lambda: multitask.init_learned(key, clip.cfg, spec, len(tasks)))
       warmup = load_warmup(workdir, expected)
-    elif config.groups.init_from_warmup:
+    elif g.init_from_warmup:
       raise setup.ConfigError(
           f"groups.init_from_warmup=True but {workdir} has {grouping.GROUPS_FILE} without "
           f"{WARMUP_FILE} (written by an older version?); delete {grouping.GROUPS_FILE} to rerun "
           "the warm-up")
     return GroupingResult(existing, warmup)
-  steps, every = int(config.groups.warmup_steps), int(config.groups.every)
-  lr_warmup = lr_warmup_steps(config)
+  steps, every = g.warmup_steps, g.every
+  lr_warmup = g.lr_warmup_steps
   total = lr_warmup + steps
-  ema = float(config.groups.grad_ema)
-  kind, towers = config.groups.get("affinity", "cosine"), config.groups.get("towers", "summed")
-  towers = towers if kind == "cosine" else "summed"
-  filter_fn = (tower_filters(towers, config.groups.affinity_params) if towers != "summed"
-               else affinity_filter(config.groups.affinity_params))
-  dtype = setup.compute_dtype(config)
+  ema = float(g.grad_ema)
+  kind = g.affinity
+  towers = g.towers if kind == "cosine" else "summed"
+  filter_fn = (tower_filters(towers, g.affinity_params) if towers != "summed"
+               else affinity_filter(g.affinity_params))
+  dtype = run.compute_dtype
   class_tokens = parallel.replicate(setup.class_tokens(clip, spec, tasks), mesh)
   clip_params = parallel.replicate(clip.params, mesh)
   # grouping_step applies the MEAN of the per-task gradients; x T makes it the gradient of the
   # summed objective every form trains on (heads.multitask_loss), at the same lr.
   optimizer = optax.chain(optax.scale(float(len(tasks))),
-                          optim.make_optimizer(setup.recipe(shared_config).recipe, total))
+                          optim.make_optimizer(g.warmup_recipe, total))
   learned = multitask.init_learned(key, clip.cfg, spec, len(tasks))
   ema_size = grouping.affinity_size(
       _split_sources(learned) if towers != "summed" else learned, filter_fn) if ema else None
   gstate = parallel.replicate({"params": learned, "opt_state": optimizer.init(learned),
                                "affinity": grouping.AffinityState.zeros(len(tasks), ema_size)},
                               mesh)
-  k = int(config.train.get("steps_per_call", 1))
-  kw = dict(dtype=dtype, remat=config.clip.remat, filter_fn=filter_fn, ema_decay=ema,
-            affinity=kind, towers=towers, text_sharding=setup.text_sharding(config, mesh))
-  schedule = optim.learning_rate_schedule(setup.recipe(shared_config).recipe, total)
+  k = run.train.steps_per_call
+  kw = dict(dtype=dtype, remat=run.remat, filter_fn=filter_fn, ema_decay=ema,
+            affinity=kind, towers=towers, text_sharding=run.text_sharding(mesh))
+  schedule = optim.learning_rate_schedule(g.warmup_recipe, total)
 
   def lr_args(first, n):
     """TAG's lookahead step: the warm-up's lr at each step of the call (none for the cosine)."""
@@ -386,12 +358,12 @@ def run_grouping(config: mlc.ConfigDict, workdir: str, clip: setup.Clip,
   else:
     multi = make_grouping_steps(clip.cfg, spec, optimizer, **kw)
   it = pipeline.train_iterator(
-      tasks, batch_size=config.input.batch_size, image_size=clip.cfg.vision.image_size,
-      seed=config.seed + 1, augment=setup.augment_config(config),
-      sharding=mesh, worker_count=config.input.workers, num_steps=total)
+      tasks, batch_size=run.input.batch_size, image_size=clip.cfg.vision.image_size,
+      seed=run.seed + 1, augment=run.input.augment,
+      sharding=mesh, worker_count=run.input.workers, num_steps=total)
   t0 = time.perf_counter()
   history = []  # device arrays; fetched once at the end, so the loop never waits on the device
-  log_every = max(config.train.log_every, 1)
+  log_every = max(run.train.log_every, 1)
   done = 0
   # Recorded: every `every`-th step after the lr warm-up (history holds the recorded steps only).
   recorded = lambda i: i >= lr_warmup and (i - lr_warmup) % every == 0

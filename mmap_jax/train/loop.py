@@ -30,44 +30,48 @@ from absl import logging
 from mmap_jax import parallel, paths
 from mmap_jax.data import pipeline, sources
 from mmap_jax.prompts import multitask
+from mmap_jax.prompts.spec import GROUPED_METHODS
 from mmap_jax.train import cadence as cadence_lib, checkpointing, evaluate as evaluation
 from mmap_jax.train import correctness
 from mmap_jax.train import grouping_run, optim, report
+from mmap_jax.train import run_spec as run_spec_lib
 from mmap_jax.train import selection as selection_lib, setup, step as train_step
+from mmap_jax.train.run_spec import RunSpec
 from mmap_jax.train import trained as trained_lib
 
 # Exit status of a launcher whose run was preempted after saving its checkpoint (143).
 PREEMPTED_EXIT_CODE = cadence_lib.PREEMPTED_EXIT_CODE
 
 
-def _model(config: mlc.ConfigDict, workdir: str, clip: setup.Clip, tasks, mesh,
+def _model(rs: RunSpec, workdir: str, clip: setup.Clip, tasks, mesh,
            groups_from_checkpoint: Optional[list] = None):
   """(spec, groups, group_init) for this run; runs the grouping warm-up when groups.mode asks.
 
   `group_init` (groups.init_from_warmup) is the warm-up's shared MmAP that every group-shared
   MmAP starts from, else None. A checkpoint's groups win (its learned state replaces the init).
   """
-  spec = setup.prompt_spec(config, clip.cfg)
+  spec = rs.prompt_for(clip.cfg)
   groups, group_init = None, None
   if spec.grouped:
     if groups_from_checkpoint is not None:
       groups = tuple(tuple(g) for g in groups_from_checkpoint)
     else:
-      result = grouping_run.task_groups(config, workdir, clip, tasks, mesh)
+      result = grouping_run.task_groups(rs, workdir, clip, tasks, mesh)
       groups = result.groups
-      if config.groups.init_from_warmup:
+      if rs.groups.init_from_warmup:
         group_init = result.warmup["shared"]
   return spec, groups, group_init
 
 
-def _checkpointer(config, workdir, read_only: bool = False) -> checkpointing.Checkpointer:
+def _checkpointer(rs: RunSpec, workdir, read_only: bool = False) -> checkpointing.Checkpointer:
   return checkpointing.Checkpointer(setup.workdir_paths(workdir)["checkpoints"],
-                                    keep=config.train.keep_checkpoints, read_only=read_only)
+                                    keep=rs.train.keep_checkpoints, read_only=read_only)
 
 
 @dataclasses.dataclass
 class _Run:
   """Everything a run has prepared before its first compiled step."""
+  rs: RunSpec
   mesh: Any
   clip: setup.Clip
   tasks: list
@@ -110,16 +114,16 @@ class _Run:
     self.selected = restored.selected
     return restored
 
-  def evaluate(self, config: mlc.ConfigDict, eval_fns, *, split: str = "test",
+  def evaluate(self, eval_fns, *, split: str = "test",
                learned: Any = None, return_correct: bool = False) -> dict[str, float]:
     """{task: accuracy} on `split` of `learned` (default: the current state's); with
     `return_correct`, also the per-example correctness (`evaluation.evaluate`)."""
     return evaluation.evaluate(
         self.state["learned"] if learned is None else learned, self.frozen["clip"],
         self.frozen["class_tokens"], self.tasks,
-        eval_fns, batch_size=config.input.eval_batch_size,
+        eval_fns, batch_size=self.rs.input.eval_batch_size,
         image_size=self.clip.cfg.vision.image_size, sharding=self.mesh,
-        worker_count=config.input.workers, split=split, return_correct=return_correct)
+        worker_count=self.rs.input.workers, split=split, return_correct=return_correct)
 
   def save(self, step: int, data_state: Any, meta: dict) -> None:
     """A checkpoint of the current state, with the validation record and the selected state."""
@@ -128,15 +132,15 @@ class _Run:
       meta = meta | {"selection": self.selection.to_json()}
     self.ckpt.save(step, self.state, data_state, meta, force=True, selected=self.selected)
 
-  def write_results(self, config, out: str, accuracy: dict, step: int, *,
+  def write_results(self, out: str, accuracy: dict, step: int, *,
                     split: str = "test", val_accuracy: Optional[dict] = None,
                     selection: Optional[dict] = None, fields: Optional[dict] = None) -> dict:
     names, groups = self.names, self.groups
     extra = {"groups": [[names[i] for i in g] for g in groups] if groups else None,
-             "clip": self.clip.path, "dataset": config.data.name, "split": split,
+             "clip": self.clip.path, "dataset": self.rs.data.name, "split": split,
              "trained_steps": self.total,
              "optim": self.recipe.to_dict() if self.recipe is not None else None,
-             "splits": sources.splits_record(self.tasks)}
+             "splits": sources.splits_record(self.tasks), "run_spec": self.rs.to_dict()}
     if val_accuracy is not None:
       extra["val_accuracy"] = dict(val_accuracy)
       extra["val_average"] = selection_lib.mean(val_accuracy) if val_accuracy else None
@@ -157,28 +161,32 @@ class _Run:
     return result
 
 
-def _prepare(config: mlc.ConfigDict, workdir: str, *, step: Optional[int] = None,
+def resolve(config: mlc.ConfigDict) -> RunSpec:
+  """The entry points' one resolution of a config, for this process's device mesh."""
+  return run_spec_lib.resolve(config, jax.device_count())
+
+
+def _prepare(rs: RunSpec, workdir: str, *, step: Optional[int] = None,
              require_checkpoint: bool = False, read_only: bool = False) -> _Run:
   """`read_only` (evaluation): the workdir's checkpoints are read, nothing there is created."""
   t0 = time.perf_counter()  # the run's wall time includes loading and the grouping warm-up
   mesh = parallel.data_mesh()
-  setup.validate(config, mesh.devices.size)
-  recipe = setup.recipe(config)
+  recipe = rs.recipe
   if not read_only:
     setup.check_workdir(workdir)
     paths.as_path(workdir).mkdir(parents=True, exist_ok=True)
-  clip, tasks = setup.load_inputs(config)
+  clip, tasks = setup.load_inputs(rs)
   logging.info("tasks: %s", ", ".join(f"{t.info.name} ({t.info.num_classes} classes, "
                                       f"{t.info.num_train} train / {t.info.num_val} val / "
                                       f"{t.info.num_test} test)" for t in tasks))
-  ckpt = _checkpointer(config, workdir, read_only=read_only)
+  ckpt = _checkpointer(rs, workdir, read_only=read_only)
   # Process 0's view of the shared directory decides, so every process restores the same step.
   step = parallel.broadcast_from_process0(ckpt.latest_step()) if step is None else step
   if step is None and require_checkpoint:
     raise FileNotFoundError(f"no checkpoint in {ckpt.directory}; train first or evaluate "
                             "with method=zeroshot")
   meta = ckpt.read_meta(step) if step is not None else {}
-  spec, groups, group_init = _model(config, workdir, clip, tasks, mesh, meta.get("groups"))
+  spec, groups, group_init = _model(rs, workdir, clip, tasks, mesh, meta.get("groups"))
   if meta.get("method") not in (None, spec.method):
     raise setup.ConfigError(f"method={spec.method!r} but the checkpoint in {ckpt.directory} "
                             f"was trained with {meta['method']!r}")
@@ -187,43 +195,49 @@ def _prepare(config: mlc.ConfigDict, workdir: str, *, step: Optional[int] = None
   class_tokens = setup.class_tokens(clip, spec, tasks)
   # Equal budgets: train.steps optimizer steps on the final params for every method; a grouping
   # warm-up whose prompts start the group units (groups.init_from_warmup) is part of them.
-  grouping_steps = grouping_run.warmup_total_steps(config)
-  counted = grouping_steps if config.groups.init_from_warmup else 0
-  total = int(config.train.steps) - counted if spec.family != "zeroshot" else 0
+  grouping_steps = rs.groups.warmup_total_steps
+  counted = grouping_steps if rs.groups.init_from_warmup else 0
+  total = rs.train.steps - counted if spec.family != "zeroshot" else 0
   if total > 0:
-    setup.check_validation(config, tasks)
+    setup.check_validation(rs.train.select, rs.data.val_fraction, tasks)
   optimizer = optim.make_optimizer(recipe.recipe, max(total, 1))
-  learned = multitask.init_learned(jax.random.key(config.seed), clip.cfg, spec, len(tasks),
+  learned = multitask.init_learned(jax.random.key(rs.seed), clip.cfg, spec, len(tasks),
                                    groups, clip_params=clip.params, tokenizer=clip.tokenizer)
   if group_init is not None:
     learned = multitask.init_groups_from_shared(learned, group_init)
-  return _Run(mesh=mesh, clip=clip, tasks=tasks, names=[t.info.name for t in tasks], ckpt=ckpt,
+  return _Run(rs=rs, mesh=mesh, clip=clip, tasks=tasks, names=[t.info.name for t in tasks], ckpt=ckpt,
               step=step, spec=spec, groups=groups, summary=summary,
-              dtype=setup.compute_dtype(config),
+              dtype=rs.compute_dtype,
               frozen=parallel.replicate({"clip": clip.params, "class_tokens": class_tokens},
                                         mesh),
               optimizer=optimizer,
               state=parallel.replicate(train_step.init_state(learned, optimizer), mesh),
               total=total, recipe=recipe, grouping_steps=grouping_steps,
-              budget_steps=total and int(config.train.steps), t0=t0,
-              text_sharding=setup.text_sharding(config, mesh))
+              budget_steps=total and rs.train.steps, t0=t0,
+              text_sharding=rs.text_sharding(mesh))
 
 
 def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict:
   """Runs (or resumes) one experiment; returns the final results dict (also results.json)."""
+  return train_resolved(resolve(config), workdir)
+
+
+def train_resolved(rs: RunSpec, workdir: str) -> dict:
+  """`train_and_evaluate` of a resolved run (nothing below reads the ConfigDict again)."""
   workdir = paths.as_path(workdir)
-  run = _prepare(config, workdir)
+  run = _prepare(rs, workdir)
   meta = {"groups": [list(g) for g in run.groups] if run.groups else None,
           "task_names": run.names,
           "class_names": [list(t.info.class_names) for t in run.tasks],
           "method": run.spec.method, "prompt": dataclasses.asdict(run.spec),
-          "config": json.loads(config.to_json_best_effort()), "optim": run.recipe.to_dict()}
+          "config": rs.config_dict(), "optim": run.recipe.to_dict(),
+          "run_spec": rs.to_dict()}
   it = None
   if run.total > 0:
     it = pipeline.train_iterator(
-        run.tasks, batch_size=config.input.batch_size, image_size=run.clip.cfg.vision.image_size,
-        seed=config.seed, augment=setup.augment_config(config), sharding=run.mesh,
-        worker_count=config.input.workers)
+        run.tasks, batch_size=rs.input.batch_size, image_size=run.clip.cfg.vision.image_size,
+        seed=rs.seed, augment=rs.input.augment, sharding=run.mesh,
+        worker_count=rs.input.workers)
   restored = run.restore()
   start = 0
   if restored is not None:
@@ -241,7 +255,7 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict:
                                       dtype=run.dtype, text_sharding=run.text_sharding)
   if run.total > 0:
     run.selection = selection_lib.Selection.from_json(
-        restored.meta.get("selection") if restored is not None else None, config.train.select)
+        restored.meta.get("selection") if restored is not None else None, rs.train.select)
   has_val = any(len(t.val) for t in run.tasks)
 
   def log_eval(step: int, split: str, acc: dict[str, float], prefix: str) -> None:
@@ -254,7 +268,7 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict:
     """Validation only (never test): records it and keeps the selected state."""
     if not has_val:
       return None
-    acc = run.evaluate(config, eval_fns, split="val")
+    acc = run.evaluate(eval_fns, split="val")
     log_eval(step, "val", acc, "eval/val_accuracy")
     if run.selection.record(step, acc) and run.selection.rule == "best_val":
       run.selected = jax.tree.map(jax.numpy.copy, run.state["learned"])  # Survives donation.
@@ -263,11 +277,11 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict:
   preempt = cadence_lib.Preemption(run.ckpt.reached_preemption)
   try:
     if start < run.total:
-      if _train(config, run, it, meta, writer, start, preempt, run_eval):
+      if _train(run, it, meta, writer, start, preempt, run_eval):
         return {"preempted": True, "step": int(run.state["step"]),
                 "exit_code": preempt.exit_code, "checkpoints": str(run.ckpt.directory)}
     if run.total == 0:  # Zero-shot: one state, validation and test once each.
-      val = run.evaluate(config, eval_fns, split="val") if has_val else {}
+      val = run.evaluate(eval_fns, split="val") if has_val else {}
       record, learned, step = selection_lib.zeroshot_record(val), None, 0
     else:
       record = run.selection.to_json()
@@ -277,7 +291,7 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict:
       logging.info("selected step %d: %s", step, record["reason"])
     if val:
       log_eval(run.total, "selected val", val, "final/val_accuracy")
-    accuracy, correct = run.evaluate(config, eval_fns, split="test", learned=learned,
+    accuracy, correct = run.evaluate(eval_fns, split="test", learned=learned,
                                      return_correct=True)  # The only test read.
     correctness.write_correct(workdir, correct)  # before results.json (the sweep's bootstrap)
     log_eval(run.total, f"test (step {step})", accuracy, "final/test_accuracy")
@@ -287,11 +301,11 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict:
     writer.close()
     if it is not None:
       it.close()
-  return run.write_results(config, workdir, accuracy, step, val_accuracy=val, selection=record,
+  return run.write_results(workdir, accuracy, step, val_accuracy=val, selection=record,
                            fields={"cost": run.cost()})
 
 
-def _train(config, run: _Run, it, meta, writer, start, preempt, run_eval) -> bool:
+def _train(run: _Run, it, meta, writer, start, preempt, run_eval) -> bool:
   """The step loop; `run.state` always holds the newest good state. True: stopped preempted.
 
   With train.steps_per_call = K > 1 each jitted call runs a chunk of up to K steps
@@ -299,24 +313,24 @@ def _train(config, run: _Run, it, meta, writer, start, preempt, run_eval) -> boo
   logging, checkpoints, evaluation, SIGTERM and resumption happen at the same steps as with K=1.
   The calls, checkpoints, the non-finite check and save-on-preemption are `cadence.Cadence`'s.
   """
-  total = run.total
-  k = int(config.train.get("steps_per_call", 1))
+  total, rs = run.total, run.rs
+  k = rs.train.steps_per_call
   loss_fn = train_step.make_loss_fn(run.clip.cfg, run.spec, run.groups, dtype=run.dtype,
-                                    remat=config.clip.remat, text_sharding=run.text_sharding,
-                                    seed=int(config.seed))
+                                    remat=rs.remat, text_sharding=run.text_sharding,
+                                    seed=rs.seed)
   cadence = cadence_lib.Cadence(
-      total=total, start=start, log_every=config.train.log_every,
-      eval_every=config.train.eval_every, ckpt_every=config.train.ckpt_every,
-      images_per_step=config.input.batch_size * len(run.tasks), writer=writer,
+      total=total, start=start, log_every=rs.train.log_every,
+      eval_every=rs.train.eval_every, ckpt_every=rs.train.ckpt_every,
+      images_per_step=rs.input.batch_size * len(run.tasks), writer=writer,
       preemption=preempt, steps_per_call=k, checkpointer=run.ckpt,
       save=lambda step: run.save(step, it.get_state(), meta))
   if k == 1:
     single = train_step.make_train_step(loss_fn, run.optimizer,
-                                        accum_steps=config.optim.accum_steps, pass_step=True)
+                                        accum_steps=rs.train.accum_steps, pass_step=True)
     call = lambda n: single(run.state, run.frozen, next(it))
   else:
     multi = train_step.make_train_steps(loss_fn, run.optimizer,
-                                        accum_steps=config.optim.accum_steps, pass_step=True)
+                                        accum_steps=rs.train.accum_steps, pass_step=True)
     call = lambda n: multi(run.state, run.frozen, it.next_steps(n))
     logging.info("steps_per_call=%d: %d calls of lengths %s", k, len(cadence.plan),
                  sorted(set(cadence.plan)))
@@ -366,7 +380,8 @@ def evaluate_workdir(config: Optional[mlc.ConfigDict], workdir: str, *, step: Op
   workdir = paths.as_path(workdir)
   if config is None:
     config = trained_lib.recorded_config(workdir, step)
-  run = _prepare(config, workdir, step=step, require_checkpoint=config.method != "zeroshot",
+  rs = resolve(config)
+  run = _prepare(rs, workdir, step=step, require_checkpoint=rs.method != "zeroshot",
                  read_only=True)
   try:
     restored = run.restore()
@@ -374,7 +389,7 @@ def evaluate_workdir(config: Optional[mlc.ConfigDict], workdir: str, *, step: Op
     run.ckpt.close()
   if split == "val" and not any(len(t.val) for t in run.tasks):
     raise setup.ConfigError("split='val' but no task has validation examples "
-                            f"(data.val_fraction={config.data.val_fraction})")
+                            f"(data.val_fraction={rs.data.val_fraction})")
   record = (restored.meta.get("selection") if restored is not None else None) or None
   learned, at = None, run.step or 0
   # Under select=last (or before the first validation) a checkpoint's own state is its selection.
@@ -386,22 +401,25 @@ def evaluate_workdir(config: Optional[mlc.ConfigDict], workdir: str, *, step: Op
                               f"selected state for step {at}")
   eval_fns = evaluation.make_eval_fns(run.clip.cfg, run.spec, run.groups, len(run.tasks),
                                       dtype=run.dtype, text_sharding=run.text_sharding)
-  accuracy, correct = run.evaluate(config, eval_fns, split=split, learned=learned,
+  accuracy, correct = run.evaluate(eval_fns, split=split, learned=learned,
                                    return_correct=True)
   if split == "test":
     correctness.write_correct(out or workdir, correct)  # before results.json, as in training
-  return run.write_results(config, out or workdir, accuracy, at, split=split, selection=record,
+  return run.write_results(out or workdir, accuracy, at, split=split, selection=record,
                            fields={"evaluated_state": state, "checkpoint_step": run.step})
 
 
 def group_tasks(config: mlc.ConfigDict, workdir: str) -> list[list[str]]:
   """Runs only the grouping warm-up (whatever config.method says) and returns groups by name."""
   mesh = parallel.data_mesh()
-  setup.validate(config, mesh.devices.size)
+  d = config.to_dict()   # the warm-up of a gradient grouping, whatever method / mode say
+  d["method"] = d["method"] if d["method"] in GROUPED_METHODS else "mmap_mt"
+  d["groups"]["mode"] = "gradient"
+  rs = resolve(mlc.ConfigDict(d))
   setup.check_workdir(workdir)
   workdir = paths.as_path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  clip, tasks = setup.load_inputs(config)
+  clip, tasks = setup.load_inputs(rs)
   names = [t.info.name for t in tasks]
-  groups = grouping_run.run_grouping(config, workdir, clip, tasks, mesh).groups
+  groups = grouping_run.run_grouping(rs, workdir, clip, tasks, mesh).groups
   return [[names[i] for i in g] for g in groups]

@@ -1,4 +1,5 @@
-"""From a config to the pieces a run needs: validated fields, CLIP, tasks, class tokens, groups.
+"""Validation of a config (`validate`, which `run_spec.resolve` calls) and the loading a resolved
+run needs: CLIP, tasks, class tokens, explicit groups, the workdir.
 
 Everything here runs before anything compiles, so a bad config fails in seconds, naming the field.
 """
@@ -16,7 +17,7 @@ from etils import epath
 
 from mmap_jax import heads, parallel, paths, resources
 from mmap_jax.checkpoints import store
-from mmap_jax.data import preprocess, sources
+from mmap_jax.data import sources
 from mmap_jax.models.config import ClipConfig
 from mmap_jax.prompts import ctx_init
 from mmap_jax.prompts.spec import GROUPED_METHODS, METHODS, PromptSpec
@@ -37,12 +38,16 @@ class ConfigError(ValueError):
   """A config field has a value the run cannot use; the message names the field."""
 
 
-def validate(config: mlc.ConfigDict, num_devices: Optional[int] = None) -> None:
+def validate(config: mlc.ConfigDict, num_devices: Optional[int] = None
+             ) -> tuple[recipes.Resolved, Optional[recipes.Resolved], PromptSpec]:
   """Reject bad values before anything is loaded or compiled; name every bad field.
 
-  With `num_devices`, also check that each micro-batch splits evenly over the devices.
+  With `num_devices`, also check that each micro-batch splits evenly over the devices. Returns
+  what validating resolved (the run's recipe, the grouping warm-up's recipe when the run has a
+  gradient grouping, the prompt spec before the CLIP fills its defaults) for `run_spec.resolve`.
   """
   errors = []
+  resolved = warmup = spec = None
 
   def need(cond: bool, msg: str):
     if not cond:
@@ -86,7 +91,7 @@ def validate(config: mlc.ConfigDict, num_devices: Optional[int] = None) -> None:
   need(config.input.workers >= 0, f"input.workers={config.input.workers} must be >= 0")
   if config.method in METHODS:
     try:
-      recipes.resolve_config(config)
+      resolved = recipes.resolve_config(config)
     except ValueError as e:
       errors.append(str(e))
   need(config.optim.accum_steps >= 1, f"optim.accum_steps={config.optim.accum_steps} must be >= 1")
@@ -151,35 +156,37 @@ def validate(config: mlc.ConfigDict, num_devices: Optional[int] = None) -> None:
     need(not config.groups.init_from_warmup or config.method == "mmap_mt",
          f"groups.init_from_warmup=True copies the warm-up's coupled MmAP into the group units; "
          f"{config.method}'s units have independent sources (set it False)")
-    if config.groups.init_from_warmup and mode == "gradient":
-      from mmap_jax.train import grouping_run  # noqa: PLC0415 (grouping_run imports setup)
-      need(grouping_run.warmup_total_steps(config) < config.train.steps,
-           f"groups.init_from_warmup=True counts the grouping warm-up's "
-           f"{grouping_run.warmup_total_steps(config)} steps against train.steps="
-           f"{config.train.steps}: raise train.steps or shorten groups.warmup_steps")
+    if mode == "gradient":   # the warm-up trains one shared MmAP with its own recipe
+      shared = mlc.ConfigDict(config.to_dict())
+      shared.method = "mmap_shared"
+      try:
+        warmup = recipes.resolve_config(shared)
+      except ValueError as e:
+        errors.append(f"grouping warm-up (mmap_shared): {e}")
+    if config.groups.init_from_warmup and warmup is not None:
+      total = int(warmup.recipe.warmup_steps) + int(config.groups.warmup_steps)
+      need(total < config.train.steps,
+           f"groups.init_from_warmup=True counts the grouping warm-up's {total} steps against "
+           f"train.steps={config.train.steps}: raise train.steps or shorten groups.warmup_steps")
   shard_text, text_chunk = _parallel_fields(config)
   need(isinstance(shard_text, bool), f"parallel.shard_text={shard_text!r} must be true or false")
   need(isinstance(text_chunk, int) and not isinstance(text_chunk, bool) and text_chunk >= 0,
        f"parallel.text_chunk={text_chunk!r} must be an integer >= 0 (0: no chunking)")
   if config.method in METHODS:   # else the method error above says it (and its allowed values)
     try:
-      PromptSpec.from_config(config.prompt, config.method).validate_fields()
+      spec = PromptSpec.from_config(config.prompt, config.method)
+      spec.validate_fields()
     except (ValueError, TypeError) as e:
       errors.append(str(e))
   if errors:
     raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+  return resolved, warmup, spec
 
 
 def _parallel_fields(config: mlc.ConfigDict) -> tuple[Any, Any]:
   """(parallel.shard_text, parallel.text_chunk); configs written before them get the defaults."""
   p = config.get("parallel") or {}
   return p.get("shard_text", True), p.get("text_chunk", 0)
-
-
-def text_sharding(config: mlc.ConfigDict, mesh) -> parallel.TextSharding:
-  """How the run's text tower splits the class prompts over `mesh` (see parallel.TextSharding)."""
-  shard_text, text_chunk = _parallel_fields(config)
-  return parallel.text_sharding(mesh, bool(shard_text), int(text_chunk))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,24 +197,17 @@ class Clip:
   path: str
 
 
-def load_clip(config: mlc.ConfigDict) -> Clip:
-  """The frozen CLIP named by `clip.path` (the project's format), or the demo's own."""
-  path = config.clip.path
+def load_clip(path: str) -> Clip:
+  """The frozen CLIP at `path` (clip.path: the project's format), or the demo's own ("demo")."""
   if path == DEMO_CLIP:
     path = resources.demo_clip_dir(check=True)
   cfg, params, tok = store.load(path)
   return Clip(cfg=cfg, params=params, tokenizer=tok, path=str(path))
 
 
-def prompt_spec(config: mlc.ConfigDict, clip_cfg: ClipConfig) -> PromptSpec:
-  try:
-    return PromptSpec.from_config(config.prompt, config.method).validate(clip_cfg)
-  except ValueError as e:
-    raise ConfigError(str(e)) from e
-
-
 def recipe(config: mlc.ConfigDict) -> recipes.Resolved:
-  """The optimisation recipe of the run: the family's published one, explicit fields overriding."""
+  """The optimisation recipe of a config: the family's published one, explicit fields
+  overriding (for tools that need only the recipe; a run resolves it in `run_spec.resolve`)."""
   try:
     return recipes.resolve_config(config)
   except ValueError as e:
@@ -222,52 +222,30 @@ def ctx_init_ids(clip: Clip, spec: PromptSpec) -> None:
     raise ConfigError(str(e)) from e
 
 
-def _csv(value: Optional[str]) -> Optional[list[str]]:
-  if value is None or value == "":
-    return None
-  return [v.strip() for v in str(value).split(",") if v.strip()]
-
-
-def build_tasks(config: mlc.ConfigDict) -> list[sources.TaskData]:
+def build_tasks(data) -> list[sources.TaskData]:
   """Opens the tasks, preparing missing TFDS data first; multi-process: process 0 builds first.
 
   Concurrent TFDS builds into one shared data_dir race; after process 0's build the others find
   the data prepared (a host with its own local data_dir builds its copy then).
   """
   if jax.process_index() == 0:
-    tasks = _build_tasks(config)
+    tasks = sources.build_tasks(data.name, **data.build_kwargs())
   parallel.sync("mmap_jax:build_tasks")
-  return tasks if jax.process_index() == 0 else _build_tasks(config)
+  return tasks if jax.process_index() == 0 else sources.build_tasks(data.name,
+                                                                     **data.build_kwargs())
 
 
-def _build_tasks(config: mlc.ConfigDict) -> list[sources.TaskData]:
-  d = config.data
-  return sources.build_tasks(
-      d.name, root=d.root, data_dir=d.data_dir, domains=_csv(d.domains),
-      split_seed=d.split_seed, train_fraction=d.train_fraction, split_files=d.split_files,
-      val_fraction=d.val_fraction, skip_corrupt=d.skip_corrupt, allow_per_task_classes=d.allow_per_task_classes,
-      val_per_class=d.get("val_per_class", 0), shots=d.get("shots", 0),
-      **({"demo_seed": d.demo_seed, "demo_images_per_class": d.demo_images_per_class,
-          "demo_image_size": d.demo_image_size, "demo_world": d.get("demo_world", 1)}
-         if d.name == "demo_domains" else {}))
-
-
-def check_validation(config: mlc.ConfigDict, tasks: Sequence[sources.TaskData]) -> None:
+def check_validation(select: str, val_fraction: float,
+                     tasks: Sequence[sources.TaskData]) -> None:
   """train.select='best_val' needs validation examples in every task (checked before compiling)."""
-  if config.train.select != "best_val":
+  if select != "best_val":
     return
   empty = [t.info.name for t in tasks if len(t.val) == 0]
   if empty:
     raise ConfigError(
         f"train.select='best_val' but task(s) {empty} have no validation examples "
-        f"(data.val_fraction={config.data.val_fraction}; classes need >= 2 train images to "
+        f"(data.val_fraction={val_fraction}; classes need >= 2 train images to "
         "give one); use train.select='last' or more data")
-
-
-def augment_config(config: mlc.ConfigDict) -> preprocess.AugmentConfig:
-  return preprocess.AugmentConfig(
-      random_resized_crop=bool(config.input.random_resized_crop),
-      scale=(float(config.input.crop_scale_min), 1.0), hflip=bool(config.input.flip))
 
 
 def class_tokens(clip: Clip, spec: PromptSpec,
@@ -288,10 +266,6 @@ def explicit_groups(spec_str: str, task_names: Sequence[str]) -> tuple[tuple[int
     raise ConfigError(f"groups.explicit={spec_str!r}: {e}") from e
 
 
-def compute_dtype(config: mlc.ConfigDict):
-  return DTYPES[config.clip.dtype]
-
-
 def check_workdir(workdir: paths.PathLike) -> None:
   """A local workdir must be a directory this process can write, or creatable (gs:// and other
   object stores are checked by their first write). Raises ConfigError naming the path."""
@@ -309,23 +283,24 @@ def check_workdir(workdir: paths.PathLike) -> None:
     raise ConfigError(f"workdir {path} {what}: choose another --workdir or fix its permissions")
 
 
-def load_inputs(config: mlc.ConfigDict) -> tuple[Clip, list[sources.TaskData]]:
-  """The frozen CLIP (its tokenizer checked against prompt.ctx_init) and the tasks. When both are wrong (e.g. a CLIP not converted yet and a
+def load_inputs(spec) -> tuple[Clip, list[sources.TaskData]]:
+  """The frozen CLIP of a `run_spec.RunSpec` (its tokenizer checked against prompt.ctx_init)
+  and its tasks. When both are wrong (e.g. a CLIP not converted yet and a
   data.root that does not exist), one ConfigError reports both, so a fix is not followed by the
   next error on the next try; one problem alone raises its own error."""
   problems: list[tuple[str, BaseException]] = []
   clip = tasks = None
   try:
-    clip = load_clip(config)
+    clip = load_clip(spec.clip_path)
   except (OSError, ValueError) as e:
     problems.append(("clip.path", e))
   else:
     try:   # prompt.ctx_init must fit this CLIP's tokenizer
-      ctx_init_ids(clip, prompt_spec(config, clip.cfg))
+      ctx_init_ids(clip, spec.prompt_for(clip.cfg))
     except ConfigError as e:
       problems.append(("prompt", e))
   try:
-    tasks = build_tasks(config)
+    tasks = build_tasks(spec.data)
   except (OSError, ValueError) as e:
     problems.append(("data", e))
   if len(problems) == 1:
