@@ -40,7 +40,7 @@ def main():
   import jax.numpy as jnp
   from configs import benchmark as benchmark_config
   from mmap_jax import heads, peft
-  from mmap_jax.apps import benchmark, host_runtime
+  from mmap_jax.apps import benchmark, host_runtime, measure
   from mmap_jax.prompts import multitask
   from mmap_jax.train import step as train_step
 
@@ -79,7 +79,7 @@ def main():
   for name, merged in (("unmerged", False), ("merged", True)):
     step = train_step.make_train_step(loss_fn(merged), opt, donate=False)
     compiled[name] = step.lower(state, frozen, batches[0]).compile()
-    flops[name] = benchmark.cost_flops(compiled[name])
+    flops[name] = measure.cost_flops(compiled[name])
     mem = compiled[name].memory_analysis()
     temp[name] = int(mem.temp_size_in_bytes) if mem is not None else None
   losses = {k: float(c(state, frozen, batches[0])[1]["loss"]) for k, c in compiled.items()}

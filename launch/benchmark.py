@@ -30,7 +30,7 @@ _VS_TORCH = flags.DEFINE_bool("vs_torch", None, "Also run the PyTorch reference 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from mmap_jax.apps import benchmark  # pylint: disable=g-import-not-at-top
+  from mmap_jax.apps import benchmark, measure  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
   if _VS_TORCH.value is not None:
     config.vs_torch = _VS_TORCH.value
@@ -40,7 +40,7 @@ def main(argv):
     result = accelerator.run_sweep(config, log=log)
   else:
     result = benchmark.run(config, log=log)
-  print(benchmark.write_json(result, _OUT.value), flush=True)
+  print(measure.write_json(result, _OUT.value), flush=True)
 
 
 def run():

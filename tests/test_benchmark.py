@@ -16,7 +16,7 @@ import pytest
 
 from configs import benchmark as benchmark_config
 from mmap_jax import heads
-from mmap_jax.apps import benchmark
+from mmap_jax.apps import benchmark, measure
 from mmap_jax.models import clip
 from mmap_jax.prompts import multitask
 
@@ -80,8 +80,8 @@ def test_flop_count_of_one_matmul():
   m, k, n = 96, 80, 112
   a, b = jnp.ones((m, k), jnp.float32), jnp.ones((k, n), jnp.float32)
   compiled = jax.jit(jnp.dot).lower(a, b).compile()
-  assert benchmark.cost_flops(compiled) == 2 * m * n * k
-  assert benchmark.costs(compiled)["flops_per_device"] == 2 * m * n * k
+  assert measure.cost_flops(compiled) == 2 * m * n * k
+  assert measure.costs(compiled)["flops_per_device"] == 2 * m * n * k
 
 
 def test_benchmark_uses_the_trainers_optimizer_and_loss(bpe_path, monkeypatch):
@@ -191,9 +191,9 @@ def test_compile_only_writes_per_device_costs_of_both_steps(tmp_path):
 
 
 def test_vs_torch_says_the_reference_is_a_repository_tool(monkeypatch, tmp_path):
-  monkeypatch.setattr(benchmark, "TORCH_REFERENCE", tmp_path / "missing.py")
+  monkeypatch.setattr(measure, "TORCH_REFERENCE", tmp_path / "missing.py")
   with pytest.raises(FileNotFoundError, match="repository tool"):
-    benchmark.torch_reference_path()
+    measure.torch_reference_path()
 
 
 # ----------------------------------------------------------------------------- accelerator sweep

@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional
 import jax
 import ml_collections as mlc
 
-from mmap_jax.apps import benchmark
+from mmap_jax.apps import benchmark, measure
 
 TERA = 1e12
 
@@ -88,7 +88,7 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 def _row(w, config, peak_per_device: Optional[float], k: int) -> dict[str, Any]:
   compiled, args, batches, compile_s = benchmark.train_step_program(w, config, 1, abstract=False)
-  cost = benchmark.costs(compiled)
+  cost = measure.costs(compiled)
   if k > 1:
     del compiled
     compiled, args, batches, compile_s = benchmark.train_step_program(w, config, k,
@@ -103,7 +103,7 @@ def _row(w, config, peak_per_device: Optional[float], k: int) -> dict[str, Any]:
           "mfu": achieved / (peak_per_device * devices) if peak_per_device else None,
           "devices": devices, "compile_s": compile_s,
           "temp_bytes_per_device": cost["temp_bytes_per_device"],
-          "device_memory": benchmark.device_memory(), "final_loss": t["final_loss"],
+          "device_memory": measure.device_memory(), "final_loss": t["final_loss"],
           "finite": t["finite"], "all_s": t["all_s"], "steps_per_call": k}
 
 
@@ -151,7 +151,7 @@ def run_sweep(config: mlc.ConfigDict, *, log: Callable[[str], None] = print,
             "workload": {"model": config.model, "method": config.method,
                          "num_tasks": int(config.num_tasks),
                          "num_classes": int(config.num_classes)},
-            "environment": benchmark.environment(), "total_s": time.perf_counter() - t_start}
+            "environment": measure.environment(), "total_s": time.perf_counter() - t_start}
   log(table_text(result))
   return result
 

@@ -16,12 +16,9 @@ reference, benchmarks/torch_reference.py (a repository tool), in a subprocess.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import json
 import os
 import pathlib
-import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -36,6 +33,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mmap_jax import grouping, heads, parallel, resources
+from mmap_jax.apps import measure
 from mmap_jax.models import clip
 from mmap_jax.models.config import ClipConfig, get_variant
 from mmap_jax.prompts import multitask
@@ -46,9 +44,6 @@ from mmap_jax.train import grouping_run, optim, recipes, step as train_step
 RESULT_KEYS = ("devices", "train_step", "workload", "environment", "step_s_median",
                "images_per_s", "flops_per_step", "peak_memory_bytes")
 TORCH_KEYS = ("torch_step_s_median", "torch_peak_memory_bytes", "speedup_vs_torch")
-TORCH_REFERENCE = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "torch_reference.py"
-
-
 
 @dataclasses.dataclass(frozen=True)
 class Workload:
@@ -140,20 +135,6 @@ def train_loss_fn(w: Workload):
                                  share_prefix=w.share_prefix, text_sharding=w.text_sharding)
 
 
-def cost_flops(compiled: Any) -> float:
-  """FLOPs of one execution, per device, from XLA's cost analysis (0 if unknown)."""
-  analysis = compiled.cost_analysis()
-  analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
-  return float((analysis or {}).get("flops", 0.0))
-
-
-def costs(compiled: Any) -> dict[str, Any]:
-  """Per-device FLOPs and temp bytes of a compiled SPMD program (XLA's analyses)."""
-  mem = compiled.memory_analysis()
-  return {"flops_per_device": cost_flops(compiled),
-          "temp_bytes_per_device": int(mem.temp_size_in_bytes) if mem is not None else None}
-
-
 def _placed(tree: Any, sharding: Any, abstract: bool) -> Any:
   """Arrays on the mesh, or (compile_only) shape/dtype/sharding stand-ins that allocate nothing."""
   if abstract:
@@ -228,33 +209,11 @@ def time_steps(compiled, args, batches, k: int, config) -> dict[str, Any]:
           "finite": bool(np.all(metrics["finite"]))}
 
 
-def device_memory() -> dict[str, int]:
-  """The allocator's counters of the local devices (max over them); {} where not reported."""
-  stats = [d.memory_stats() or {} for d in jax.local_devices()]
-  keys = ("peak_bytes_in_use", "bytes_in_use", "bytes_limit")
-  return {k: max(int(s[k]) for s in stats) for k in keys if all(k in s for s in stats)}
-
-
-def peak_memory_bytes() -> int:
-  """The device allocator's peak where reported (GPU/TPU), else this process's peak RSS."""
-  return int(device_memory().get("peak_bytes_in_use")
-             or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-
-
-def torch_reference_path() -> pathlib.Path:
-  if not TORCH_REFERENCE.exists():
-    raise FileNotFoundError(
-        "vs_torch runs benchmarks/torch_reference.py, a repository tool that is not installed "
-        "with the package: run the benchmark from a clone of the repository (the reference's own "
-        f"command: python benchmarks/torch_reference.py --help); looked for {TORCH_REFERENCE}")
-  return TORCH_REFERENCE
-
-
 def run_torch_reference(w: Workload, config) -> dict[str, Any]:
   """The PyTorch step in a subprocess (its own memory; same machine state as this run)."""
   if w.spec.method != "mmap_mt":
     raise ValueError("the PyTorch reference implements the mmap_mt step only")
-  script = torch_reference_path()
+  script = measure.torch_reference_path()
   ct = class_tokens_for(dataclasses.replace(w, truncate=False), w.spec)   # all 77 columns
   with tempfile.TemporaryDirectory() as d:
     tokens, out = os.path.join(d, "tokens.npz"), os.path.join(d, "torch.json")
@@ -273,13 +232,6 @@ def run_torch_reference(w: Workload, config) -> dict[str, Any]:
                          f"{proc.stderr[-4000:]}")
     with open(out) as f:
       return json.load(f)
-
-
-def environment() -> dict[str, Any]:
-  return {"jax": jax.__version__, "python": platform.python_version(),
-          "cpu_count": os.cpu_count(), "device_kind": jax.devices()[0].device_kind,
-          "xla_flags": os.environ.get("XLA_FLAGS", ""),
-          "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
 def workload_dict(w: Workload, config) -> dict[str, Any]:
@@ -306,14 +258,14 @@ def run(config: mlc.ConfigDict, *, log: Callable[[str], None] = print) -> dict[s
     log(f"torch step: median {ref['step_s_median']:.3f}s, peak memory "
         f"{ref['peak_memory_bytes'] / 2**30:.2f} GiB")
   compiled, args, batches, compile_s = train_step_program(w, config, 1, abstract=only)
-  train = {**costs(compiled), "compile_s": compile_s, "steps_per_call": k}
+  train = {**measure.costs(compiled), "compile_s": compile_s, "steps_per_call": k}
   log(f"train step: {train['flops_per_device'] / 1e9:.1f} GFLOP and "
       f"{(train['temp_bytes_per_device'] or 0) / 2**30:.2f} GiB temp per device")
   result: dict[str, Any] = {"devices": jax.device_count(), "backend": jax.default_backend(),
                             "compile_only": only, "train_step": train}
   if config.grouping:
     g_compiled, g_seconds = grouping_step_program(w, config)
-    result["grouping_step"] = {**costs(g_compiled), "compile_s": g_seconds}
+    result["grouping_step"] = {**measure.costs(g_compiled), "compile_s": g_seconds}
     del g_compiled
   if not only:
     if k > 1:
@@ -323,7 +275,7 @@ def run(config: mlc.ConfigDict, *, log: Callable[[str], None] = print) -> dict[s
     result.update(step_s_median=train["s_median"],
                   images_per_s=w.images_per_step / train["s_median"], flops_per_step=flops,
                   achieved_flops_per_s=flops / train["s_median"],
-                  peak_memory_bytes=peak_memory_bytes())
+                  peak_memory_bytes=measure.peak_memory_bytes())
     log(f"train step: median {train['s_median']:.3f}s ({result['images_per_s']:.1f} images/s), "
         f"peak memory {result['peak_memory_bytes'] / 2**30:.2f} GiB")
   if ref is not None:
@@ -333,14 +285,6 @@ def run(config: mlc.ConfigDict, *, log: Callable[[str], None] = print) -> dict[s
                   memory_ratio_vs_torch=result["peak_memory_bytes"] / ref["peak_memory_bytes"])
     log(f"speedup vs torch {result['speedup_vs_torch']:.2f}x, memory ratio "
         f"{result['memory_ratio_vs_torch']:.2f}")
-  result.update(workload=workload_dict(w, config), environment=environment(),
+  result.update(workload=workload_dict(w, config), environment=measure.environment(),
                 total_s=time.perf_counter() - t_start)
   return result
-
-
-def write_json(result: dict[str, Any], path: Optional[str]) -> str:
-  text = json.dumps(result, indent=2, default=float)
-  if path:
-    pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
-    pathlib.Path(path).write_text(text + "\n")
-  return text

@@ -42,7 +42,7 @@ from mmap_jax.groups import Groups
 from mmap_jax.data import pipeline, sources
 from mmap_jax.prompts import mmap as mmap_prompt, multitask
 from mmap_jax.prompts.base import PromptTokens
-from mmap_jax.prompts.spec import GROUPED_METHODS, PromptSpec
+from mmap_jax.prompts.spec import PromptSpec
 from mmap_jax.train import chunks, optim, setup
 from mmap_jax.train import run_spec as run_spec_lib
 from mmap_jax.train.run_spec import RunSpec

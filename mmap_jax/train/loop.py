@@ -17,7 +17,6 @@ steps, progress lines, TensorBoard, hooks) is `train/cadence.py`, shared with th
 from __future__ import annotations
 
 import dataclasses
-import json
 import socket
 import time
 from typing import Any, Optional

@@ -15,7 +15,6 @@ import dataclasses
 import json
 from typing import Any, Optional
 
-import jax.numpy as jnp
 import ml_collections as mlc
 
 from mmap_jax import parallel
