@@ -247,7 +247,7 @@ def test_world2_stream_and_eval_set(bpe_path):
   from mmap_jax.demo import world_v2
   config = get_config("runlocal")
   assert config.data.world == 2 and config.clip.variant == "tiny"   # runlocal shrinks the model
-  assert get_config().clip.variant == "demo_v2" and get_config().train.steps == 3000
+  assert get_config().clip.variant == "demo_v2" and get_config().train.steps == 2000
   assert get_config("world=1").clip.variant == "demo"   # the previous world's recipe
   d = config.data
   first = pretrain.render_batch(0, 3, d.batch_size, 32, world=2,
