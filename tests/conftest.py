@@ -1,8 +1,24 @@
-"""Test-wide setup: 8 fake CPU devices (a simulated pod) before JAX initialises."""
+"""Test-wide setup: 8 fake CPU devices (a simulated pod) before JAX initialises, and one
+persistent XLA compilation cache per test session.
+
+Why the cache: on 2 CPU cores compiling is most of the suite's time, and many tests (and the
+launcher subprocesses the CLI, multi-process and kill-and-resume tests start, which inherit the
+environment) compile the same tiny-CLIP programs again. The cache lives in a fresh temporary
+directory, so nothing carries over between sessions or machines; a cached executable is the
+same program, so no result changes.
+"""
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="mmap_jax_tests_xla_cache_")
+  atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
 import pytest
 

@@ -126,6 +126,11 @@ def test_sweep_applies_tuned_values_on_disjoint_seeds(env, tmp_path):
   settings = sweep.make_settings(env["ref"], "method=coop_mt,mmap_mt", ts._overrides(env["data"]),
                                  seeds=[0, 1], tuned=tuned)
   assert [s.config.optim.lr for s in settings] == [0.08, None]
+  # An MT ablation on mmap_mt's code path takes mmap_mt's tuned value; ST forms never inherit.
+  tuned_mt = tuned | {"values": {"mmap_mt": 0.03}}
+  ablations = sweep.make_settings(env["ref"], "method=mmap_indep_mt,mmap_task_mt,mmap_st",
+                                  ts._overrides(env["data"]), seeds=[0], tuned=tuned_mt)
+  assert [s.config.optim.lr for s in ablations] == [0.03, 0.03, None]
   assert "--config.optim.lr=0.08" in settings[0].runs[0].command("/tmp/x")
   swept = sweep.make_settings(env["ref"], "method=coop_mt;optim.lr=0.5",
                               ts._overrides(env["data"]), seeds=[0], tuned=tuned)

@@ -203,6 +203,19 @@ def parse_sweep(spec: Optional[str]) -> list[tuple[str, list[str]]]:
   return axes
 
 
+def tuned_source(method: str, tuned: Optional[Mapping[str, Any]]) -> Optional[str]:
+  """Which tuned method's value `method` takes under --tuned: its own, else (an MmAP ablation
+  such as mmap_indep_mt, run on mmap_mt's code path in MT form) its family's tuned MT form
+  (`<family>_mt`); None when neither was tuned."""
+  if tuned is None:
+    return None
+  values = tuned["values"]
+  if method in values:
+    return method
+  family_mt = f"{method.split('_')[0]}_mt"
+  return family_mt if method.endswith("_mt") and family_mt in values else None
+
+
 def make_settings(config_ref: str, sweep: Optional[str],
                   overrides: Optional[Mapping[str, Any]] = None,
                   seeds: Optional[Sequence[int]] = None,
@@ -210,7 +223,8 @@ def make_settings(config_ref: str, sweep: Optional[str],
   """Every setting of the grid with one run per seed, each config built, typed and validated.
 
   `tuned` (tuned.json of launch.tune: {"field", "tuning_seeds", "values": {method: value}})
-  sets `field` per method on top of the --config overrides (a swept field still wins), and the
+  sets `field` per method (`tuned_source`: an untuned MT ablation takes its family's MT value)
+  on top of the --config overrides (a swept field still wins), and the
   seeds must then be disjoint from the tuning seeds (no winner's curse).
 
   `config_ref` is what --config got ("configs/demo.py:clip=/x,runlocal"); `overrides` are the
@@ -246,8 +260,9 @@ def make_settings(config_ref: str, sweep: Optional[str],
     ref, arg_i = config_ref, arg
     ov = {k: v for k, v in overrides.items() if k not in swept}
     method = swept.get("method", ov.get("method", base.method))
-    if tuned is not None and method in tuned["values"] and tuned["field"] not in swept:
-      ov[tuned["field"]] = _typed(tuned["field"], tuned["values"][method], base, "--tuned ")
+    source = tuned_source(method, tuned)
+    if source is not None and tuned["field"] not in swept:
+      ov[tuned["field"]] = _typed(tuned["field"], tuned["values"][source], base, "--tuned ")
     ov |= swept
     name = setting_name(fields)
     config = _built(module, path, arg_i, ov, name, errors)
