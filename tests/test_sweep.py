@@ -609,3 +609,28 @@ def test_outputs_copy_affinity_heatmaps(env, tmp_path):
   assert sorted(p.name for p in tmp_path.glob("affinity_*")) == [
       "affinity_method=mmap_mt__seed=1.png"]
   assert (tmp_path / "accuracy_vs_params.png").read_bytes()[:8] == PNG_MAGIC
+
+
+@pytest.mark.slow
+def test_demo_evidence_pieces_are_valid_sweeps(tmp_path):
+  """benchmarks/demo_evidence.sh (issue 29's final evidence): every sweep piece validates every
+  run of its grid (--print_only) with a tuned.json, and has the run count the budget assumes."""
+  tuned = {"field": "optim.lr", "tuning_seeds": [100, 101],
+           "values": {m: 0.01 for m in ("coop_mt", "vpt_mt", "maple_mt", "ivlp_mt", "mmap_mt",
+                                        "clipadapter_mt", "bitfit_mt", "lora_mt", "fullft_mt",
+                                        "mmap_st")}}
+  (tmp_path / "tune").mkdir()
+  (tmp_path / "tune" / "tuned.json").write_text(json.dumps(tuned))
+  env = fx.subprocess_env() | {"EVIDENCE_ROOT": str(tmp_path), "EVIDENCE_PRINT_ONLY": "1"}
+  expected = {"table": 14 * 5, "budget": 4 * 5, "grouping": 2 * 5, "affinity": 2 * 5,
+              "shots": 7 * 4 * 3}
+  for piece, runs in expected.items():
+    proc = subprocess.run(["bash", "benchmarks/demo_evidence.sh", piece], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (piece, proc.stderr[-3000:])
+    lines = [l for l in proc.stdout.splitlines() if "launch.train" in l]
+    assert len(lines) == runs, (piece, len(lines))
+    assert all(str(tmp_path / piece) in l for l in lines), piece
+  bad = subprocess.run(["bash", "benchmarks/demo_evidence.sh", "nope"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=60)
+  assert bad.returncode == 2 and "unknown piece" in bad.stderr

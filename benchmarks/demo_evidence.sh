@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Issue 29's final evidence on demo world 2 (configs/demo.py at its default 16 shots), in pieces:
+#
+#   bash benchmarks/demo_evidence.sh PIECE [SECONDS]
+#
+#   tune      every family's MT form and MmAP-ST: lr grid on validation, tuning seeds 100, 101
+#   table     every method and the MmAP ablations, tuned lrs, seeds 0-4, delta_ci vs MmAP-MT
+#   budget    VPT, MaPLe and IVLP at MmAP-MT's prompt budget (prompt.budget=equal), seeds 0-4
+#   grouping  gradient grouping against a random partition per seed (5 draws), seeds 0-4
+#   affinity  the TAG lookahead affinity against the gradient cosine, seeds 0-4
+#   shots     accuracy against shots (4 / 16 / 64 / all) for 7 methods, seeds 0-2
+#
+# Every piece resumes: a run is finished once its directory holds results.json, so a piece
+# stopped by its time limit (SECONDS: SIGTERM, the running run saves a checkpoint; exit 124) is
+# continued by the same command, and a finished piece only re-tabulates. The pieces after `tune`
+# read its tuned.json. Results go to benchmarks/results/demo_world2/evidence/<piece>/ (run
+# directories without checkpoints or TensorBoard events, .gitignore), committed as they come.
+# EVIDENCE_PRINT_ONLY=1 prints the runs of a sweep piece instead of running them; EVIDENCE_ROOT
+# moves the results.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=${EVIDENCE_ROOT:-benchmarks/results/demo_world2/evidence}
+piece=${1:?"usage: bash benchmarks/demo_evidence.sh tune|table|budget|grouping|affinity|shots [SECONDS]"}
+limit=${2:-0}
+limited() { if [ "$limit" -gt 0 ]; then timeout --signal=TERM "$limit" "$@"; else "$@"; fi; }
+sweep() {
+  local name=$1; shift
+  local extra=()
+  [ "${EVIDENCE_PRINT_ONLY:-0}" = 1 ] && extra+=(--print_only)
+  limited python3 -m launch.sweep --config=configs/demo.py --tuned="$root/tune/tuned.json" \
+    --workdir="$root/$name" "$@" "${extra[@]}"
+}
+five=--seeds=0,1,2,3,4
+case "$piece" in
+  tune)
+    limited python3 -m launch.tune --config=configs/demo.py --workdir="$root/tune" ;;
+  table)
+    sweep table "$five" --sweep='method=mmap_mt,zeroshot,coop_mt,vpt_mt,maple_mt,ivlp_mt,clipadapter_mt,bitfit_mt,lora_mt,fullft_mt,mmap_st,mmap_indep_mt,mmap_shared_mt,mmap_task_mt' ;;
+  budget)
+    sweep budget "$five" --sweep='method=mmap_mt,vpt_mt,maple_mt,ivlp_mt;prompt.budget=equal' ;;
+  grouping)
+    sweep grouping "$five" --sweep='groups.mode=gradient,random' --reference='groups.mode=gradient' ;;
+  affinity)
+    sweep affinity "$five" --sweep='groups.affinity=cosine,tag' --reference='groups.affinity=cosine' ;;
+  shots)
+    sweep shots --seeds=0,1,2 --sweep='method=mmap_mt,zeroshot,coop_mt,maple_mt,lora_mt,mmap_st,fullft_mt;data.shots=4,16,64,0' ;;
+  *)
+    echo "unknown piece $piece" >&2; exit 2 ;;
+esac
