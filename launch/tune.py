@@ -26,7 +26,16 @@ _FIELD = flags.DEFINE_string("field", tune.DEFAULT_FIELD, "The tuned config fiel
 _SEEDS = flags.DEFINE_string("tune_seeds", ",".join(map(str, tune.DEFAULT_TUNING_SEEDS)),
                              "The tuning seeds (>= 2); the final sweep must use other seeds.")
 _MAX_EXT = flags.DEFINE_integer("max_extensions", 3, "Grid extensions allowed per side.")
+_FACTORS = flags.DEFINE_list("factors", [repr(f) for f in tune.FACTORS],
+                             "A default grid is the method's resolved value times these.")
 _WORKDIR = shared_flags.workdir("The tuning's directory (local or gs://).")
+
+
+def _factors() -> list[float]:
+  try:
+    return [float(f) for f in _FACTORS.value]
+  except ValueError:
+    raise app.UsageError(f"--factors={','.join(_FACTORS.value)}: give numbers") from None
 
 
 def main(argv):
@@ -38,7 +47,8 @@ def main(argv):
                     plan=tune.parse_plan(_PLAN.value),
                     overrides=config_flags.get_override_values(config_flag),
                     field=_FIELD.value, tuning_seeds=sweep.parse_seeds(_SEEDS.value) or [],
-                    max_extensions=_MAX_EXT.value, log=lambda s: print(s, flush=True))
+                    max_extensions=_MAX_EXT.value, factors=_factors(),
+                    log=lambda s: print(s, flush=True))
   except sweep.SweepError as e:
     raise app.UsageError(str(e)) from None
   shared_flags.exit_if_interrupted(out)

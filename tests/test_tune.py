@@ -96,11 +96,26 @@ def test_a_diverged_value_scores_minus_infinity(env, tmp_path):
   assert "0.08: -" in (tmp_path / "tuning.md").read_text()
 
 
+def test_a_default_grid_is_centred_on_the_methods_resolved_lr(env, tmp_path):
+  """The runs of a default grid are the method's own resolved lr times the factors (not a
+  placeholder value of the tuned field)."""
+  runs = _FakeRuns()
+  overrides = _overrides(env)
+  resolved = sweep.make_settings(env["ref"], "method=coop_mt", overrides)[0].config
+  from mmap_jax.train import setup
+  lr = setup.recipe(resolved).recipe.lr
+  tune.tune(env["ref"], str(tmp_path), plan={"coop_mt": None}, overrides=overrides,
+            max_extensions=0, factors=(0.5, 1, 2), run_fn=runs, log=lambda s: None)
+  assert sorted({r[1] for r in runs.ran}) == pytest.approx([lr / 2, lr, 2 * lr])
+
+
 def test_default_grid_is_the_resolved_lr_times_factors(env):
   settings = sweep.make_settings(env["ref"], "method=mmap_st", _overrides(env))
   from mmap_jax.train import setup
   lr = setup.recipe(settings[0].config).recipe.lr
   assert tune.default_grid(settings[0].config) == pytest.approx([lr * f for f in tune.FACTORS])
+  assert tune.default_grid(settings[0].config, (2, 0.5, 1)) == pytest.approx(
+      [lr / 2, lr, lr * 2])
   assert tune.parse_plan(None) == {m: None for m in tune.DEFAULT_METHODS}
   assert tune.parse_plan("coop_mt=0.1,0.01;mmap_st") == {"coop_mt": [0.01, 0.1], "mmap_st": None}
 
@@ -110,6 +125,7 @@ def test_default_grid_is_the_resolved_lr_times_factors(env):
     ({"tuning_seeds": [100]}, r"at least 2 tuning seeds"),
     ({"overrides": {"optim.lr": "0.1", "train.eval_every": "1"}}, r"--config\.optim\.lr is set"),
     ({"plan": {"nope_mt": [0.1, 0.2]}}, r"method='nope_mt'"),
+    ({"factors": (1.0,)}, r"--factors=\[1\.0\]: give at least 2"),
 ])
 def test_bad_plans_fail_before_any_run(env, tmp_path, kwargs, needle):
   args = {"plan": {"coop_mt": [0.01, 0.02]}, "overrides": _overrides(env)} | kwargs

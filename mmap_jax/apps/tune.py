@@ -5,7 +5,7 @@ Per method (default: every family's MT form and MmAP-ST, `DEFAULT_METHODS`; the 
 tuned on their own, never inheriting an MT form's value), one `field` (default `optim.lr`):
 
   1. grid: the given values, or the method's resolved value (published recipe, then the config's
-     `optim_per_family`) times `FACTORS` (1/4 .. 4, geometric);
+     `optim_per_family`) times `factors` (default `FACTORS`: 1/4 .. 4, geometric);
   2. every (value, tuning seed) is a `launch.sweep` run in `<workdir>/<method>/<field>=<v>/
      seed=<s>` (finished runs are skipped, so a killed tuning resumes, and a finished one only
      re-tabulates); the score of a value is its mean over the tuning seeds of `val_average`
@@ -98,11 +98,11 @@ def parse_plan(raw: Optional[str]) -> dict[str, Optional[list[float]]]:
   return plan
 
 
-def default_grid(config) -> list[float]:
-  """The method's resolved lr (recipe, then optim_per_family, then optim) times FACTORS."""
+def default_grid(config, factors: Sequence[float] = FACTORS) -> list[float]:
+  """The method's resolved lr (recipe, then optim_per_family, then optim) times `factors`."""
   from mmap_jax.train import setup
   centre = float(setup.recipe(config).recipe.lr)
-  return [float(f"{centre * f:.6g}") for f in FACTORS]
+  return [float(f"{centre * f:.6g}") for f in sorted(factors)]
 
 
 def _extend(grid: list[float], side: str) -> float:
@@ -149,7 +149,7 @@ def _scores(settings: Sequence[sweep.Setting], workdir, field: str,
 def tune(config_ref: str, workdir: str, *, plan: Mapping[str, Optional[list[float]]],
          overrides: Optional[Mapping[str, Any]] = None, field: str = DEFAULT_FIELD,
          tuning_seeds: Sequence[int] = DEFAULT_TUNING_SEEDS, max_extensions: int = 3,
-         run_fn: Optional[sweep.RunFn] = None,
+         factors: Sequence[float] = FACTORS, run_fn: Optional[sweep.RunFn] = None,
          log: Callable[[str], None] = print) -> dict:
   """Runs the protocol (module docstring) for every method of `plan`; returns tuning.json's
   dict and writes tuning.json, tuning.md and tuned.json into `workdir`."""
@@ -161,16 +161,22 @@ def tune(config_ref: str, workdir: str, *, plan: Mapping[str, Optional[list[floa
                     "2 tuning seeds")
   if max_extensions < 0:
     raise TuneError(f"--max_extensions={max_extensions} must be >= 0")
+  if len(set(factors)) < 2 or any(f <= 0 for f in factors):
+    raise TuneError(f"--factors={list(factors)}: give at least 2 distinct positive factors")
   workdir = paths.as_path(workdir)
   searches = []
   for method, grid in plan.items():  # everything is validated before the first run
-    first = _settings(config_ref, overrides, method, field, grid or [1.0, 2.0], tuning_seeds)
+    # The default grid is centred on the method's own resolved value: built without the field.
+    untuned = sweep.make_settings(config_ref, f"method={method}", overrides, seeds=tuning_seeds)
+    grid = list(grid or default_grid(untuned[0].config, factors))
+    first = _settings(config_ref, overrides, method, field, grid, tuning_seeds)
     check_eval_cadence(first[0].config, f"method {method}")
-    searches.append(MethodTuning(method, list(grid or default_grid(first[0].config))))
+    searches.append(MethodTuning(method, grid))
   if run_fn is None:
     from mmap_jax.train import cadence, loop
     run_fn = _tolerate_divergence(loop.train_and_evaluate, cadence.NonFiniteError)
   out = {"field": field, "tuning_seeds": list(tuning_seeds), "max_extensions": max_extensions,
+         "default_grid_factors": sorted(float(f) for f in factors),
          "min_evals": MIN_EVALS, "selection": "val_average mean over the tuning seeds",
          "methods": {}}
   for search in searches:
