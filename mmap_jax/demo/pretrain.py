@@ -113,9 +113,8 @@ def default_config() -> mlc.ConfigDict:
   c.optim.grad_clip = 1.0
 
   c.train = mlc.ConfigDict()
-  # 155.5 GFLOP per step (XLA cost analysis); about 2.6 s per step on 2 CPU cores, so 2000 steps
-  # fit issue 25's 2 h rebuild bound (the asset's pretrain_report.json has the measured time;
-  # 3000 steps took 2 h 10 min and met the backbone targets from about step 1000).
+  # 155.5 GFLOP per step (XLA cost analysis); 2000 steps took 97 min on 2 CPU cores, within issue
+  # 25's 2 h rebuild bound (the asset's pretrain_report.json, train_loop_seconds_all_pieces).
   c.train.steps = 2000
   c.train.log_every = 25
   c.train.eval_every = 500        # zero-shot evaluation (always at the end; 0: only then)
