@@ -11,8 +11,8 @@ the checkpoint's own state (--state=checkpoint). Writes results.json / results.m
 accuracy table; `split`, `step` and `evaluated_state` say what was evaluated) into --out
 (default: workdir), and for the test split test_correct.npz (per-image correctness, what
 `launch.sweep --reference` resamples for paired confidence intervals). Without --config the
-config the checkpoint recorded is used (the run's own, overrides included); give --config (and --config.* overrides) to evaluate it differently, e.g.
-with another data.root.
+config the checkpoint recorded is used (the run's own, overrides included); give --config (and
+--config.* overrides) to evaluate it differently, e.g. with another data.root.
 """
 from absl import flags
 

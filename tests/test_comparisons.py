@@ -238,12 +238,12 @@ def test_lora_dropout_only_in_training(tok, params, data):
 def test_grouping_warmup_length_and_budget_fields():
   c = demo.get_config("method=mmap_mt")
   assert run_spec.resolve(c).groups.lr_warmup_steps == 10 and c.groups.warmup_steps == 20
-  assert grouping_run.warmup_total_steps(run_spec.resolve(c)) == 30
-  assert grouping_run.settings(run_spec.resolve(c))["lr_warmup_steps"] == 10
+  assert run_spec.resolve(c).groups.warmup_total_steps == 30
+  assert run_spec.resolve(c).groups.settings()["lr_warmup_steps"] == 10
   for m in ("mmap_st", "coop_mt", "mmap_shared_mt"):
-    assert grouping_run.warmup_total_steps(run_spec.resolve(demo.get_config(f"method={m}"))) == 0
+    assert run_spec.resolve(demo.get_config(f"method={m}")).groups.warmup_total_steps == 0
   c.groups.mode = "random"
-  assert grouping_run.warmup_total_steps(run_spec.resolve(c)) == 0
+  assert run_spec.resolve(c).groups.warmup_total_steps == 0
   c = demo.get_config("method=mmap_mt,runlocal")
   c.groups.init_from_warmup = True
   c.train.steps = 4                                  # runlocal warm-up: 1 lr + 3 recorded steps

@@ -682,7 +682,7 @@ def test_ablation_groups_from_the_config():
   assert grouping_run.ablation_groups(run_spec.resolve(c), 5, names) == G.random_groups(5, 2, 3)
   c.groups.seed = 11  # groups.seed fixes the partition whatever the run seed
   assert grouping_run.ablation_groups(run_spec.resolve(c), 5, names) == G.random_groups(5, 2, 11)
-  assert grouping_run.settings(run_spec.resolve(c)) == {"mode": "random", "num_groups": 2, "seed": 11}
+  assert run_spec.resolve(c).groups.settings() == {"mode": "random", "num_groups": 2, "seed": 11}
   c.groups.num_groups = 6
   with pytest.raises(setup.ConfigError, match=r"groups\.num_groups=6 must be in 1\.\.5"):
     grouping_run.ablation_groups(run_spec.resolve(c), 5, names)

@@ -209,17 +209,17 @@ def test_new_grouping_fields_validate_and_enter_the_settings():
   for kw in ({"affinity": "tag", "num_groups": "auto"}, {"towers": "text"},
              {"towers": "summed", "num_groups": 3}):
     setup.validate(_config(**kw))
-  s = grouping_run.settings(run_spec.resolve(_config(affinity="tag", num_groups="auto")))
+  s = run_spec.resolve(_config(affinity="tag", num_groups="auto")).groups.settings()
   assert s["affinity"] == "tag" and s["num_groups"] == "auto" and s["threshold"] is None
   assert "towers" not in s and s["affinity_params"] is None
-  s = grouping_run.settings(run_spec.resolve(_config(towers="visual")))
+  s = run_spec.resolve(_config(towers="visual")).groups.settings()
   assert (s["affinity"], s["towers"], s["num_groups"]) == ("cosine", "visual", 2)
   # A groups.json from before these fields was a summed cosine: reused only by that setting.
-  old = {"settings": {k: v for k, v in grouping_run.settings(run_spec.resolve(_config(towers="summed"))).items()
+  old = {"settings": {k: v for k, v in run_spec.resolve(_config(towers="summed")).groups.settings().items()
                       if k not in ("affinity", "towers")}}
-  grouping_run._check_reuse(old, grouping_run.settings(run_spec.resolve(_config(towers="summed"))), "g.json")
+  grouping_run._check_reuse(old, run_spec.resolve(_config(towers="summed")).groups.settings(), "g.json")
   with pytest.raises(setup.ConfigError, match=r"towers: file 'summed' vs config 'both'"):
-    grouping_run._check_reuse(old, grouping_run.settings(run_spec.resolve(_config())), "g.json")
+    grouping_run._check_reuse(old, run_spec.resolve(_config()).groups.settings(), "g.json")
 
 
 def test_num_groups_auto_from_the_command_line_and_the_sweep():

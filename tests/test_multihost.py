@@ -69,9 +69,7 @@ def _proc_env(devices: int, logs: pathlib.Path, tag: str, extra: dict) -> dict:
   e["PYTHONPATH"] = f"{AUDIT}{os.pathsep}{REPO}"
   e["MMAP_JAX_READ_LOG"] = str(logs / f"reads.{tag}.jsonl")
   e["MMAP_JAX_WRITE_LOG"] = str(logs / f"writes.{tag}.tsv")
-  # Launches of one topology share compiled programs (identical executables, so bit-exact).
-  e["JAX_COMPILATION_CACHE_DIR"] = str(logs.parent / "jax_cache")
-  e["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  # The session's compilation cache (tests/conftest.py) comes with subprocess_env.
   for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
     e.pop(k, None)
   return e | extra

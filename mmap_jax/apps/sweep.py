@@ -50,8 +50,8 @@ paper-style table: rows = settings, columns = swept fields, seeds, tasks, averag
 trainable params; cells mean +- sample std, ddof=1), `accuracy_vs_params.png` (the paper's
 Figure 1 shape, with +-std error bars), `accuracy_vs_shots.png` when `data.shots` is swept (one
 line per other-field combination, e.g. per method; x = shots, 'all' last) and
-`affinity_<setting>__seed=<s>.png` for each run whose grouping drew a heatmap. Paired statistics: every row's `delta_ci` = {"mean", "low", "high",
-"excludes_zero", "seeds", ...} is its average test accuracy minus the reference setting's
+`affinity_<setting>__seed=<s>.png` for each run whose grouping drew a heatmap. Paired
+statistics: every row's `delta_ci` = {"mean", "low", "high", "excludes_zero", "seeds", ...} is its average test accuracy minus the reference setting's
 (`--reference`, default method=mmap_mt; `resolve_reference`) with a 95% paired bootstrap
 interval (`mmap_jax.apps.stats`: seeds, then test images, one draw for both), computed from the
 runs' per-image `test_correct.npz`; the table marks intervals excluding 0 with '*'.
@@ -204,16 +204,14 @@ def parse_sweep(spec: Optional[str]) -> list[tuple[str, list[str]]]:
 
 
 def tuned_source(method: str, tuned: Optional[Mapping[str, Any]]) -> Optional[str]:
-  """Which tuned method's value `method` takes under --tuned: its own, else (an MmAP ablation
-  such as mmap_indep_mt, run on mmap_mt's code path in MT form) its family's tuned MT form
-  (`<family>_mt`); None when neither was tuned."""
+  """Which tuned method's value `method` takes under --tuned: its own, else, for an MmAP
+  ablation (`MMAP_ABLATIONS`: MT form on mmap_mt's code path), mmap_mt's; None when neither."""
   if tuned is None:
     return None
-  values = tuned["values"]
-  if method in values:
+  if method in tuned["values"]:
     return method
-  family_mt = f"{method.split('_')[0]}_mt"
-  return family_mt if method.endswith("_mt") and family_mt in values else None
+  from mmap_jax.prompts.spec import MMAP_ABLATIONS  # Deferred: the spec module imports JAX.
+  return "mmap_mt" if method in MMAP_ABLATIONS and "mmap_mt" in tuned["values"] else None
 
 
 def make_settings(config_ref: str, sweep: Optional[str],

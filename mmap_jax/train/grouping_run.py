@@ -17,9 +17,9 @@ Only `gradient` runs the warm-up: first the recipe's lr warm-up (`optim` warmup_
 mmap family, recorded as `lr_warmup_steps`; nothing is recorded, the prompts leave their init),
 then `groups.warmup_steps` recorded steps, so the affinity is not measured at initialisation.
 The warm-up trains the shared MmAP on the SUM of task losses, as every form does (heads.py).
-`warmup_total_steps(spec)` is its length; with `groups.init_from_warmup` it counts against
-`train.steps` (the trainer's budget, train/loop.py). Every mode writes groups.json (with "mode" and "settings");
-a groups.json already in the workdir is reused when its settings match the config, and is an
+`GroupSpec.warmup_total_steps` (train/run_spec.py) is its length; with `groups.init_from_warmup`
+it counts against `train.steps` (the trainer's budget, train/loop.py). Every mode writes
+groups.json (with "mode" and "settings"); a groups.json already in the workdir is reused when its settings match the config, and is an
 error otherwise (a stale grouping is never applied silently). The warm-up also writes its
 trained shared MmAP (grouping_warmup.safetensors, before groups.json), so
 `groups.init_from_warmup` gives a restarted run exactly the init of an uninterrupted one.
@@ -180,18 +180,6 @@ def make_grouping_steps(clip_cfg, spec: PromptSpec, optimizer, *, dtype=jnp.floa
 
 # ----------------------------------------------------------------------------- settings / reuse
 
-def settings(spec: RunSpec, mode: Optional[str] = None) -> dict[str, Any]:
-  """What determines a mode's partition (recorded in groups.json, compared on reuse); `mode`
-  defaults to `groups.mode` (run_spec.GroupSpec.settings)."""
-  return spec.groups.settings(mode)
-
-
-def warmup_total_steps(spec: RunSpec) -> int:
-  """Optimizer steps of the grouping warm-up (lr warm-up + recorded steps); 0 when the run has
-  none (groups.mode other than gradient, or a method without task groups)."""
-  return spec.groups.warmup_total_steps
-
-
 def _check_reuse(record: dict, want: dict, path: str) -> None:
   have = dict(record.get("settings") or {"mode": "gradient"})  # files before "settings": gradient
   if have["mode"] == "gradient":  # files before groups.affinity / groups.towers: summed cosine
@@ -276,7 +264,7 @@ def task_groups(spec: RunSpec, workdir: str, clip: setup.Clip,
   if spec.groups.mode == "gradient":
     return run_grouping(spec, workdir, clip, tasks, mesh)
   names = [t.info.name for t in tasks]
-  want = settings(spec)
+  want = spec.groups.settings()
   groups = ablation_groups(spec, len(tasks), names)
   existing = _existing(workdir, names, want)
   if existing is not None and existing != groups:
@@ -299,7 +287,7 @@ def run_grouping(run: RunSpec, workdir: str, clip: setup.Clip,
     raise ValueError("run_grouping needs a RunSpec resolved with groups.mode='gradient' and a "
                      "grouped method")
   names = [t.info.name for t in tasks]
-  want = settings(run, "gradient")
+  want = g.settings("gradient")
   auto = g.num_groups == "auto"
   num_groups = None if auto else (int(g.num_groups) or None)
   if num_groups is not None and num_groups > len(tasks):

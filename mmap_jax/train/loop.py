@@ -80,14 +80,12 @@ class _Run:
   spec: Any
   groups: Any
   summary: dict
-  dtype: Any
   frozen: dict               # replicated {"clip", "class_tokens"}
   optimizer: Any
   state: dict                # replicated, freshly initialised (restore() replaces it)
   total: int                 # training steps (0 for zero-shot)
   selection: Optional[selection_lib.Selection] = None  # validation record (training runs)
   selected: Any = None       # the selected learned pytree (best_val; None: run.state's)
-  recipe: Any = None         # recipes.Resolved: the optimisation recipe this run trains with
   grouping_steps: int = 0    # the grouping warm-up's optimizer steps (0: none)
   budget_steps: int = 0      # train.steps: every method's optimizer steps on its final params
   t0: float = dataclasses.field(default_factory=time.perf_counter)
@@ -138,7 +136,7 @@ class _Run:
     extra = {"groups": [[names[i] for i in g] for g in groups] if groups else None,
              "clip": self.clip.path, "dataset": self.rs.data.name, "split": split,
              "trained_steps": self.total,
-             "optim": self.recipe.to_dict() if self.recipe is not None else None,
+             "optim": self.rs.recipe.to_dict(),
              "splits": sources.splits_record(self.tasks), "run_spec": self.rs.to_dict()}
     if val_accuracy is not None:
       extra["val_accuracy"] = dict(val_accuracy)
@@ -170,7 +168,6 @@ def _prepare(rs: RunSpec, workdir: str, *, step: Optional[int] = None,
   """`read_only` (evaluation): the workdir's checkpoints are read, nothing there is created."""
   t0 = time.perf_counter()  # the run's wall time includes loading and the grouping warm-up
   mesh = parallel.data_mesh()
-  recipe = rs.recipe
   if not read_only:
     setup.check_workdir(workdir)
     paths.as_path(workdir).mkdir(parents=True, exist_ok=True)
@@ -199,19 +196,19 @@ def _prepare(rs: RunSpec, workdir: str, *, step: Optional[int] = None,
   total = rs.train.steps - counted if spec.family != "zeroshot" else 0
   if total > 0:
     setup.check_validation(rs.train.select, rs.data.val_fraction, tasks)
-  optimizer = optim.make_optimizer(recipe.recipe, max(total, 1))
+  optimizer = optim.make_optimizer(rs.recipe.recipe, max(total, 1))
   learned = multitask.init_learned(jax.random.key(rs.seed), clip.cfg, spec, len(tasks),
                                    groups, clip_params=clip.params, tokenizer=clip.tokenizer)
   if group_init is not None:
     learned = multitask.init_groups_from_shared(learned, group_init)
-  return _Run(rs=rs, mesh=mesh, clip=clip, tasks=tasks, names=[t.info.name for t in tasks], ckpt=ckpt,
+  return _Run(rs=rs, mesh=mesh, clip=clip, tasks=tasks, names=[t.info.name for t in tasks],
+              ckpt=ckpt,
               step=step, spec=spec, groups=groups, summary=summary,
-              dtype=rs.compute_dtype,
               frozen=parallel.replicate({"clip": clip.params, "class_tokens": class_tokens},
                                         mesh),
               optimizer=optimizer,
               state=parallel.replicate(train_step.init_state(learned, optimizer), mesh),
-              total=total, recipe=recipe, grouping_steps=grouping_steps,
+              total=total, grouping_steps=grouping_steps,
               budget_steps=total and rs.train.steps, t0=t0,
               text_sharding=rs.text_sharding(mesh))
 
@@ -229,7 +226,7 @@ def train_resolved(rs: RunSpec, workdir: str) -> dict:
           "task_names": run.names,
           "class_names": [list(t.info.class_names) for t in run.tasks],
           "method": run.spec.method, "prompt": dataclasses.asdict(run.spec),
-          "config": rs.config_dict(), "optim": run.recipe.to_dict(),
+          "config": rs.config_dict(), "optim": rs.recipe.to_dict(),
           "run_spec": rs.to_dict()}
   it = None
   if run.total > 0:
@@ -251,7 +248,7 @@ def train_resolved(rs: RunSpec, workdir: str) -> dict:
   writer = report.ScalarWriter(setup.workdir_paths(workdir)["tensorboard"],
                                purge_step=start + 1 if start else None)
   eval_fns = evaluation.make_eval_fns(run.clip.cfg, run.spec, run.groups, len(run.tasks),
-                                      dtype=run.dtype, text_sharding=run.text_sharding)
+                                      dtype=run.rs.compute_dtype, text_sharding=run.text_sharding)
   if run.total > 0:
     run.selection = selection_lib.Selection.from_json(
         restored.meta.get("selection") if restored is not None else None, rs.train.select)
@@ -314,7 +311,7 @@ def _train(run: _Run, it, meta, writer, start, preempt, run_eval) -> bool:
   """
   total, rs = run.total, run.rs
   k = rs.train.steps_per_call
-  loss_fn = train_step.make_loss_fn(run.clip.cfg, run.spec, run.groups, dtype=run.dtype,
+  loss_fn = train_step.make_loss_fn(run.clip.cfg, run.spec, run.groups, dtype=rs.compute_dtype,
                                     remat=rs.remat, text_sharding=run.text_sharding,
                                     seed=rs.seed)
   cadence = cadence_lib.Cadence(
@@ -333,7 +330,7 @@ def _train(run: _Run, it, meta, writer, start, preempt, run_eval) -> bool:
     call = lambda n: multi(run.state, run.frozen, it.next_steps(n))
     logging.info("steps_per_call=%d: %d calls of lengths %s", k, len(cadence.plan),
                  sorted(set(cadence.plan)))
-  schedule = optim.learning_rate_schedule(run.recipe.recipe, max(total, 1))
+  schedule = optim.learning_rate_schedule(rs.recipe.recipe, max(total, 1))
 
   for c in cadence.calls():
     done = c.last
@@ -399,7 +396,7 @@ def evaluate_workdir(config: Optional[mlc.ConfigDict], workdir: str, *, step: Op
       raise FileNotFoundError(f"checkpoint {run.step} in {run.ckpt.directory} holds no "
                               f"selected state for step {at}")
   eval_fns = evaluation.make_eval_fns(run.clip.cfg, run.spec, run.groups, len(run.tasks),
-                                      dtype=run.dtype, text_sharding=run.text_sharding)
+                                      dtype=run.rs.compute_dtype, text_sharding=run.text_sharding)
   accuracy, correct = run.evaluate(eval_fns, split=split, learned=learned,
                                    return_correct=True)
   if split == "test":

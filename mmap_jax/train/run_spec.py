@@ -144,10 +144,6 @@ class RunSpec:
   recorded_config: str           # the ConfigDict as JSON: recorded, never read below
 
   @property
-  def family(self) -> str:
-    return self.prompt.family
-
-  @property
   def compute_dtype(self):
     return setup.DTYPES[self.dtype]
 
@@ -196,7 +192,7 @@ def resolve(config: mlc.ConfigDict, num_devices: Optional[int] = None) -> RunSpe
   if d.name == "demo_domains":
     demo = tuple((k, int(d[k])) for k in ("demo_seed", "demo_images_per_class",
                                           "demo_image_size", "demo_world") if k in d)
-  p = config.get("parallel") or {}
+  shard_text, text_chunk = setup.parallel_fields(config)
   return RunSpec(
       method=str(config.method), seed=int(config.seed), clip_path=str(config.clip.path),
       dtype=str(config.clip.dtype), remat=bool(config.clip.remat),
@@ -229,7 +225,7 @@ def resolve(config: mlc.ConfigDict, num_devices: Optional[int] = None) -> RunSpe
           random_seed=int(config.seed if g.seed is None else g.seed),
           warmup_prompt=dataclasses.replace(prompt, method=WARMUP_METHOD) if gradient else None,
           warmup_recipe=warmup_recipe.recipe if gradient else None),
-      shard_text=bool(p.get("shard_text", True)), text_chunk=int(p.get("text_chunk", 0)),
+      shard_text=bool(shard_text), text_chunk=int(text_chunk),
       recorded_config=config.to_json_best_effort())
 
 

@@ -168,7 +168,7 @@ def validate(config: mlc.ConfigDict, num_devices: Optional[int] = None
       need(total < config.train.steps,
            f"groups.init_from_warmup=True counts the grouping warm-up's {total} steps against "
            f"train.steps={config.train.steps}: raise train.steps or shorten groups.warmup_steps")
-  shard_text, text_chunk = _parallel_fields(config)
+  shard_text, text_chunk = parallel_fields(config)
   need(isinstance(shard_text, bool), f"parallel.shard_text={shard_text!r} must be true or false")
   need(isinstance(text_chunk, int) and not isinstance(text_chunk, bool) and text_chunk >= 0,
        f"parallel.text_chunk={text_chunk!r} must be an integer >= 0 (0: no chunking)")
@@ -183,7 +183,7 @@ def validate(config: mlc.ConfigDict, num_devices: Optional[int] = None
   return resolved, warmup, spec
 
 
-def _parallel_fields(config: mlc.ConfigDict) -> tuple[Any, Any]:
+def parallel_fields(config: mlc.ConfigDict) -> tuple[Any, Any]:
   """(parallel.shard_text, parallel.text_chunk); configs written before them get the defaults."""
   p = config.get("parallel") or {}
   return p.get("shard_text", True), p.get("text_chunk", 0)
