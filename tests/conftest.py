@@ -12,7 +12,12 @@ import os
 import shutil
 import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# LLVM's backend at -O0: compiling, not running, is most of each test's time (the programs are
+# tiny), and -O0 halves a tiny train step's compile time. Only the machine code's optimisation
+# changes: the HLO, its fusion and sharding are the same, and every comparison a test makes is
+# between programs built with the same flags (subprocesses inherit them: train_fixtures.xla_flags).
+TEST_COMPILE_FLAGS = "--xla_backend_optimization_level=0"
+os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {TEST_COMPILE_FLAGS}")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="mmap_jax_tests_xla_cache_")

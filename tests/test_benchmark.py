@@ -19,6 +19,7 @@ from mmap_jax import heads
 from mmap_jax.apps import benchmark, measure
 from mmap_jax.models import clip
 from mmap_jax.prompts import multitask
+from tests import train_fixtures as fx
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -103,6 +104,7 @@ def test_benchmark_uses_the_trainers_optimizer_and_loss(bpe_path, monkeypatch):
 
 # ----------------------------------------------------------------------------- torch reference
 
+@pytest.mark.slow   # a long compile: full suite only
 def test_torch_reference_matches_jax_loss_and_gradients(bpe_path):
   torch = pytest.importorskip("torch")
   sys.path.insert(0, str(REPO))
@@ -146,7 +148,7 @@ def test_torch_reference_matches_jax_loss_and_gradients(bpe_path):
 def _launch(args, tmp_path, devices=1, timeout=600):
   out = tmp_path / "bench.json"
   env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+             XLA_FLAGS=fx.xla_flags(devices))
   cmd = [sys.executable, "-m", "launch.benchmark", f"--config=configs/benchmark.py:tiny,{args}",
          f"--out={out}"]
   proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)

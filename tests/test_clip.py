@@ -175,6 +175,7 @@ def test_bfloat16_compute_is_close_and_returns_float32(params, inputs):
       assert rel(half, full) < 3e-2, (fn.__name__, j, rel(half, full))
 
 
+@pytest.mark.slow   # a long compile: full suite only
 def test_jit_and_remat_give_identical_results(params, inputs):
   vp, tp = inputs["vp"][2], inputs["tp"][2]
   emb, eot = clip.embed_tokens(params, inputs["ids"]), clip.eot_positions(inputs["ids"], EOT)

@@ -240,6 +240,7 @@ def test_tiny_openai_parity(tiny, tmp_path_factory, filename, fmt):
                tmp_path_factory.getbasetemp())
 
 
+@pytest.mark.slow   # a long compile: full suite only
 def test_vit_b16_parity(tmp_path_factory, tokenizer):
   """ViT-B/16's real shape through the HF and the OpenAI state-dict loaders (~1.5 GB peak)."""
   torch.set_num_threads(2)

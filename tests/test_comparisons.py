@@ -197,6 +197,7 @@ def test_lora_dropout_masks_each_target_independently():
   np.testing.assert_array_equal(clip._lora_down(x, no_drop), jnp.full((4000, 3), 6.0))
 
 
+@pytest.mark.slow   # a long compile: full suite only
 def test_lora_dropout_only_in_training(tok, params, data):
   """CLIP-LoRA's dropout (0.25) acts when a training step passes a key; evaluation (no key)
   runs the undropped model, equal to the merged weights prediction uses."""

@@ -65,7 +65,7 @@ def _cmd(env, module: str, workdir, *extra: str, fault: str | None = None) -> li
 
 def _proc_env(devices: int, logs: pathlib.Path, tag: str, extra: dict) -> dict:
   e = fx.subprocess_env()
-  e["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  e["XLA_FLAGS"] = fx.xla_flags(devices)
   e["PYTHONPATH"] = f"{AUDIT}{os.pathsep}{REPO}"
   e["MMAP_JAX_READ_LOG"] = str(logs / f"reads.{tag}.jsonl")
   e["MMAP_JAX_WRITE_LOG"] = str(logs / f"writes.{tag}.tsv")
@@ -340,13 +340,15 @@ _PREEMPTED_AT = re.compile(r"preempted: checkpoint of step (\d+) saved")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig,codes", [("SIGTERM", [143, 143]), ("SIGINT", [130, 143])])
-def test_sigterm_to_one_process_stops_both_at_the_same_step_and_resumes(env, two, sig, codes):
-  """SIGTERM (or Ctrl-C) to process 0 only, after step 2: jax's preemption sync point makes both
-  processes save the same step and exit 143 (a per-process flag would leave process 1 training
-  alone and hang in its next collective); process 0 exits 130 after a Ctrl-C, which it forwards
-  to itself as SIGTERM. The same command then resumes to the uninterrupted result.
-  Checkpoints every 5 steps here, so the agreed step's checkpoint exists only for the signal."""
+def test_a_signal_to_one_process_stops_both_at_the_same_step_and_resumes(env, two):
+  """Ctrl-C to process 0 only, after step 2. Process 0 forwards it to itself as SIGTERM, so this
+  runs the SIGTERM path as well (a plain SIGTERM differs only in process 0's exit status, 143,
+  which tests/test_train_e2e.py checks): jax's preemption sync point makes both processes save
+  the same step (a per-process flag would leave process 1 training alone and hang in its next
+  collective); process 0 exits 130, process 1 143. The same command then resumes to the
+  uninterrupted result. Checkpoints every 5 steps here, so the agreed step's checkpoint exists
+  only for the signal."""
+  sig, codes = "SIGINT", [130, 143]
   w_ref, _ = two
   workdir, logs = env["root"] / sig.lower(), env["root"] / f"logs_{sig.lower()}"
   port = _free_port()
@@ -458,3 +460,28 @@ def test_batch_must_split_over_the_global_device_count(env):
   c.input.eval_batch_size, c.input.batch_size = 16, 12
   with pytest.raises(setup.ConfigError, match=r"input\.batch_size=12 .* 8 devices"):
     setup.validate(c, 8)
+
+
+def test_replicate_in_several_processes_places_local_copies_without_a_gather(monkeypatch):
+  """With several processes, `parallel.replicate` must not `jax.device_put` host data onto the
+  global mesh: for a sharding that is not fully addressable, jax checks such data by
+  all-gathering every whole leaf from every process (`multihost_utils.assert_equal`, in
+  `jax._src.dispatch`), so H copies of CLIP reach each of H hosts. Here process_count is faked to
+  2 and device_put raises; the result is the same replicated tree. (The real multi-process runs
+  above go through the same path.)"""
+  def no_device_put(*args, **kwargs):
+    raise AssertionError("replicate called jax.device_put")
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(jax, "device_put", no_device_put)
+  mesh = parallel.data_mesh()
+  tree = {"w": np.arange(12, dtype=np.float32).reshape(3, 4), "step": np.int32(7),
+          "b": np.ones((5,), jax.numpy.bfloat16)}
+  out = parallel.replicate(tree, mesh)
+  for k, leaf in tree.items():
+    assert out[k].sharding == parallel.replicated(mesh) and out[k].dtype == leaf.dtype
+    assert out[k].shape == leaf.shape and len(out[k].addressable_shards) == 8
+    for shard in out[k].addressable_shards:
+      np.testing.assert_array_equal(np.asarray(shard.data), leaf)
+  monkeypatch.setattr(jax, "process_count", lambda: 1)
+  with pytest.raises(AssertionError, match="device_put"):   # one process: device_put, as before
+    parallel.replicate(tree, mesh)

@@ -227,6 +227,7 @@ def test_deep_prompts_replace_not_accumulate(tok, params, data):
 
 # ----------------------------------------------------------------------------- gradients
 
+@pytest.mark.slow   # a long compile: full suite only
 def test_single_task_methods_get_exact_single_task_gradients(tok, params, data):
   """mmap_st sums per-task losses: task t's gradient is its own single-task gradient.
 

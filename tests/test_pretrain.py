@@ -184,12 +184,12 @@ class _NullWriter:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig,status", [("SIGTERM", 143), ("SIGINT", 130)])
-def test_a_signal_saves_exits_with_its_status_and_resumes(local_run, tmp_path, bpe_path, sig,
-                                                           status):
-  """launch.pretrain under SIGTERM (or Ctrl-C) after step 1 (tests/faults.py): checkpoint 1
-  (ckpt_every=2, so only the signal made it), status 143 (130), no output; the same call
-  resumes to the weights of the straight run."""
+def test_a_signal_saves_exits_with_its_status_and_resumes(local_run, tmp_path, bpe_path):
+  """launch.pretrain under Ctrl-C after step 1 (tests/faults.py): checkpoint 1 (ckpt_every=2,
+  so only the signal made it), status 130, no output; the same call resumes to the weights of
+  the straight run. (Pretraining stops through the trainer's `cadence.Preemption`; SIGTERM's
+  143 is checked on launch.train in tests/test_train_e2e.py.)"""
+  sig, status = "SIGINT", 130
   _, first = local_run
   work = tmp_path / "work"
   proc = subprocess.run(

@@ -344,6 +344,7 @@ def _features(params, spec, learned, ct, share_prefix):
   return np.asarray(heads.text_features(params, TINY, prompts.text, ct, share_prefix=share_prefix))
 
 
+@pytest.mark.slow   # a long compile: full suite only
 def test_maple_depth1_text_features_at_init_equal_clip_zero_shot(tokenizer, tiny_params):
   """With learned tokens = "a photo" and fixed "of a", the class prompt IS CLIP's
   "a photo of a {class}." at step 0, when only layer 0 is prompted (depth 1; so for CoOp's

@@ -181,6 +181,7 @@ def test_cadence_checks_one_call_late_and_saves_on_preemption():
   assert found == [4] and ckpt.saved == [4] and ckpt.waited == 1
 
 
+@pytest.mark.slow   # a long compile: full suite only
 def test_scanned_grouping_steps_equal_single_grouping_steps(bpe_path):
   """The grouping warm-up's K-step call == K single grouping steps (affinity included), exactly."""
   import dataclasses

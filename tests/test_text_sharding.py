@@ -67,8 +67,8 @@ def loss_and_grads(spec, groups, learned, frozen, data, text_sharding, **kw):
   return jit0(jax.value_and_grad(fn, has_aux=True))(learned, frozen, data)
 
 
-# Every family; the quick tier keeps three (group prompts, per-task LoRA, per-task full CLIP).
-QUICK = ("mmap_mt", "lora_st", "fullft_st")
+# Every family; the quick tier keeps two (group prompts, per-task LoRA).
+QUICK = ("mmap_mt", "lora_st")
 METHODS = [m if m in QUICK else pytest.param(m, marks=pytest.mark.slow)
            for m in ("mmap_mt", "lora_st", "fullft_st", "maple_st", "coop_mt", "vpt_mt", "ivlp_mt",
                      "mmap_shared", "clipadapter_st", "clipadapter_mt", "bitfit_mt", "bitfit_st",
@@ -86,7 +86,8 @@ def test_split_text_tower_equals_replicated(tok, params, method):
 
 
 @pytest.mark.parametrize("text_sharding", [
-    parallel.TextSharding(parallel.data_mesh(jax.devices()[:4]), chunk=1),  # 2 chunks/device
+    pytest.param(parallel.TextSharding(parallel.data_mesh(jax.devices()[:4]), chunk=1),
+                 marks=pytest.mark.slow),  # 2 chunks/device
     pytest.param(parallel.TextSharding(MESH, chunk=1), marks=pytest.mark.slow),  # 1 chunk
     pytest.param(parallel.TextSharding(None, chunk=3), marks=pytest.mark.slow)])  # 3, replicated
 def test_chunked_text_encoder_equals_replicated(tok, params, text_sharding):
@@ -136,6 +137,7 @@ def test_split_in_bfloat16_stays_close(tok, params):
   close(grads, ref_grads, tol=5e-2)
 
 
+@pytest.mark.slow   # a long compile: full suite only
 def test_grouping_gradients_and_evaluation_text_split(tok, params):
   """The grouping step's per-task gradients (vmap over tasks) and evaluation's text features."""
   spec, _, learned, ct = learned_for("mmap_shared", params, tok)

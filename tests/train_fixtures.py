@@ -61,9 +61,16 @@ def override_flags(data_dir: str) -> list[str]:
   return out
 
 
+def xla_flags(devices: int = 8) -> str:
+  """This test session's XLA_FLAGS (tests/conftest.py) with `devices` fake CPU devices."""
+  _DEVICES = "--xla_force_host_platform_device_count="
+  rest = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(_DEVICES)]
+  return " ".join([f"{_DEVICES}{devices}", *rest])
+
+
 def subprocess_env() -> dict:
   env = dict(os.environ)
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+  env["XLA_FLAGS"] = xla_flags(8)
   env["JAX_PLATFORMS"] = "cpu"
   env["PYTHONPATH"] = str(pathlib.Path(__file__).resolve().parents[1])
   return env

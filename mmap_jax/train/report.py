@@ -1,8 +1,10 @@
 """What a researcher reads: progress lines, TensorBoard scalars, and the final accuracy table."""
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import sys
 import time
 from typing import Mapping, Optional, Sequence
 
@@ -91,9 +93,32 @@ class _EpathRecordFactory:
     del path  # Object stores have no directories to create.
 
 
+@contextlib.contextmanager
+def _without_torch_import():
+  """tensorboardX's writer module tries `import torch` (only to accept torch tensors in
+  add_scalar); where torch is installed but not loaded, that costs every launch ~1.5 s of CPU
+  for nothing this trainer logs. While tensorboardX imports, `import torch` fails as if torch
+  were absent, so tensorboardX falls back to numpy; a later `import torch` works as usual."""
+  if "torch" in sys.modules:
+    yield
+    return
+  sys.modules["torch"] = None   # makes `import torch` raise ImportError
+  try:
+    yield
+  finally:
+    if sys.modules.get("torch", 0) is None:
+      del sys.modules["torch"]
+
+
+def _tensorboardx():
+  with _without_torch_import():
+    import tensorboardX
+  return tensorboardX
+
+
 def _register_epath_event_files() -> None:
   """tensorboardX writes `scheme://` logdirs of every epath scheme through _EpathRecordFile."""
-  from tensorboardX import record_writer
+  record_writer = _tensorboardx().record_writer
   for scheme in paths.URI_SCHEMES:
     record_writer.register_writer_factory(scheme, _EpathRecordFactory())
 
@@ -111,7 +136,7 @@ class ScalarWriter:
     it, so steps logged again after a resume appear once."""
     self._writer = None
     if jax.process_index() == 0:
-      from tensorboardX import SummaryWriter
+      SummaryWriter = _tensorboardx().SummaryWriter
       logdir = paths.as_path(logdir)
       if paths.is_uri(logdir):
         _register_epath_event_files()
