@@ -363,6 +363,7 @@ def test_predict_command_line(converted, tmp_path):
     assert r["top"] == max(probs, key=probs.get)
 
 
+@pytest.mark.slow   # `converted` runs launch.convert
 def test_predict_matches_direct_computation(converted, tmp_path):
   """Batch padding and prompt plumbing do not change the numbers."""
   images = _write_images(tmp_path, sizes=((48, 40), (30, 64), (32, 32)))
