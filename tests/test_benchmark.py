@@ -205,7 +205,7 @@ def test_accelerator_script_runs_the_tiny_sweep_on_cpu(tmp_path):
   """benchmarks/accelerator.sh on CPU: every dtype x remat row (no MFU: CPU is not a known
   device), the markdown table on stderr."""
   out = tmp_path / "accel.json"
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS=fx.xla_flags(1), JAX_PLATFORMS="cpu")
   proc = subprocess.run(["bash", "benchmarks/accelerator.sh", str(out), "tiny,max_batch=8"],
                         cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
