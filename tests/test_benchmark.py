@@ -178,11 +178,15 @@ def test_benchmark_command_writes_json(tmp_path):
 
 
 @pytest.mark.slow
-def test_compile_only_writes_per_device_costs_of_both_steps(tmp_path):
-  """compile_only on 8 fake devices: per-device FLOPs / temp bytes, nothing timed; the split text
-  tower costs each device less than the replicated one."""
-  split = _launch("compile_only,grouping", tmp_path, devices=8)
-  replicated = _launch("compile_only,grouping,shard_text=false", tmp_path, devices=8)
+def test_compile_only_writes_per_device_costs_of_both_steps():
+  """compile_only on the session's 8 fake devices (in process: the command line itself is
+  test_benchmark_command_writes_json's): per-device FLOPs / temp bytes, nothing timed; the split
+  text tower costs each device less than the replicated one."""
+  assert jax.device_count() == 8
+  run = lambda args: json.loads(json.dumps(benchmark.run(
+      benchmark_config.get_config(f"tiny,{args}"), log=lambda s: None)))
+  split = run("compile_only,grouping")
+  replicated = run("compile_only,grouping,shard_text=false")
   for r in (split, replicated):
     assert r["devices"] == 8 and r["compile_only"] and "step_s_median" not in r
     for part in ("train_step", "grouping_step"):
