@@ -230,6 +230,9 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
     return jax.device_put(tree, sharding)
 
   def place(leaf):
+    if jax.dtypes.issubdtype(getattr(leaf, "dtype", None), jax.dtypes.prng_key):
+      data = place(jax.random.key_data(leaf))       # typed PRNG keys travel as their raw data
+      return jax.random.wrap_key_data(data, impl=jax.random.key_impl(leaf))
     host = np.asarray(leaf)
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
   return jax.tree.map(place, tree)

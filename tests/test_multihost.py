@@ -476,7 +476,11 @@ def test_replicate_in_several_processes_places_local_copies_without_a_gather(mon
   mesh = parallel.data_mesh()
   tree = {"w": np.arange(12, dtype=np.float32).reshape(3, 4), "step": np.int32(7),
           "b": np.ones((5,), jax.numpy.bfloat16)}
-  out = parallel.replicate(tree, mesh)
+  key = jax.random.key(3)
+  out = parallel.replicate({**tree, "key": key}, mesh)
+  assert out["key"].sharding == parallel.replicated(mesh)
+  np.testing.assert_array_equal(jax.random.key_data(out["key"]), jax.random.key_data(key))
+  np.testing.assert_array_equal(jax.random.normal(out["key"], (2,)), jax.random.normal(key, (2,)))
   for k, leaf in tree.items():
     assert out[k].sharding == parallel.replicated(mesh) and out[k].dtype == leaf.dtype
     assert out[k].shape == leaf.shape and len(out[k].addressable_shards) == 8
