@@ -13,7 +13,7 @@ import shutil
 import tempfile
 
 # LLVM's backend at -O0: compiling, not running, is most of each test's time (the programs are
-# tiny), and -O0 halves a tiny train step's compile time. Only the machine code's optimisation
+# tiny), and -O0 compiles them faster. Only the machine code's optimisation
 # changes: the HLO, its fusion and sharding are the same, and every comparison a test makes is
 # between programs built with the same flags (subprocesses inherit them: train_fixtures.xla_flags).
 TEST_COMPILE_FLAGS = "--xla_backend_optimization_level=0"

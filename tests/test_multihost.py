@@ -348,16 +348,15 @@ def test_a_signal_to_one_process_stops_both_at_the_same_step_and_resumes(env, tw
   collective); process 0 exits 130, process 1 143. The same command then resumes to the
   uninterrupted result. Checkpoints every 5 steps here, so the agreed step's checkpoint exists
   only for the signal."""
-  sig, codes = "SIGINT", [130, 143]
   w_ref, _ = two
-  workdir, logs = env["root"] / sig.lower(), env["root"] / f"logs_{sig.lower()}"
+  workdir, logs = env["root"] / "sigint", env["root"] / "logs_sigint"
   port = _free_port()
   every5 = lambda cmd: [("--config.train.ckpt_every=5" if a.startswith(
       "--config.train.ckpt_every=") else a) for a in cmd]
-  stopped = launch(every5(_cmd(env, "launch.train", workdir, fault=f"2:{sig}:0")), logs,
+  stopped = launch(every5(_cmd(env, "launch.train", workdir, fault="2:SIGINT:0")), logs,
                    fresh=workdir, processes=2, devices=2, port=port)
-  assert [r.returncode for r in stopped] == codes, [r.stderr[-3000:] for r in stopped]
-  assert f"[tests.faults] sending {sig}" in stopped[0].stderr
+  assert [r.returncode for r in stopped] == [130, 143], [r.stderr[-3000:] for r in stopped]
+  assert "[tests.faults] sending SIGINT" in stopped[0].stderr
   assert "[tests.faults]" not in stopped[1].stderr
   saved = [[int(m) for m in _PREEMPTED_AT.findall(r.stderr)] for r in stopped]
   assert len(saved[0]) == 1 and saved[0] == saved[1], saved
@@ -368,7 +367,7 @@ def test_a_signal_to_one_process_stops_both_at_the_same_step_and_resumes(env, tw
                 if p.name.isdigit()) == [step]
   assert not (workdir / "results.json").exists()
   resumed = _ok(launch(every5(_cmd(env, "launch.train", workdir)),
-                       env["root"] / f"logs_{sig.lower()}_resumed", processes=2, devices=2,
+                       env["root"] / "logs_sigint_resumed", processes=2, devices=2,
                        port=port))
   assert all(f"at step {step}" in r.stderr for r in resumed)
   ref = _assert_same_learned_state(w_ref, workdir)

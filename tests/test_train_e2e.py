@@ -709,3 +709,20 @@ def test_invalid_steps_per_call_is_rejected(env, tmp_path):
   c = _spc_config(env, 0)
   with pytest.raises(setup.ConfigError, match=r"train\.steps_per_call"):
     loop.train_and_evaluate(c, str(tmp_path / "bad"))
+
+
+@pytest.mark.slow
+def test_tensorboard_writer_does_not_load_torch(tmp_path):
+  """tensorboardX would import an installed torch in every launch; the writer blocks that
+  import while tensorboardX loads, and torch stays importable afterwards."""
+  pytest.importorskip("torch")
+  code = ("import sys\n"
+          "from mmap_jax.train import report\n"
+          f"w = report.ScalarWriter({str(tmp_path / 'tb')!r}); w.scalars(1, {{'x': 1.0}}); w.close()\n"
+          "assert 'torch' not in sys.modules, 'torch was loaded'\n"
+          "import torch\n"
+          "print('ok', torch.__version__)\n")
+  proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=fx.subprocess_env(),
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0 and proc.stdout.startswith("ok"), proc.stderr[-3000:]
+  assert list((tmp_path / "tb").glob("events.out.tfevents.*"))

@@ -96,8 +96,8 @@ class _EpathRecordFactory:
 @contextlib.contextmanager
 def _without_torch_import():
   """tensorboardX's writer module tries `import torch` (only to accept torch tensors in
-  add_scalar); where torch is installed but not loaded, that costs every launch ~1.5 s of CPU
-  for nothing this trainer logs. While tensorboardX imports, `import torch` fails as if torch
+  add_scalar); where torch is installed but not loaded, every launch would pay for importing
+  torch, for nothing this trainer logs. While tensorboardX imports, `import torch` fails as if torch
   were absent, so tensorboardX falls back to numpy; a later `import torch` works as usual."""
   if "torch" in sys.modules:
     yield
