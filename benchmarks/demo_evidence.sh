@@ -4,7 +4,7 @@
 #   bash benchmarks/demo_evidence.sh PIECE [SECONDS]
 #
 #   tune      every family's MT form and MmAP-ST: lr x 1/2, 1, 2 (extended until the best is
-#             interior) on validation, tuning seeds 100, 101
+#             interior, at most 6 times a side) on validation, tuning seeds 100, 101
 #   table     every method and the MmAP ablations, tuned lrs, seeds 0-4, delta_ci vs MmAP-MT
 #   budget    VPT, MaPLe and IVLP at MmAP-MT's prompt budget (prompt.budget=equal), seeds 0-4
 #   grouping  gradient grouping against a random partition per seed (5 draws), seeds 0-4
@@ -34,7 +34,8 @@ sweep() {
 five=--seeds=0,1,2,3,4
 case "$piece" in
   tune)
-    limited python3 -m launch.tune --config=configs/demo.py --workdir="$root/tune" --factors=0.5,1,2 ;;
+    limited python3 -m launch.tune --config=configs/demo.py --workdir="$root/tune" --factors=0.5,1,2 \
+      --max_extensions=6 ;;
   table)
     sweep table "$five" --sweep='method=mmap_mt,zeroshot,coop_mt,vpt_mt,maple_mt,ivlp_mt,clipadapter_mt,bitfit_mt,lora_mt,fullft_mt,mmap_st,mmap_indep_mt,mmap_shared_mt,mmap_task_mt' ;;
   budget)

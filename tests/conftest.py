@@ -12,11 +12,14 @@ import os
 import shutil
 import tempfile
 
-# LLVM's backend at -O0: compiling, not running, is most of each test's time (the programs are
-# tiny), and -O0 compiles them faster. Only the machine code's optimisation
-# changes: the HLO, its fusion and sharding are the same, and every comparison a test makes is
-# between programs built with the same flags (subprocesses inherit them: train_fixtures.xla_flags).
-TEST_COMPILE_FLAGS = "--xla_backend_optimization_level=0"
+# Compiling, not running, is most of each test's time (the programs are tiny), so tests compile
+# for speed of compiling: LLVM's backend at -O0, and XLA:CPU's older (non-MLIR) fusion emitters,
+# which emit the same fusions' code in far less time (WORKSPACE, "Running", has the suite's
+# times with and without them). Only the machine code changes: the HLO, its fusion and sharding
+# are the same, and every comparison a test makes is between programs built with the same flags
+# (subprocesses inherit them: train_fixtures.xla_flags). Launches and benchmarks outside the
+# tests keep XLA's defaults.
+TEST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
 os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {TEST_COMPILE_FLAGS}")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
@@ -46,6 +49,15 @@ def tok(bpe_path):
   """The real CLIP tokenizer (built once per test session)."""
   from mmap_jax.tokenizer import ClipTokenizer
   return ClipTokenizer.from_bpe_file(bpe_path)
+
+
+@pytest.fixture
+def xla_default_codegen():
+  """The test's compiles use XLA:CPU's default fusion emitters (train_fixtures.xla_default_codegen):
+  for tests of bit-exactness claims between differently structured programs."""
+  from tests import train_fixtures
+  with train_fixtures.xla_default_codegen():
+    yield
 
 
 @pytest.fixture(autouse=True)

@@ -176,7 +176,7 @@ def test_bfloat16_compute_is_close_and_returns_float32(params, inputs):
 
 
 @pytest.mark.slow   # a long compile: full suite only
-def test_jit_and_remat_give_identical_results(params, inputs):
+def test_jit_and_remat_give_identical_results(params, inputs, xla_default_codegen):
   vp, tp = inputs["vp"][2], inputs["tp"][2]
   emb, eot = clip.embed_tokens(params, inputs["ids"]), clip.eot_positions(inputs["ids"], EOT)
 

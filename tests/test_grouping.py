@@ -491,7 +491,7 @@ def _random_clip(cfg, seed=0):
 
 
 @pytest.mark.slow
-def test_mmap_shared_per_task_gradients_on_tiny_clip(bpe_path):
+def test_mmap_shared_per_task_gradients_on_tiny_clip(bpe_path, xla_default_codegen):
   """The real per-task loss (heads.per_task_loss_fn, method mmap_shared) through the tiny CLIP:
   vmapped gradients equal a loop of single-task gradients, and a jitted grouping step on it
   records their cosines, over all leaves (groups.affinity_params=all) or over the source prompts

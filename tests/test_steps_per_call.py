@@ -28,7 +28,7 @@ def _optimizer():
 
 
 @pytest.mark.slow
-def test_scanned_steps_equal_single_steps_bit_for_bit(bpe_path):
+def test_scanned_steps_equal_single_steps_bit_for_bit(bpe_path, xla_default_codegen):
   """K steps in one call == K calls of the single step: state and every step's metrics, exactly
   (CPU, float32), including a chunk length of 1. (optim.accum_steps runs inside the same
   shared step function; not repeated here, to keep the test's compiles few.)"""
@@ -182,7 +182,7 @@ def test_cadence_checks_one_call_late_and_saves_on_preemption():
 
 
 @pytest.mark.slow   # a long compile: full suite only
-def test_scanned_grouping_steps_equal_single_grouping_steps(bpe_path):
+def test_scanned_grouping_steps_equal_single_grouping_steps(bpe_path, xla_default_codegen):
   """The grouping warm-up's K-step call == K single grouping steps (affinity included), exactly."""
   import dataclasses
   from mmap_jax import grouping

@@ -642,14 +642,16 @@ def single_step_run(env):
   mp = MonkeyPatch()
   try:
     workdir = env["root"] / "spc1"
-    result, writes = _recorded_run(mp, _spc_config(env, 1), workdir)
+    with fx.xla_default_codegen():     # the K=3 runs compared with it compile the same way
+      result, writes = _recorded_run(mp, _spc_config(env, 1), workdir)
   finally:
     mp.undo()
   return workdir, result, writes
 
 
 @pytest.mark.slow
-def test_steps_per_call_matches_single_steps_at_every_boundary(env, single_step_run, monkeypatch):
+def test_steps_per_call_matches_single_steps_at_every_boundary(env, single_step_run, monkeypatch,
+                                                               xla_default_codegen):
   """K=3 over 7 steps: the same logged losses, evaluations and checkpoints at the same steps,
   and bit-identical final prompts, as one step per call."""
   ref_dir, ref_result, ref_writes = single_step_run
@@ -668,7 +670,8 @@ def test_steps_per_call_matches_single_steps_at_every_boundary(env, single_step_
 
 
 @pytest.mark.slow
-def test_steps_per_call_resumes_from_any_checkpoint(env, single_step_run, monkeypatch):
+def test_steps_per_call_resumes_from_any_checkpoint(env, single_step_run, monkeypatch,
+                                                     xla_default_codegen):
   """A K=3 run resumed from the K=1 run's step-3 checkpoint ends with the same state."""
   import shutil
   ref_dir, ref_result, ref_writes = single_step_run

@@ -1,6 +1,7 @@
 """Shared fixtures of the trainer tests: a tiny converted CLIP and a tiny demo config."""
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 
@@ -66,6 +67,35 @@ def xla_flags(devices: int = 8) -> str:
   _DEVICES = "--xla_force_host_platform_device_count="
   rest = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(_DEVICES)]
   return " ".join([f"{_DEVICES}{devices}", *rest])
+
+
+@contextlib.contextmanager
+def xla_default_codegen():
+  """Programs compiled inside use XLA:CPU's default (MLIR) fusion emitters, as launches do.
+
+  tests/conftest.py compiles with the older emitters, which compile faster but do not give
+  differently structured programs (K steps scanned vs single steps, remat vs plain jit, vmap vs a
+  loop) the bit-identical results that the default emitters give. Tests of those claims run
+  their compiles in here. jax has no public switch for the options of compiles it starts itself
+  (jit's `compiler_options` reaches only the test's own jit calls), so this wraps its
+  `get_compile_options` (a missing attribute fails the test loudly) to add the option the way
+  `compiler_options` does; it is part of the compilation-cache key, so no executable of the
+  other kind is reused.
+  """
+  from jax._src import compiler
+  original = compiler.get_compile_options
+
+  def with_default_emitters(*args, **kwargs):
+    options = original(*args, **kwargs)
+    options.env_option_overrides = [*options.env_option_overrides,
+                                    ("xla_cpu_use_fusion_emitters", True)]
+    return options
+
+  compiler.get_compile_options = with_default_emitters
+  try:
+    yield
+  finally:
+    compiler.get_compile_options = original
 
 
 def subprocess_env() -> dict:
