@@ -624,11 +624,13 @@ def test_demo_evidence_pieces_are_valid_sweeps(tmp_path):
   env = fx.subprocess_env() | {"EVIDENCE_ROOT": str(tmp_path), "EVIDENCE_PRINT_ONLY": "1"}
   expected = {"table": 14 * 5, "budget": 4 * 5, "grouping": 2 * 5, "affinity": 2 * 5,
               "shots": 7 * 4 * 3}
+  procs = {piece: subprocess.Popen(["bash", "benchmarks/demo_evidence.sh", piece], cwd=REPO,
+                                   env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True) for piece in expected}   # concurrently: mostly imports
   for piece, runs in expected.items():
-    proc = subprocess.run(["bash", "benchmarks/demo_evidence.sh", piece], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, (piece, proc.stderr[-3000:])
-    lines = [l for l in proc.stdout.splitlines() if "launch.train" in l]
+    stdout, stderr = procs[piece].communicate(timeout=300)
+    assert procs[piece].returncode == 0, (piece, stderr[-3000:])
+    lines = [l for l in stdout.splitlines() if "launch.train" in l]
     assert len(lines) == runs, (piece, len(lines))
     assert all(str(tmp_path / piece) in l for l in lines), piece
   bad = subprocess.run(["bash", "benchmarks/demo_evidence.sh", "nope"], cwd=REPO, env=env,
