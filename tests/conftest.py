@@ -14,8 +14,8 @@ import tempfile
 
 # Compiling, not running, is most of each test's time (the programs are tiny), so tests compile
 # for speed of compiling: LLVM's backend at -O0, and XLA:CPU's older (non-MLIR) fusion emitters,
-# which emit the same fusions' code in far less time (WORKSPACE, "Running", has the suite's
-# times with and without them). Only the machine code changes: the HLO, its fusion and sharding
+# which emit the same fusions' code in far less time (WORKSPACE, "Running": the suite's times).
+# Only the machine code changes: the HLO, its fusion and sharding
 # are the same, and every comparison a test makes is between programs built with the same flags
 # (subprocesses inherit them: train_fixtures.xla_flags). Launches and benchmarks outside the
 # tests keep XLA's defaults.

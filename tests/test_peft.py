@@ -359,9 +359,8 @@ def e2e_env(tmp_path_factory, bpe_path):
 
 # Each PEFT layout through the trainer once: the adapter (clipadapter_mt), shared text and image
 # weights (bitfit_mt) and per-task weights with LoRA's merge for prediction (lora_st). The other
-# forms train through the same code path: their gradients are checked exactly above
-# (test_st_gradient_of_task_t_is_its_single_task_gradient, the init tests), and every MT form
-# runs in the demo evidence's sweeps.
+# forms train through the same trainer code path, and their gradients are checked exactly above
+# (test_st_gradient_of_task_t_is_its_single_task_gradient, the init tests of every form).
 E2E_METHODS = ("clipadapter_mt", "bitfit_mt", "lora_st")
 
 

@@ -14,7 +14,7 @@ import pytest
 from configs import benchmark as benchmark_config
 from mmap_jax.apps import benchmark
 from mmap_jax.prompts import multitask
-from mmap_jax.train import chunks, loop, optim, step as train_step
+from mmap_jax.train import chunks, optim, step as train_step
 
 
 def _tiny(bpe_path):

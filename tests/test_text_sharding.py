@@ -72,17 +72,19 @@ def loss_and_grads(spec, groups, learned, frozen, data, text_sharding, **kw):
 # (vpt_mt), per-task text weights (lora_st), shared text weights (bitfit_mt, fullft_mt) and the
 # adapter after the text features (clipadapter_mt). The other ST/MT forms of the PEFT families use
 # the same layouts. The quick tier keeps two (group prompts, per-task LoRA).
+# coop_mt runs without the shared text prefix (the default elsewhere), so both prefix paths split.
 QUICK = ("mmap_mt", "lora_st")
-METHODS = [m if m in QUICK else pytest.param(m, marks=pytest.mark.slow)
+METHODS = [(m, m != "coop_mt") if m in QUICK else
+           pytest.param(m, m != "coop_mt", marks=pytest.mark.slow)
            for m in ("mmap_mt", "lora_st", "maple_st", "coop_mt", "vpt_mt", "ivlp_mt",
                      "mmap_shared", "clipadapter_mt", "bitfit_mt", "fullft_mt")]
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_split_text_tower_equals_replicated(tok, params, method):
+@pytest.mark.parametrize("method,share_prefix", METHODS)
+def test_split_text_tower_equals_replicated(tok, params, method, share_prefix):
   spec, groups, learned, ct = learned_for(method, params, tok)
   frozen, data = {"clip": params, "class_tokens": ct}, batch()
-  kw = {"share_prefix": False} if method == "coop_mt" else {}   # the unshared prefix, once
+  kw = {"share_prefix": share_prefix}
   (loss, _), grads = loss_and_grads(spec, groups, learned, frozen, data, SPLIT, **kw)
   (ref, _), ref_grads = loss_and_grads(spec, groups, learned, frozen, data, REPLICATED, **kw)
   close(loss, ref)
@@ -109,7 +111,7 @@ def test_chunked_text_encoder_equals_replicated(tok, params, text_sharding):
 @pytest.mark.slow
 def test_split_holds_with_remat_accumulation_and_steps_per_call(tok, params):
   """K=2 optimizer steps per call with 2 micro-batches each: the same state as replicated (the
-  default shared text prefix; without it: test_split_text_tower_equals_replicated[coop_mt])."""
+  default shared text prefix; without it: test_split_text_tower_equals_replicated[coop_mt-False])."""
   spec, groups, learned, ct = learned_for("mmap_mt", params, tok)
   frozen = {"clip": params, "class_tokens": ct}
   opt = optax.adamw(1e-3)

@@ -79,8 +79,10 @@ def xla_default_codegen():
   their compiles in here. jax has no public switch for the options of compiles it starts itself
   (jit's `compiler_options` reaches only the test's own jit calls), so this wraps its
   `get_compile_options` (a missing attribute fails the test loudly) to add the option the way
-  `compiler_options` does; it is part of the compilation-cache key, so no executable of the
-  other kind is reused.
+  `compiler_options` does. Everything the test jits itself, and every function traced anew,
+  compiles with it (the option is part of the persistent cache's key); a jitted function that
+  already holds an executable for the same arguments in memory keeps it, which is why the
+  exactness tests build their steps inside (the trainer builds its own per run).
   """
   from jax._src import compiler
   original = compiler.get_compile_options
