@@ -69,3 +69,20 @@ def _restore_signal_handlers():
   yield
   for s, handler in saved.items():
     signal.signal(s, handler)
+
+
+
+def slow_first(items) -> list:
+  """`items` with the modules that hold more `slow` tests first (stable otherwise). Under the
+  README command's `-n 2 --dist loadfile --no-loadscope-reorder` the two workers take whole
+  modules in this order, so the long ones start early and short ones fill in at the end, instead
+  of one worker finishing a long module alone."""
+  slow = {}
+  for item in items:
+    name = item.module.__name__
+    slow[name] = slow.get(name, 0) + bool(item.get_closest_marker("slow"))
+  return sorted(items, key=lambda item: -slow[item.module.__name__])
+
+
+def pytest_collection_modifyitems(config, items):
+  items[:] = slow_first(items)

@@ -96,3 +96,25 @@ def test_a_kernel():
 '''
   assert unmarked_process_tests(source) == ["test_direct", "test_through_a_fixture",
                                             "test_a_kernel"]
+
+
+def test_ci_runs_the_readme_test_command_on_two_workers():
+  """`.ci/run` runs the README's test command verbatim, and that command spreads whole modules
+  over 2 workers in conftest's order (module fixtures run once; slow modules start first)."""
+  readme = (TESTS.parent / "README.md").read_text()
+  command = readme.split("## Run the tests", 1)[1].split("```bash\n", 1)[1].split("\n```", 1)[0]
+  assert command.strip() in (TESTS.parent / ".ci" / "run").read_text()
+  for flag in ("-n 2", "--dist loadfile", "--no-loadscope-reorder", " tests"):
+    assert flag in command, flag
+
+
+def test_modules_with_more_slow_tests_come_first():
+  from types import SimpleNamespace
+  from tests.conftest import slow_first
+
+  def item(module, slow):
+    return SimpleNamespace(module=SimpleNamespace(__name__=module), id=f"{module}{slow}",
+                           get_closest_marker=lambda name, s=slow: object() if s else None)
+  items = [item("a", False), item("b", True), item("a", False), item("c", True),
+           item("c", True), item("b", False)]
+  assert [i.module.__name__ for i in slow_first(items)] == ["c", "c", "b", "b", "a", "a"]
