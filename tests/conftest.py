@@ -77,11 +77,11 @@ def slow_first(items) -> list:
   README command's `-n 2 --dist loadfile --no-loadscope-reorder` the two workers take whole
   modules in this order, so the long ones start early and short ones fill in at the end, instead
   of one worker finishing a long module alone."""
+  module = lambda item: item.nodeid.split("::", 1)[0]
   slow = {}
   for item in items:
-    name = item.module.__name__
-    slow[name] = slow.get(name, 0) + bool(item.get_closest_marker("slow"))
-  return sorted(items, key=lambda item: -slow[item.module.__name__])
+    slow[module(item)] = slow.get(module(item), 0) + bool(item.get_closest_marker("slow"))
+  return sorted(items, key=lambda item: -slow[module(item)])
 
 
 def pytest_collection_modifyitems(config, items):

@@ -112,9 +112,11 @@ def test_modules_with_more_slow_tests_come_first():
   from types import SimpleNamespace
   from tests.conftest import slow_first
 
-  def item(module, slow):
-    return SimpleNamespace(module=SimpleNamespace(__name__=module), id=f"{module}{slow}",
-                           get_closest_marker=lambda name, s=slow: object() if s else None)
-  items = [item("a", False), item("b", True), item("a", False), item("c", True),
-           item("c", True), item("b", False)]
-  assert [i.module.__name__ for i in slow_first(items)] == ["c", "c", "b", "b", "a", "a"]
+  def item(module, test, slow):
+    return SimpleNamespace(nodeid=f"tests/{module}.py::{test}",
+                           get_closest_marker=lambda name: object() if slow else None)
+  items = [item("a", "t1", False), item("b", "t1", True), item("a", "t2", False),
+           item("c", "t1", True), item("c", "t2", True), item("b", "t2", False)]
+  assert [i.nodeid for i in slow_first(items)] == [
+      "tests/c.py::t1", "tests/c.py::t2", "tests/b.py::t1", "tests/b.py::t2", "tests/a.py::t1",
+      "tests/a.py::t2"]
