@@ -71,7 +71,6 @@ def _restore_signal_handlers():
     signal.signal(s, handler)
 
 
-
 def slow_first(items) -> list:
   """`items` with the modules that hold more `slow` tests first (stable otherwise). Under the
   README command's `-n 2 --dist loadfile --no-loadscope-reorder` the two workers take whole
