@@ -74,8 +74,7 @@ def loss_and_grads(spec, groups, learned, frozen, data, text_sharding, **kw):
 # the same layouts. The quick tier keeps two (group prompts, per-task LoRA).
 # coop_mt runs without the shared text prefix (the default elsewhere), so both prefix paths split.
 QUICK = ("mmap_mt", "lora_st")
-METHODS = [(m, m != "coop_mt") if m in QUICK else
-           pytest.param(m, m != "coop_mt", marks=pytest.mark.slow)
+METHODS = [pytest.param(m, m != "coop_mt", marks=() if m in QUICK else pytest.mark.slow)
            for m in ("mmap_mt", "lora_st", "maple_st", "coop_mt", "vpt_mt", "ivlp_mt",
                      "mmap_shared", "clipadapter_mt", "bitfit_mt", "fullft_mt")]
 
