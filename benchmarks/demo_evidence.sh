@@ -14,8 +14,10 @@
 # Every piece resumes: a run is finished once its directory holds results.json, so a piece
 # stopped by its time limit (SECONDS: SIGTERM, the running run saves a checkpoint; exit 124) is
 # continued by the same command, and a finished piece only re-tabulates. The pieces after `tune`
-# read its tuned.json. Results go to benchmarks/results/demo_world2/evidence/<piece>/ (run
-# directories without checkpoints or TensorBoard events, .gitignore), committed as they come.
+# read its tuned.json. grouping, affinity and shots copy the table's runs that they repeat (the
+# gradient-cosine MmAP-MT rows, the 16-shot points: the same resolved run, launch.sweep --reuse).
+# Results go to benchmarks/results/demo_world2/evidence/<piece>/ (run directories without
+# checkpoints or TensorBoard events, .gitignore), committed as they come.
 # EVIDENCE_PRINT_ONLY=1 prints the runs of a sweep piece instead of running them; EVIDENCE_ROOT
 # moves the results.
 set -euo pipefail
@@ -41,11 +43,11 @@ case "$piece" in
   budget)
     sweep budget "$five" --sweep='method=mmap_mt,vpt_mt,maple_mt,ivlp_mt;prompt.budget=equal' ;;
   grouping)
-    sweep grouping "$five" --sweep='groups.mode=gradient,random' --reference='groups.mode=gradient' ;;
+    sweep grouping "$five" --reuse="$root/table" --sweep='groups.mode=gradient,random' --reference='groups.mode=gradient' ;;
   affinity)
-    sweep affinity "$five" --sweep='groups.affinity=cosine,tag' --reference='groups.affinity=cosine' ;;
+    sweep affinity "$five" --reuse="$root/table" --sweep='groups.affinity=cosine,tag' --reference='groups.affinity=cosine' ;;
   shots)
-    sweep shots --seeds=0,1,2 --sweep='method=mmap_mt,zeroshot,coop_mt,maple_mt,lora_mt,mmap_st,fullft_mt;data.shots=4,16,64,0' ;;
+    sweep shots --seeds=0,1,2 --reuse="$root/table" --sweep='method=mmap_mt,zeroshot,coop_mt,maple_mt,lora_mt,mmap_st,fullft_mt;data.shots=4,16,64,0' ;;
   *)
     echo "unknown piece $piece" >&2; exit 2 ;;
 esac

@@ -22,6 +22,9 @@ interval over seeds and test images; '*' marks intervals that exclude 0.
 --print_only prints one `python -m launch.train ... --config.seed=<s>` command per run instead
 (finished ones commented out), to start each on its own TPU slice; afterwards the same sweep
 without --print_only finds them finished and only builds the table.
+
+--reuse=DIR[,DIR]: a run that another sweep's workdir DIR already finished with the same resolved
+config (RunSpec, seed included) is copied from there (with reused_from.json) instead of trained.
 """
 
 from absl import app, flags
@@ -45,6 +48,10 @@ _REFERENCE = flags.DEFINE_string(
 _TUNED = flags.DEFINE_string(
     "tuned", None, "tuned.json written by launch.tune: its value of the tuned field per method "
     "(on top of --config.*; a swept field wins); --seeds must avoid its tuning seeds.")
+_REUSE = flags.DEFINE_list(
+    "reuse", [], "Other sweeps' workdirs: a run one of them finished with the same resolved "
+    "config (RunSpec, seed included) is copied from there, with reused_from.json, instead of "
+    "being trained again.")
 _PRINT_ONLY = flags.DEFINE_bool("print_only", False, "Print the launch.train command of every "
                                 "(setting, seed) instead of running them.")
 
@@ -65,7 +72,7 @@ def main(argv):
     return
   distributed_flags.initialize()
   out = sweep.run(settings, _WORKDIR.value, log=lambda s: print(s, flush=True),
-                  reference=_REFERENCE.value)
+                  reference=_REFERENCE.value, reuse=_REUSE.value)
   shared_flags.exit_if_interrupted(out)
 
 

@@ -636,3 +636,53 @@ def test_demo_evidence_pieces_are_valid_sweeps(tmp_path):
   bad = subprocess.run(["bash", "benchmarks/demo_evidence.sh", "nope"], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=60)
   assert bad.returncode == 2 and "unknown piece" in bad.stderr
+
+
+def test_run_key_is_the_resolved_run_a_default_valued_swept_field_changes_nothing(env):
+  """--reuse's identity: `groups.affinity=cosine` (the default) is the same run as leaving it
+  unset; another seed or lr is not."""
+  ov = _overrides(env["data"])
+  plain, = sweep.make_settings(env["ref"], "method=mmap_mt", ov, seeds=[0, 1])
+  cosine, tag = sweep.make_settings(env["ref"], "method=mmap_mt;groups.affinity=cosine,tag", ov,
+                                    seeds=[0, 1])
+  lr, = sweep.make_settings(env["ref"], "method=mmap_mt;optim.lr=0.123", ov, seeds=[0])
+  key = lambda s, i: sweep.run_key(s.runs[i].config)
+  assert key(plain, 0) == key(cosine, 0) and key(plain, 1) == key(cosine, 1)
+  assert len({key(plain, 0), key(plain, 1), key(tag, 0), key(lr, 0)}) == 4
+
+
+def test_reuse_copies_only_runs_another_sweep_finished_with_the_same_run_spec(env, tmp_path):
+  """A run whose RunSpec another sweep finished is copied (files, not checkpoints; results.json
+  names it finished; reused_from.json names the source), the others run; a missing --reuse
+  directory is an error naming it."""
+  settings = sweep.make_settings(env["ref"], "method=coop_mt", _overrides(env["data"]),
+                                 seeds=[0, 1])
+  specs = [run_spec.resolve(r.config, jax.device_count()).to_dict() for r in settings[0].runs]
+  source = tmp_path / "table" / "method=coop_mt__x" / "seed=0"
+  _fake_run(source, {"a": 0.75}, run_spec=specs[0])
+  _fake_correct(source, {"a": [True, True, False, True]})
+  (source / "checkpoints").mkdir()
+  (source / "checkpoints" / "big").write_bytes(b"x")
+  other = tmp_path / "table" / "method=coop_mt__y" / "seed=1"   # seed 1, another lr: not ours
+  _fake_run(other, {"a": 0.1}, run_spec={**specs[1], "recipe": {"lr": 9.0}})
+  ran, lines = [], []
+
+  def run_fn(config, workdir):
+    ran.append(config.seed)
+    _fake_run(pathlib.Path(workdir), {"a": 0.5})
+    return {}
+
+  out = tmp_path / "shots"
+  summary = sweep.run(settings, str(out), run_fn=run_fn, log=lines.append,
+                      reuse=[str(tmp_path / "table")])
+  assert ran == [1]
+  copied = out / "method=coop_mt" / "seed=0"
+  assert sorted(p.name for p in copied.iterdir()) == [
+      "results.json", "reused_from.json", "test_correct.npz"]
+  assert json.loads((copied / "reused_from.json").read_text()) == {"source": str(source)}
+  assert (copied / "results.json").read_text() == (source / "results.json").read_text()
+  assert summary["rows"][0]["average"]["per_seed"] == [0.75, 0.5]
+  assert any("seed=0: reused" in l for l in lines)
+  with pytest.raises(sweep.SweepError, match="nowhere"):
+    sweep.run(settings, str(tmp_path / "again"), run_fn=run_fn, log=lambda s: None,
+              reuse=[str(tmp_path / "nowhere")])

@@ -55,7 +55,15 @@ statistics: every row's `delta_ci` = {"mean", "low", "high", "excludes_zero", "s
 (`--reference`, default method=mmap_mt; `resolve_reference`) with a 95% paired bootstrap
 interval (`mmap_jax.apps.stats`: seeds, then test images, one draw for both), computed from the
 runs' per-image `test_correct.npz`; the table marks intervals excluding 0 with '*'.
-`accuracies.csv` holds every (setting, seed, task) test (and validation) accuracy. The workdir
+`accuracies.csv` holds every (setting, seed, task) test (and validation) accuracy.
+
+Reusing another sweep's runs (`reuse=[other sweep workdirs]`, launch.sweep --reuse): a run that
+another sweep finished with the same resolved RunSpec (`run_key`: everything the trainer reads,
+the seed included) is copied from there (its files, without checkpoints/ or TensorBoard events,
+plus `reused_from.json` naming the source) instead of being trained again. E.g. a shots sweep's
+16-shot runs are the method table's runs when 16 is the config's default. It assumes the same
+code and CLIP files; on one host such runs agree per test image bit for bit (checked on the demo:
+`prompt.budget=equal` MmAP-MT, trained again, against the table's seeds 0-2). The workdir
 may be a `gs://`-style URI: every read and write goes through `mmap_jax.paths` (etils.epath),
 results.json atomically.
 """
@@ -75,6 +83,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 import ml_collections as mlc
 import numpy as np
 from absl import flags
+from etils import epath
 from ml_collections import config_flags
 from ml_collections.config_flags import config_path
 
@@ -397,13 +406,78 @@ def commands(settings: Sequence[Setting], workdir: str) -> list[str]:
   return [("# finished: " if done(r) else "") + r.command(workdir) for r in ordered_runs(settings)]
 
 
+REUSED_FILE = "reused_from.json"   # in a run that --reuse copied: {"source": its run directory}
+
+
+def run_key(config: mlc.ConfigDict) -> str:
+  """A run's identity for --reuse: its resolved RunSpec (`train.run_spec`: all the trainer
+  reads; the seed included) as canonical JSON. Equal keys: the same computation, given the same
+  code and CLIP files (on one host the per-image results then agree bit for bit)."""
+  import jax
+  from mmap_jax.train import run_spec as run_spec_lib  # Deferred: --print_only needs no JAX.
+  return _canonical(run_spec_lib.resolve(config, jax.device_count()).to_dict())
+
+
+def _canonical(d: Mapping[str, Any]) -> str:
+  return json.dumps(d, sort_keys=True)
+
+
+def finished_elsewhere(sweep_dirs: Sequence[paths.PathLike]) -> dict[str, epath.Path]:
+  """{run key: run directory} of every finished run under other sweeps' workdirs (the first
+  directory given wins a key found twice)."""
+  index: dict[str, epath.Path] = {}
+  for d in sweep_dirs:
+    root = paths.as_path(d)
+    if not root.is_dir():
+      raise SweepError(f"--reuse: {os.fspath(root)} is not a directory")
+    for res in sorted(root.glob(f"*/seed=*/{RESULTS_FILE}")):
+      spec = json.loads(res.read_text()).get("run_spec")
+      if spec is not None:
+        index.setdefault(_canonical(spec), res.parent)
+  return index
+
+
+def copy_run(src: paths.PathLike, dst: paths.PathLike) -> None:
+  """A finished run's files into `dst` (not its checkpoints/ or tensorboard/ directories),
+  with REUSED_FILE naming the source, and results.json last (it marks the run finished)."""
+  src, dst = paths.as_path(src), paths.as_path(dst)
+  dst.mkdir(parents=True, exist_ok=True)
+  for f in sorted(src.iterdir()):
+    if f.is_file() and f.name not in (RESULTS_FILE, REUSED_FILE):
+      (dst / f.name).write_bytes(f.read_bytes())
+  paths.write_text_atomic(dst / REUSED_FILE, json.dumps({"source": os.fspath(src)}) + "\n")
+  paths.write_text_atomic(dst / RESULTS_FILE, (src / RESULTS_FILE).read_text())
+
+
+def reuse_finished(todo: Sequence[Run], workdir: paths.PathLike,
+                   sweep_dirs: Sequence[paths.PathLike],
+                   log: Callable[[str], None]) -> list[Run]:
+  """Copies each run of `todo` that another sweep already finished (equal `run_key`) into its
+  sub-workdir (process 0 writes) and returns the runs still to run."""
+  import jax
+  if not sweep_dirs or not todo:
+    return list(todo)
+  index, left = finished_elsewhere(sweep_dirs), []
+  for r in todo:
+    src = index.get(run_key(r.config))
+    if src is None:
+      left.append(r)
+      continue
+    if jax.process_index() == 0:
+      copy_run(src, paths.as_path(workdir) / r.name)
+    log(f"sweep: {r.name}: reused {os.fspath(src)} (the same resolved run)")
+  return left
+
+
 RunFn = Callable[[mlc.ConfigDict, str], Any]
 
 
 def run(settings: Sequence[Setting], workdir: str, *, run_fn: Optional[RunFn] = None,
-        log: Callable[[str], None] = print, reference: Optional[str] = None) -> dict:
+        log: Callable[[str], None] = print, reference: Optional[str] = None,
+        reuse: Sequence[paths.PathLike] = ()) -> dict:
   """Runs every unfinished (setting, seed) in turn, then writes and prints the table; returns its
-  JSON.
+  JSON. A run that one of the `reuse` sweep workdirs finished with the same resolved RunSpec is
+  copied from there instead (`reuse_finished`; the copy holds REUSED_FILE).
 
   A run that fails is reported and the others still run; a SweepError listing the failures is
   raised at the end (after the table of the finished ones is written). A preempted run (SIGTERM,
@@ -422,6 +496,7 @@ def run(settings: Sequence[Setting], workdir: str, *, run_fn: Optional[RunFn] = 
   runs = ordered_runs(settings)
   todo = [r for r in runs if not is_finished(workdir / r.name)]
   seeds = list(dict.fromkeys(r.seed for r in runs))
+  todo = reuse_finished(todo, workdir, reuse, log)
   log(f"sweep: {len(settings)} settings x {len(seeds)} seeds ({', '.join(map(str, seeds))}) = "
       f"{len(runs)} runs, {len(runs) - len(todo)} finished, {len(todo)} to run, in {workdir}")
   failed, preempted, exit_code = [], None, None
