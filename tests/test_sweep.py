@@ -679,7 +679,8 @@ def test_reuse_copies_only_runs_another_sweep_finished_with_the_same_run_spec(en
   copied = out / "method=coop_mt" / "seed=0"
   assert sorted(p.name for p in copied.iterdir()) == [
       "results.json", "reused_from.json", "test_correct.npz"]
-  assert json.loads((copied / "reused_from.json").read_text()) == {"source": str(source)}
+  assert json.loads((copied / "reused_from.json").read_text()) == {
+      "sweep": str(tmp_path / "table"), "run": "method=coop_mt__x/seed=0"}
   assert (copied / "results.json").read_text() == (source / "results.json").read_text()
   assert summary["rows"][0]["average"]["per_seed"] == [0.75, 0.5]
   assert any("seed=0: reused" in l for l in lines)

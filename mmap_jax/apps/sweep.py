@@ -55,17 +55,19 @@ statistics: every row's `delta_ci` = {"mean", "low", "high", "excludes_zero", "s
 (`--reference`, default method=mmap_mt; `resolve_reference`) with a 95% paired bootstrap
 interval (`mmap_jax.apps.stats`: seeds, then test images, one draw for both), computed from the
 runs' per-image `test_correct.npz`; the table marks intervals excluding 0 with '*'.
-`accuracies.csv` holds every (setting, seed, task) test (and validation) accuracy.
+`accuracies.csv` holds every (setting, seed, task) test (and validation) accuracy. The workdir
+may be a `gs://`-style URI: every read and write goes through `mmap_jax.paths` (etils.epath),
+results.json atomically.
 
 Reusing another sweep's runs (`reuse=[other sweep workdirs]`, launch.sweep --reuse): a run that
 another sweep finished with the same resolved RunSpec (`run_key`: everything the trainer reads,
 the seed included) is copied from there (its files, without checkpoints/ or TensorBoard events,
-plus `reused_from.json` naming the source) instead of being trained again. E.g. a shots sweep's
-16-shot runs are the method table's runs when 16 is the config's default. It assumes the same
-code and CLIP files; on one host such runs agree per test image bit for bit (checked on the demo:
-`prompt.budget=equal` MmAP-MT, trained again, against the table's seeds 0-2). The workdir
-may be a `gs://`-style URI: every read and write goes through `mmap_jax.paths` (etils.epath),
-results.json atomically.
+plus `reused_from.json`: {"sweep": the --reuse directory as given, "run": '<setting>/seed=<s>'})
+instead of being trained again; e.g. a shots sweep's 16-shot runs are the method table's runs
+when 16 is the config's default. It assumes the same code and CLIP files; on one host such runs
+agree per test image bit for bit (checked on the demo: MmAP-MT trained again in the
+`prompt.budget=equal` sweep, where that field changes nothing for it, against the table's seeds
+0-2).
 """
 from __future__ import annotations
 
@@ -406,7 +408,7 @@ def commands(settings: Sequence[Setting], workdir: str) -> list[str]:
   return [("# finished: " if done(r) else "") + r.command(workdir) for r in ordered_runs(settings)]
 
 
-REUSED_FILE = "reused_from.json"   # in a run that --reuse copied: {"source": its run directory}
+REUSED_FILE = "reused_from.json"   # in a run that --reuse copied: {"sweep", "run"} of its source
 
 
 def run_key(config: mlc.ConfigDict) -> str:
@@ -422,35 +424,36 @@ def _canonical(d: Mapping[str, Any]) -> str:
   return json.dumps(d, sort_keys=True)
 
 
-def finished_elsewhere(sweep_dirs: Sequence[paths.PathLike]) -> dict[str, epath.Path]:
-  """{run key: run directory} of every finished run under other sweeps' workdirs (the first
-  directory given wins a key found twice)."""
-  index: dict[str, epath.Path] = {}
+def finished_elsewhere(sweep_dirs: Sequence[str]) -> dict[str, dict[str, str]]:
+  """{run key: {"sweep": the directory as given, "run": '<setting>/seed=<s>'}} of every finished
+  run under other sweeps' workdirs (the first directory given wins a key found twice)."""
+  index: dict[str, dict[str, str]] = {}
   for d in sweep_dirs:
     root = paths.as_path(d)
     if not root.is_dir():
-      raise SweepError(f"--reuse: {os.fspath(root)} is not a directory")
+      raise SweepError(f"--reuse: {d} is not a directory")
     for res in sorted(root.glob(f"*/seed=*/{RESULTS_FILE}")):
       spec = json.loads(res.read_text()).get("run_spec")
       if spec is not None:
-        index.setdefault(_canonical(spec), res.parent)
+        index.setdefault(_canonical(spec),
+                         {"sweep": str(d), "run": f"{res.parent.parent.name}/{res.parent.name}"})
   return index
 
 
-def copy_run(src: paths.PathLike, dst: paths.PathLike) -> None:
-  """A finished run's files into `dst` (not its checkpoints/ or tensorboard/ directories),
-  with REUSED_FILE naming the source, and results.json last (it marks the run finished)."""
-  src, dst = paths.as_path(src), paths.as_path(dst)
+def copy_run(source: Mapping[str, str], dst: paths.PathLike) -> None:
+  """A finished run's files (`source` as `finished_elsewhere` gives it) into `dst`, not its
+  checkpoints/ or tensorboard/ directories; REUSED_FILE holds `source`; results.json goes last
+  (it marks the run finished)."""
+  src, dst = paths.as_path(source["sweep"]) / source["run"], paths.as_path(dst)
   dst.mkdir(parents=True, exist_ok=True)
   for f in sorted(src.iterdir()):
     if f.is_file() and f.name not in (RESULTS_FILE, REUSED_FILE):
       (dst / f.name).write_bytes(f.read_bytes())
-  paths.write_text_atomic(dst / REUSED_FILE, json.dumps({"source": os.fspath(src)}) + "\n")
+  paths.write_text_atomic(dst / REUSED_FILE, json.dumps(dict(source)) + "\n")
   paths.write_text_atomic(dst / RESULTS_FILE, (src / RESULTS_FILE).read_text())
 
 
-def reuse_finished(todo: Sequence[Run], workdir: paths.PathLike,
-                   sweep_dirs: Sequence[paths.PathLike],
+def reuse_finished(todo: Sequence[Run], workdir: paths.PathLike, sweep_dirs: Sequence[str],
                    log: Callable[[str], None]) -> list[Run]:
   """Copies each run of `todo` that another sweep already finished (equal `run_key`) into its
   sub-workdir (process 0 writes) and returns the runs still to run."""
@@ -465,7 +468,7 @@ def reuse_finished(todo: Sequence[Run], workdir: paths.PathLike,
       continue
     if jax.process_index() == 0:
       copy_run(src, paths.as_path(workdir) / r.name)
-    log(f"sweep: {r.name}: reused {os.fspath(src)} (the same resolved run)")
+    log(f"sweep: {r.name}: reused {src['run']} of {src['sweep']} (the same resolved run)")
   return left
 
 
@@ -474,7 +477,7 @@ RunFn = Callable[[mlc.ConfigDict, str], Any]
 
 def run(settings: Sequence[Setting], workdir: str, *, run_fn: Optional[RunFn] = None,
         log: Callable[[str], None] = print, reference: Optional[str] = None,
-        reuse: Sequence[paths.PathLike] = ()) -> dict:
+        reuse: Sequence[str] = ()) -> dict:
   """Runs every unfinished (setting, seed) in turn, then writes and prints the table; returns its
   JSON. A run that one of the `reuse` sweep workdirs finished with the same resolved RunSpec is
   copied from there instead (`reuse_finished`; the copy holds REUSED_FILE).
