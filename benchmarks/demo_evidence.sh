@@ -6,7 +6,10 @@
 #   tune      every family's MT form and MmAP-ST: lr x 1/2, 1, 2 (extended until the best is
 #             interior, at most 6 times a side) on validation, tuning seeds 100, 101
 #   table     every method and the MmAP ablations, tuned lrs, seeds 0-4, delta_ci vs MmAP-MT
-#   budget    VPT, MaPLe and IVLP at MmAP-MT's prompt budget (prompt.budget=equal), seeds 0-4
+#   tune_budget  VPT, MaPLe and IVLP's MT forms tuned at MmAP-MT's prompt budget
+#             (prompt.budget=equal): lr x 1/2, 1, 2 of their published-budget tuned values, as tune
+#   budget    VPT, MaPLe and IVLP at MmAP-MT's prompt budget (prompt.budget=equal) with the lrs
+#             tune_budget chose, MmAP-MT with tune's, seeds 0-4
 #   grouping  gradient grouping against a random partition per seed (5 draws), seeds 0-4
 #   affinity  the TAG lookahead affinity against the gradient cosine, seeds 0-4
 #   shots     accuracy against shots (4 / 16 / 64 / all) for 7 methods, seeds 0-2
@@ -14,8 +17,9 @@
 # Every piece resumes: a run is finished once its directory holds results.json, so a piece
 # stopped by its time limit (SECONDS: SIGTERM, the running run saves a checkpoint; exit 124) is
 # continued by the same command, and a finished piece only re-tabulates. The pieces after `tune`
-# read its tuned.json. grouping, affinity and shots copy the table's runs that they repeat (the
-# gradient-cosine MmAP-MT rows, the 16-shot points: the same resolved run, launch.sweep --reuse).
+# read its tuned.json (budget also tune_budget's, whose values win). grouping, affinity and shots
+# copy the table's runs that they repeat (the gradient-cosine MmAP-MT rows, the 16-shot points:
+# the same resolved run, launch.sweep --reuse).
 # Results go to benchmarks/results/demo_world2/evidence/<piece>/ (run directories without
 # checkpoints or TensorBoard events, .gitignore), committed as they come.
 # EVIDENCE_PRINT_ONLY=1 prints the runs of a sweep piece instead of running them; EVIDENCE_ROOT
@@ -23,14 +27,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=${EVIDENCE_ROOT:-benchmarks/results/demo_world2/evidence}
-piece=${1:?"usage: bash benchmarks/demo_evidence.sh tune|table|budget|grouping|affinity|shots [SECONDS]"}
+piece=${1:?"usage: bash benchmarks/demo_evidence.sh tune|table|tune_budget|budget|grouping|affinity|shots [SECONDS]"}
 limit=${2:-0}
 limited() { if [ "$limit" -gt 0 ]; then timeout --signal=TERM "$limit" "$@"; else "$@"; fi; }
 sweep() {
   local name=$1; shift
   local extra=()
   [ "${EVIDENCE_PRINT_ONLY:-0}" = 1 ] && extra+=(--print_only)
-  limited python3 -m launch.sweep --config=configs/demo.py --tuned="$root/tune/tuned.json" \
+  limited python3 -m launch.sweep --config=configs/demo.py --tuned="${tuned:-$root/tune/tuned.json}" \
     --workdir="$root/$name" "$@" "${extra[@]}"
 }
 five=--seeds=0,1,2,3,4
@@ -40,7 +44,12 @@ case "$piece" in
       --max_extensions=6 ;;
   table)
     sweep table "$five" --sweep='method=mmap_mt,zeroshot,coop_mt,vpt_mt,maple_mt,ivlp_mt,clipadapter_mt,bitfit_mt,lora_mt,fullft_mt,mmap_st,mmap_indep_mt,mmap_shared_mt,mmap_task_mt' ;;
+  tune_budget)
+    limited python3 -m launch.tune --config=configs/demo.py --config.prompt.budget=equal \
+      --workdir="$root/tune_budget" --max_extensions=6 \
+      --plan='vpt_mt=0.00625,0.0125,0.025;maple_mt=0.025,0.05,0.1;ivlp_mt=0.00625,0.0125,0.025' ;;
   budget)
+    tuned="$root/tune/tuned.json,$root/tune_budget/tuned.json"
     sweep budget "$five" --sweep='method=mmap_mt,vpt_mt,maple_mt,ivlp_mt;prompt.budget=equal' ;;
   grouping)
     sweep grouping "$five" --reuse="$root/table" --sweep='groups.mode=gradient,random' --reference='groups.mode=gradient' ;;

@@ -47,7 +47,8 @@ _REFERENCE = flags.DEFINE_string(
     f"{sweep.DEFAULT_REFERENCE!r} when exactly one setting matches it; 'none': no comparison.")
 _TUNED = flags.DEFINE_string(
     "tuned", None, "tuned.json written by launch.tune: its value of the tuned field per method "
-    "(on top of --config.*; a swept field wins); --seeds must avoid its tuning seeds.")
+    "(on top of --config.*; a swept field wins); --seeds must avoid its tuning seeds. Several "
+    "files, comma-separated, merge: a later file's value of a method wins.")
 _REUSE = flags.DEFINE_list(
     "reuse", [], "Other sweeps' workdirs: a run one of them finished with the same resolved "
     "config (RunSpec, seed included) is copied from there, with reused_from.json, instead of "

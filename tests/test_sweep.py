@@ -619,8 +619,9 @@ def test_demo_evidence_pieces_are_valid_sweeps(tmp_path):
            "values": {m: 0.01 for m in ("coop_mt", "vpt_mt", "maple_mt", "ivlp_mt", "mmap_mt",
                                         "clipadapter_mt", "bitfit_mt", "lora_mt", "fullft_mt",
                                         "mmap_st")}}
-  (tmp_path / "tune").mkdir()
-  (tmp_path / "tune" / "tuned.json").write_text(json.dumps(tuned))
+  for tune_dir in ("tune", "tune_budget"):   # budget merges both
+    (tmp_path / tune_dir).mkdir()
+    (tmp_path / tune_dir / "tuned.json").write_text(json.dumps(tuned))
   env = fx.subprocess_env() | {"EVIDENCE_ROOT": str(tmp_path), "EVIDENCE_PRINT_ONLY": "1"}
   expected = {"table": 14 * 5, "budget": 4 * 5, "grouping": 2 * 5, "affinity": 2 * 5,
               "shots": 7 * 4 * 3}
@@ -687,3 +688,23 @@ def test_reuse_copies_only_runs_another_sweep_finished_with_the_same_run_spec(en
   with pytest.raises(sweep.SweepError, match="nowhere"):
     sweep.run(settings, str(tmp_path / "again"), run_fn=run_fn, log=lambda s: None,
               reuse=[str(tmp_path / "nowhere")])
+
+
+def test_a_finished_run_made_with_another_config_is_an_error_naming_it_and_the_field(env,
+                                                                                    tmp_path):
+  """A sweep re-run with another lr (e.g. a new --tuned) must not keep the old runs: the run and
+  the differing field are named before anything runs; a run recorded without run_spec (older
+  results) is not checked."""
+  ov = _overrides(env["data"])
+  old, = sweep.make_settings(env["ref"], "method=coop_mt", ov | {"optim.lr": "0.01"}, seeds=[0, 1])
+  new, = sweep.make_settings(env["ref"], "method=coop_mt", ov | {"optim.lr": "0.02"}, seeds=[0, 1])
+  spec = run_spec.resolve(old.runs[0].config, jax.device_count()).to_dict()
+  _fake_run(tmp_path / old.runs[0].name, {"a": 0.5}, run_spec=spec)
+  _fake_run(tmp_path / old.runs[1].name, {"a": 0.5})   # no run_spec recorded
+  ran = []
+  run_fn = lambda config, workdir: ran.append(workdir)
+  with pytest.raises(sweep.SweepError, match=r"method=coop_mt/seed=0 \(recipe\.recipe\.lr\)"):
+    sweep.run([new], str(tmp_path), run_fn=run_fn, log=lambda s: None)
+  assert ran == []
+  summary = sweep.run([old], str(tmp_path), run_fn=run_fn, log=lambda s: None)
+  assert ran == [] and summary["rows"][0]["n_seeds"] == 2

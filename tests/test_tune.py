@@ -157,6 +157,16 @@ def test_sweep_applies_tuned_values_on_disjoint_seeds(env, tmp_path):
   path = tmp_path / "tuned.json"
   path.write_text(json.dumps(tuned))
   assert tune.load_tuned(str(path)) == tuned
+  # Merged files (e.g. values tuned at prompt.budget=equal): later values win, seeds are all.
+  (tmp_path / "b.json").write_text(json.dumps(
+      {"field": "optim.lr", "tuning_seeds": [102], "values": {"coop_mt": 0.5, "vpt_mt": 0.1}}))
+  assert tune.load_tuned(f"{path},{tmp_path / 'b.json'}") == {
+      "field": "optim.lr", "tuning_seeds": [100, 101, 102],
+      "values": {"coop_mt": 0.5, "vpt_mt": 0.1}}
+  (tmp_path / "c.json").write_text(json.dumps(
+      {"field": "optim.weight_decay", "tuning_seeds": [100], "values": {}}))
+  with pytest.raises(sweep.SweepError, match="same field"):
+    tune.load_tuned(f"{path},{tmp_path / 'c.json'}")
   with pytest.raises(sweep.SweepError, match="no such file"):
     tune.load_tuned(str(tmp_path / "none.json"))
 

@@ -7,8 +7,10 @@ default: the config's own `seed`, one run). Every (setting, seed) is a run into
 `<workdir>/<setting>/seed=<s>` (e.g. `method=mmap_mt__optim.lr=0.02/seed=1`) and counts as
 finished once that directory holds `results.json`, which `train_and_evaluate` writes last; an
 unfinished run is simply run again and resumes from its own checkpoints, so a killed sweep
-resumes too. Runs go seed-major (every setting at the first seed, then at the next), so a sweep
-stopped half-way already compares all settings. `seed` cannot be a --sweep field: the seeds of a
+resumes too; a finished run whose recorded RunSpec differs from what this sweep would run (say,
+after --tuned changed) is an error naming it and the fields, never silently kept. Runs go
+seed-major (every setting at the first seed, then at the next), so a sweep stopped half-way
+already compares all settings. `seed` cannot be a --sweep field: the seeds of a
 setting are one table row (mean +- std), not separate rows.
 
 The seed (`config.seed`) draws the prompt init and the training batches (shuffle order and
@@ -453,6 +455,37 @@ def copy_run(source: Mapping[str, str], dst: paths.PathLike) -> None:
   paths.write_text_atomic(dst / RESULTS_FILE, (src / RESULTS_FILE).read_text())
 
 
+def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
+  """Dotted paths at which two JSON values differ ('prompt.length')."""
+  if isinstance(a, dict) and isinstance(b, dict):
+    return [d for k in sorted(set(a) | set(b), key=str)
+            for d in _differences(a.get(k), b.get(k), f"{prefix}{k}.")]
+  return [] if a == b else [prefix.rstrip(".") or "(all)"]
+
+
+def check_finished_runs(runs: Sequence[Run], workdir: paths.PathLike) -> None:
+  """A finished run must be the run this sweep would make: its results.json `run_spec` equals
+  `run_key` of the run's config (e.g. a changed --tuned or --config.* would otherwise keep old
+  runs under the same names). Runs whose results.json has no `run_spec` are not checked.
+  Raises SweepError naming the runs and the differing fields."""
+  stale = []
+  for r in runs:
+    res = paths.as_path(workdir) / r.name / RESULTS_FILE
+    if not res.is_file():
+      continue
+    recorded = json.loads(res.read_text()).get("run_spec")
+    if recorded is None:
+      continue
+    wanted = json.loads(run_key(r.config))
+    if _canonical(recorded) != _canonical(wanted):
+      stale.append(f"{r.name} ({', '.join(_differences(recorded, wanted))})")
+  if stale:
+    raise SweepError(
+        f"finished runs in {os.fspath(workdir)} were made with another resolved config than "
+        f"this sweep gives them (differing fields in brackets): {'; '.join(stale)}. Move them "
+        "away or use another --workdir to run them again.")
+
+
 def reuse_finished(todo: Sequence[Run], workdir: paths.PathLike, sweep_dirs: Sequence[str],
                    log: Callable[[str], None]) -> list[Run]:
   """Copies each run of `todo` that another sweep already finished (equal `run_key`) into its
@@ -479,7 +512,8 @@ def run(settings: Sequence[Setting], workdir: str, *, run_fn: Optional[RunFn] = 
         log: Callable[[str], None] = print, reference: Optional[str] = None,
         reuse: Sequence[str] = ()) -> dict:
   """Runs every unfinished (setting, seed) in turn, then writes and prints the table; returns its
-  JSON. A run that one of the `reuse` sweep workdirs finished with the same resolved RunSpec is
+  JSON. A finished run must match its config (`check_finished_runs`). A run that one of the
+  `reuse` sweep workdirs finished with the same resolved RunSpec is
   copied from there instead (`reuse_finished`; the copy holds REUSED_FILE).
 
   A run that fails is reported and the others still run; a SweepError listing the failures is
@@ -497,6 +531,7 @@ def run(settings: Sequence[Setting], workdir: str, *, run_fn: Optional[RunFn] = 
   workdir = paths.as_path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   runs = ordered_runs(settings)
+  check_finished_runs(runs, workdir)
   todo = [r for r in runs if not is_finished(workdir / r.name)]
   seeds = list(dict.fromkeys(r.seed for r in runs))
   todo = reuse_finished(todo, workdir, reuse, log)

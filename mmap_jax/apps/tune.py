@@ -255,12 +255,28 @@ def write_outputs(out: Mapping[str, Any], workdir) -> None:
 
 
 def load_tuned(path: str) -> dict:
-  """tuned.json as written by `tune` (checked), for `launch.sweep --tuned`."""
-  p = paths.as_path(path)
-  if not p.is_file():
-    raise sweep.SweepError(f"--tuned={path}: no such file (run launch.tune first)")
-  tuned = json.loads(p.read_text())
-  if not {"field", "tuning_seeds", "values"} <= set(tuned):
-    raise sweep.SweepError(f"--tuned={path}: not a tuned.json (needs field, tuning_seeds, "
-                           "values)")
-  return tuned
+  """tuned.json as written by `tune` (checked), for `launch.sweep --tuned`. Several files,
+  comma-separated, merge: a later file's value of a method wins (e.g. values tuned under
+  `prompt.budget=equal` over the published-budget ones), the tuning seeds are all the files'
+  (the sweep must avoid each), and every file must tune the same field."""
+  merged: Optional[dict] = None
+  for one in [p.strip() for p in path.split(",") if p.strip()]:
+    p = paths.as_path(one)
+    if not p.is_file():
+      raise sweep.SweepError(f"--tuned={one}: no such file (run launch.tune first)")
+    tuned = json.loads(p.read_text())
+    if not {"field", "tuning_seeds", "values"} <= set(tuned):
+      raise sweep.SweepError(f"--tuned={one}: not a tuned.json (needs field, tuning_seeds, "
+                             "values)")
+    if merged is None:
+      merged = tuned
+    elif tuned["field"] != merged["field"]:
+      raise sweep.SweepError(f"--tuned={one}: tunes {tuned['field']}, the files before it "
+                             f"{merged['field']}; merged files must tune the same field")
+    else:
+      seeds = list(dict.fromkeys([*merged["tuning_seeds"], *tuned["tuning_seeds"]]))
+      merged = {**merged, "tuning_seeds": seeds,
+                "values": {**merged["values"], **tuned["values"]}}
+  if merged is None:
+    raise sweep.SweepError("--tuned: no file given")
+  return merged
