@@ -87,7 +87,6 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 import ml_collections as mlc
 import numpy as np
 from absl import flags
-from etils import epath
 from ml_collections import config_flags
 from ml_collections.config_flags import config_path
 
@@ -513,8 +512,8 @@ def run(settings: Sequence[Setting], workdir: str, *, run_fn: Optional[RunFn] = 
         reuse: Sequence[str] = ()) -> dict:
   """Runs every unfinished (setting, seed) in turn, then writes and prints the table; returns its
   JSON. A finished run must match its config (`check_finished_runs`). A run that one of the
-  `reuse` sweep workdirs finished with the same resolved RunSpec is
-  copied from there instead (`reuse_finished`; the copy holds REUSED_FILE).
+  `reuse` sweep workdirs finished with the same resolved RunSpec is copied from there instead
+  (`reuse_finished`; the copy holds REUSED_FILE).
 
   A run that fails is reported and the others still run; a SweepError listing the failures is
   raised at the end (after the table of the finished ones is written). A preempted run (SIGTERM,
