@@ -44,10 +44,12 @@ case "$piece" in
       --max_extensions=6 ;;
   table)
     sweep table "$five" --sweep='method=mmap_mt,zeroshot,coop_mt,vpt_mt,maple_mt,ivlp_mt,clipadapter_mt,bitfit_mt,lora_mt,fullft_mt,mmap_st,mmap_indep_mt,mmap_shared_mt,mmap_task_mt' ;;
-  tune_budget)
+  tune_budget)   # grids: each method's value in tune's tuned.json x 1/2, 1, 2
+    plan=$(python3 -c 'import json, sys; v = json.load(open(sys.argv[1]))["values"]
+print(";".join(f"{m}={v[m] / 2!r},{v[m]!r},{v[m] * 2!r}" for m in ("vpt_mt", "maple_mt", "ivlp_mt")))' \
+      "$root/tune/tuned.json")
     limited python3 -m launch.tune --config=configs/demo.py --config.prompt.budget=equal \
-      --workdir="$root/tune_budget" --max_extensions=6 \
-      --plan='vpt_mt=0.00625,0.0125,0.025;maple_mt=0.025,0.05,0.1;ivlp_mt=0.00625,0.0125,0.025' ;;
+      --workdir="$root/tune_budget" --max_extensions=6 --plan="$plan" ;;
   budget)
     tuned="$root/tune/tuned.json,$root/tune_budget/tuned.json"
     sweep budget "$five" --sweep='method=mmap_mt,vpt_mt,maple_mt,ivlp_mt;prompt.budget=equal' ;;

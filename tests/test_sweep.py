@@ -708,3 +708,16 @@ def test_a_finished_run_made_with_another_config_is_an_error_naming_it_and_the_f
   assert ran == []
   summary = sweep.run([old], str(tmp_path), run_fn=run_fn, log=lambda s: None)
   assert ran == [] and summary["rows"][0]["n_seeds"] == 2
+
+
+def test_identical_runs_of_two_evidence_sweeps_agree_per_test_image():
+  """What --reuse rests on, on the committed evidence: MmAP-MT trained again in the budget sweep
+  (`prompt.budget=equal` changes nothing for it) matches the table's runs image for image."""
+  from mmap_jax.train import correctness
+  root = REPO / "benchmarks" / "results" / "demo_world2" / "evidence"
+  for seed in range(5):
+    a = correctness.read_correct(root / "table" / "method=mmap_mt" / f"seed={seed}")
+    b = correctness.read_correct(root / "budget" / "method=mmap_mt__prompt.budget=equal" /
+                                 f"seed={seed}")
+    assert list(a) == ["photo", "clipart", "sketch", "painting"] and list(b) == list(a)
+    assert all(a[t].size == 1920 and np.array_equal(a[t], b[t]) for t in a), seed

@@ -67,9 +67,9 @@ the seed included) is copied from there (its files, without checkpoints/ or Tens
 plus `reused_from.json`: {"sweep": the --reuse directory as given, "run": '<setting>/seed=<s>'})
 instead of being trained again; e.g. a shots sweep's 16-shot runs are the method table's runs
 when 16 is the config's default. It assumes the same code and CLIP files; on one host such runs
-agree per test image bit for bit (checked on the demo: MmAP-MT trained again in the
-`prompt.budget=equal` sweep, where that field changes nothing for it, against the table's seeds
-0-2).
+agree per test image bit for bit (the demo's MmAP-MT trained again in the
+`prompt.budget=equal` sweep, where that field changes nothing for it, against the table's 5
+seeds: `tests/test_sweep.py`).
 """
 from __future__ import annotations
 
