@@ -12,7 +12,8 @@
 #             tune_budget chose, MmAP-MT with tune's, seeds 0-4
 #   grouping  gradient grouping against a random partition per seed (5 draws), seeds 0-4
 #   affinity  the TAG lookahead affinity against the gradient cosine, seeds 0-4
-#   shots     accuracy against shots (4 / 16 / 64 / all) for 7 methods, seeds 0-2
+#   shots     accuracy against shots (4 / 16 / 64 / all) for 7 methods, seeds 0-2, delta_ci vs
+#             MmAP-MT at the same shots
 #
 # Every piece resumes: a run is finished once its directory holds results.json, so a piece
 # stopped by its time limit (SECONDS: SIGTERM, the running run saves a checkpoint; exit 124) is
@@ -58,7 +59,7 @@ print(";".join(f"{m}={v[m] / 2!r},{v[m]!r},{v[m] * 2!r}" for m in ("vpt_mt", "ma
   affinity)
     sweep affinity "$five" --reuse="$root/table" --sweep='groups.affinity=cosine,tag' --reference='groups.affinity=cosine' ;;
   shots)
-    sweep shots --seeds=0,1,2 --reuse="$root/table" --sweep='method=mmap_mt,zeroshot,coop_mt,maple_mt,lora_mt,mmap_st,fullft_mt;data.shots=4,16,64,0' ;;
+    sweep shots --seeds=0,1,2 --reuse="$root/table" --reference='method=mmap_mt;data.shots=*' --sweep='method=mmap_mt,zeroshot,coop_mt,maple_mt,lora_mt,mmap_st,fullft_mt;data.shots=4,16,64,0' ;;
   *)
     echo "unknown piece $piece" >&2; exit 2 ;;
 esac

@@ -44,7 +44,9 @@ _WORKDIR = shared_flags.workdir("The sweep's directory: one sub-workdir per (set
 _REFERENCE = flags.DEFINE_string(
     "reference", None, "field=value[;field=value]: the setting every row is compared with (a "
     "paired bootstrap 95% CI of the difference in average test accuracy, `delta_ci`). Default "
-    f"{sweep.DEFAULT_REFERENCE!r} when exactly one setting matches it; 'none': no comparison.")
+    f"{sweep.DEFAULT_REFERENCE!r} when exactly one setting matches it; 'none': no comparison. "
+    "'field=*' takes the row's own value of a swept field: 'method=mmap_mt;data.shots=*' pairs "
+    "each row with MmAP-MT at the same shots.")
 _TUNED = flags.DEFINE_string(
     "tuned", None, "tuned.json written by launch.tune: its value of the tuned field per method "
     "(on top of --config.*; a swept field wins); --seeds must avoid its tuning seeds. Several "
@@ -65,7 +67,7 @@ def main(argv):
                                    config_flags.get_override_values(config_flag),
                                    seeds=sweep.parse_seeds(_SEEDS.value),
                                    tuned=tune.load_tuned(_TUNED.value) if _TUNED.value else None)
-    sweep.resolve_reference(settings, _REFERENCE.value)
+    sweep.resolve_references(settings, _REFERENCE.value)
   except sweep.SweepError as e:
     raise app.UsageError(str(e)) from None
   if _PRINT_ONLY.value:

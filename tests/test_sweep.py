@@ -380,19 +380,57 @@ def test_delta_ci_marks_intervals_that_exclude_zero(env, tmp_path):
 def test_reference_must_name_one_setting(env):
   settings = sweep.make_settings(env["ref"], "method=coop_mt,mmap_mt;optim.lr=0.01,0.02",
                                  _overrides(env["data"]))
-  ref, note = sweep.resolve_reference(settings, None)       # default: ambiguous here, no CI
-  assert ref is None and "matches 2 settings" in note
+  refs, note = sweep.resolve_references(settings, None)     # default: ambiguous here, no CI
+  assert refs == {} and "matches 2 settings" in note
   with pytest.raises(sweep.SweepError, match="matches 2 settings"):
-    sweep.resolve_reference(settings, "method=mmap_mt")
-  ref, _ = sweep.resolve_reference(settings, "method=mmap_mt;optim.lr=0.02")
-  assert ref.name == "method=mmap_mt__optim.lr=0.02"
+    sweep.resolve_references(settings, "method=mmap_mt")
+  refs, _ = sweep.resolve_references(settings, "method=mmap_mt;optim.lr=0.02")
+  assert {s.name for s in refs.values()} == {"method=mmap_mt__optim.lr=0.02"} and len(refs) == 4
   with pytest.raises(sweep.SweepError, match="--reference optim.lrr: no such config field"):
-    sweep.resolve_reference(settings, "optim.lrr=1")
+    sweep.resolve_references(settings, "optim.lrr=1")
   with pytest.raises(sweep.SweepError, match="matches 0 settings"):
-    sweep.resolve_reference(settings, "method=vpt_mt")
-  assert sweep.resolve_reference(settings, "none")[0] is None
+    sweep.resolve_references(settings, "method=vpt_mt")
+  assert sweep.resolve_references(settings, "none")[0] == {}
   with pytest.raises(sweep.SweepError, match="matches 0 settings"):
     sweep.run(settings, "/tmp/never-run", run_fn=lambda c, w: None, reference="method=vpt_mt")
+
+
+def test_reference_star_pairs_each_row_with_its_own_value(env, tmp_path):
+  """'field=*': each row's reference has the row's own value of that swept field (a shots curve
+  pairs MmAP-MT and a method at equal shots); '*' on an unswept field is an error."""
+  settings = sweep.make_settings(env["ref"], "method=coop_mt,mmap_mt;optim.lr=0.01,0.02",
+                                 _overrides(env["data"]))
+  refs, note = sweep.resolve_references(settings, "method=mmap_mt;optim.lr=*")
+  assert {k: v.name for k, v in refs.items()} == {
+      "method=coop_mt__optim.lr=0.01": "method=mmap_mt__optim.lr=0.01",
+      "method=coop_mt__optim.lr=0.02": "method=mmap_mt__optim.lr=0.02",
+      "method=mmap_mt__optim.lr=0.01": "method=mmap_mt__optim.lr=0.01",
+      "method=mmap_mt__optim.lr=0.02": "method=mmap_mt__optim.lr=0.02"}
+  assert "at each row's optim.lr" in note
+  with pytest.raises(sweep.SweepError, match=r"seed=\*: '\*' .* needs a swept field"):
+    sweep.resolve_references(settings, "method=mmap_mt;seed=*")
+  # Known answers: coop_mt at lr 0.01 is right where mmap_mt at 0.01 is (delta 0); at 0.02 it is
+  # wrong where mmap_mt at 0.02 is right (delta -1). A single reference could not give both.
+  hits = {"method=mmap_mt__optim.lr=0.01": [1, 0, 1, 0],
+          "method=coop_mt__optim.lr=0.01": [1, 0, 1, 0],
+          "method=mmap_mt__optim.lr=0.02": [1, 1, 1, 1],
+          "method=coop_mt__optim.lr=0.02": [0, 0, 0, 0]}
+  tmp = tmp_path
+  for s in settings:
+    for r in s.runs:
+      _fake_run(tmp / r.name, {"a": float(np.mean(hits[s.name]))})
+      _fake_correct(tmp / r.name, {"a": hits[s.name]})
+  summary = sweep.write_outputs(settings, str(tmp), log=lambda s: None,
+                                reference="method=mmap_mt;optim.lr=*")
+  rows = {sweep.setting_name(tuple(r["setting"].items())): r for r in summary["rows"]}
+  assert rows["method=coop_mt__optim.lr=0.01"]["delta_ci"]["mean"] == 0.0
+  assert rows["method=coop_mt__optim.lr=0.02"]["delta_ci"]["mean"] == -1.0
+  assert rows["method=coop_mt__optim.lr=0.02"]["reference_setting"] == {
+      "method": "mmap_mt", "optim.lr": 0.02}
+  assert rows["method=mmap_mt__optim.lr=0.01"]["reference"]
+  assert rows["method=mmap_mt__optim.lr=0.02"]["reference"]
+  assert summary["reference"]["setting"] is None and len(summary["reference"]["settings"]) == 2
+  assert "'field=*' in the reference" in (tmp / "results.md").read_text()
 
 
 def test_seed_expansion_names_configs_and_commands(env):

@@ -54,7 +54,8 @@ Figure 1 shape, with +-std error bars), `accuracy_vs_shots.png` when `data.shots
 line per other-field combination, e.g. per method; x = shots, 'all' last) and
 `affinity_<setting>__seed=<s>.png` for each run whose grouping drew a heatmap. Paired
 statistics: every row's `delta_ci` = {"mean", "low", "high", "excludes_zero", "seeds", ...} is its average test accuracy minus the reference setting's
-(`--reference`, default method=mmap_mt; `resolve_reference`) with a 95% paired bootstrap
+(`--reference`, default method=mmap_mt; 'method=mmap_mt;data.shots=*' pairs each row with
+MmAP-MT at its own shots: `resolve_references`) with a 95% paired bootstrap
 interval (`mmap_jax.apps.stats`: seeds, then test images, one draw for both), computed from the
 runs' per-image `test_correct.npz`; the table marks intervals excluding 0 with '*'.
 `accuracies.csv` holds every (setting, seed, task) test (and validation) accuracy. The workdir
@@ -415,10 +416,26 @@ REUSED_FILE = "reused_from.json"   # in a run that --reuse copied: {"sweep", "ru
 def run_key(config: mlc.ConfigDict) -> str:
   """A run's identity for --reuse: its resolved RunSpec (`train.run_spec`: all the trainer
   reads; the seed included) as canonical JSON. Equal keys: the same computation, given the same
-  code and CLIP files (on one host the per-image results then agree bit for bit)."""
+  code and CLIP files (on one host the per-image results then agree bit for bit). Resolving
+  validates the config for this host's devices (setup.ConfigError)."""
   import jax
   from mmap_jax.train import run_spec as run_spec_lib  # Deferred: --print_only needs no JAX.
   return _canonical(run_spec_lib.resolve(config, jax.device_count()).to_dict())
+
+
+def run_keys(settings: Sequence[Setting]) -> dict[str, str]:
+  """{run name: `run_key`} of every run, resolved once before the first run starts (so the
+  per-device batch split is checked too); every invalid setting is named in one SweepError."""
+  keys, errors = {}, []
+  for s in settings:
+    for r in s.runs:
+      try:
+        keys[r.name] = run_key(r.config)
+      except ValueError as e:
+        errors.append(f"setting {s.name}: {e}")
+  if errors:
+    raise SweepError("\n".join(dict.fromkeys(errors)))
+  return keys
 
 
 def _canonical(d: Mapping[str, Any]) -> str:
@@ -462,9 +479,10 @@ def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
   return [] if a == b else [prefix.rstrip(".") or "(all)"]
 
 
-def check_finished_runs(runs: Sequence[Run], workdir: paths.PathLike) -> None:
+def check_finished_runs(runs: Sequence[Run], workdir: paths.PathLike,
+                        keys: Mapping[str, str]) -> None:
   """A finished run must be the run this sweep would make: its results.json `run_spec` equals
-  `run_key` of the run's config (e.g. a changed --tuned or --config.* would otherwise keep old
+  its `run_key` in `keys` (e.g. a changed --tuned or --config.* would otherwise keep old
   runs under the same names). Runs whose results.json has no `run_spec` are not checked.
   Raises SweepError naming the runs and the differing fields."""
   stale = []
@@ -475,7 +493,7 @@ def check_finished_runs(runs: Sequence[Run], workdir: paths.PathLike) -> None:
     recorded = json.loads(res.read_text()).get("run_spec")
     if recorded is None:
       continue
-    wanted = json.loads(run_key(r.config))
+    wanted = json.loads(keys[r.name])
     if _canonical(recorded) != _canonical(wanted):
       stale.append(f"{r.name} ({', '.join(_differences(recorded, wanted))})")
   if stale:
@@ -486,7 +504,7 @@ def check_finished_runs(runs: Sequence[Run], workdir: paths.PathLike) -> None:
 
 
 def reuse_finished(todo: Sequence[Run], workdir: paths.PathLike, sweep_dirs: Sequence[str],
-                   log: Callable[[str], None]) -> list[Run]:
+                   log: Callable[[str], None], keys: Mapping[str, str]) -> list[Run]:
   """Copies each run of `todo` that another sweep already finished (equal `run_key`) into its
   sub-workdir (process 0 writes) and returns the runs still to run."""
   import jax
@@ -494,7 +512,7 @@ def reuse_finished(todo: Sequence[Run], workdir: paths.PathLike, sweep_dirs: Seq
     return list(todo)
   index, left = finished_elsewhere(sweep_dirs), []
   for r in todo:
-    src = index.get(run_key(r.config))
+    src = index.get(keys[r.name])
     if src is None:
       left.append(r)
       continue
@@ -520,20 +538,20 @@ def run(settings: Sequence[Setting], workdir: str, *, run_fn: Optional[RunFn] = 
   or Ctrl-C) stops the sweep: the host is going away; the returned dict then names it
   ('<setting>/seed=<s>') under "preempted" and gives the run's "exit_code" (launch.sweep exits
   with it: 143 after SIGTERM, 130 after Ctrl-C). `reference`: see
-  `resolve_reference` (checked before the first run).
+  `resolve_references` (checked before the first run).
   """
-  resolve_reference(settings, reference)
+  resolve_references(settings, reference)
   if run_fn is None:
     from mmap_jax.train import loop  # Deferred: --print_only needs no JAX.
     run_fn = loop.train_and_evaluate
-  _validate_devices(settings)
+  keys = run_keys(settings)
   workdir = paths.as_path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   runs = ordered_runs(settings)
-  check_finished_runs(runs, workdir)
+  check_finished_runs(runs, workdir, keys)
   todo = [r for r in runs if not is_finished(workdir / r.name)]
   seeds = list(dict.fromkeys(r.seed for r in runs))
-  todo = reuse_finished(todo, workdir, reuse, log)
+  todo = reuse_finished(todo, workdir, reuse, log, keys)
   log(f"sweep: {len(settings)} settings x {len(seeds)} seeds ({', '.join(map(str, seeds))}) = "
       f"{len(runs)} runs, {len(runs) - len(todo)} finished, {len(todo)} to run, in {workdir}")
   failed, preempted, exit_code = [], None, None
@@ -559,21 +577,6 @@ def run(settings: Sequence[Setting], workdir: str, *, run_fn: Optional[RunFn] = 
   if not preempted:
     return summary
   return {**summary, "preempted": preempted, "exit_code": exit_code}
-
-
-def _validate_devices(settings: Sequence[Setting]) -> None:
-  """The per-device batch split of every run, checked before the first one runs."""
-  import jax
-  from mmap_jax.train import setup
-  errors = []
-  for s in settings:
-    for r in s.runs:
-      try:
-        setup.validate(r.config, jax.device_count())
-      except ValueError as e:
-        errors.append(f"setting {s.name}: {e}")
-  if errors:
-    raise SweepError("\n".join(dict.fromkeys(errors)))
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -663,37 +666,58 @@ DELTA_NOTE = ("delta_ci: the row's average test accuracy minus the reference's, 
               "mmap_jax/apps/stats.py); '*' = the interval excludes 0")
 
 
-def resolve_reference(settings: Sequence[Setting], spec: Optional[str]
-                      ) -> tuple[Optional[Setting], str]:
-  """The reference setting named by `spec` ('method=mmap_mt', fields separated by ';'): the one
-  setting whose config has every given value (swept or not). (setting, note); the note says why
-  there is none. `spec=None` is the default 'method=mmap_mt', which may match no setting or
-  several (then no delta_ci, with a note); an explicit spec must match exactly one (SweepError
-  naming the field otherwise). 'none' turns the comparison off."""
+def resolve_references(settings: Sequence[Setting], spec: Optional[str]
+                       ) -> tuple[dict[str, Setting], str]:
+  """Each setting's reference, {setting name: reference setting}, and a note.
+
+  `spec` is 'field=value' parts separated by ';' (e.g. 'method=mmap_mt'). A reference has
+  every given value, swept or not. A part 'field=*' names a swept field whose value is the
+  row's own: 'method=mmap_mt;data.shots=*' compares every row with MmAP-MT at the row's shots,
+  so a shots curve pairs within each shot count. Without '*' there is one reference for all
+  rows. `spec=None` is the default 'method=mmap_mt'. It may match no setting or several; then
+  there is no delta_ci and the note says why. An explicit spec must give each row exactly one
+  reference; otherwise a SweepError names the field or the matches. 'none' turns the
+  comparison off. A row with no reference of its own (a '*' value the reference never takes)
+  gets none.
+  """
   explicit = spec is not None
   spec = DEFAULT_REFERENCE if spec is None else spec.strip()
   if spec.lower() in NO_REFERENCE:
-    return None, "no reference (--reference=none)"
+    return {}, "no reference (--reference=none)"
   if not settings:
-    return None, "no settings"
-  pairs = []
+    return {}, "no settings"
+  swept = [f for f, _ in settings[0].fields]
+  pairs, same = [], []
   for part in (p.strip() for p in spec.split(";")):
     field, has_eq, raw = part.partition("=")
     field = field.strip().removeprefix("config.")
     if not part or not has_eq or not field:
       raise SweepError(f"--reference={spec!r}: {part!r} is not field=value (e.g. "
                        f"--reference='{DEFAULT_REFERENCE}')")
-    pairs.append((field, _typed(field, raw.strip(), settings[0].config, "--reference ")))
+    if raw.strip() == "*":
+      if field not in swept:
+        raise SweepError(f"--reference {field}=*: '*' (the row's own value) needs a swept "
+                         f"field; swept: {', '.join(swept) or 'none'}")
+      same.append(field)
+    else:
+      pairs.append((field, _typed(field, raw.strip(), settings[0].config, "--reference ")))
   matches = [s for s in settings
              if all(config_path.get_value(f, s.config) == v for f, v in pairs)]
-  if len(matches) == 1:
-    return matches[0], f"reference: {matches[0].name}"
+  strata: dict[tuple, list[Setting]] = {}
+  for m in matches:
+    strata.setdefault(tuple(m.values[f] for f in same), []).append(m)
+  if len(matches) == 1 or (same and matches and all(len(v) == 1 for v in strata.values())):
+    refs = {s.name: strata[key][0] for s in settings
+            if (key := tuple(s.values[f] for f in same)) in strata}
+    where = f" at each row's {', '.join(same)}" if same else ""
+    return refs, f"reference: {', '.join(m.name for m in matches)}{where}"
   why = (f"--reference={spec!r} matches {len(matches)} settings"
-         + (f" ({', '.join(m.name for m in matches)}); add fields (';'-separated) to pick one"
-            if matches else f" (settings: {', '.join(s.name for s in settings)})"))
+         + (f" ({', '.join(m.name for m in matches)}); add fields (';'-separated, 'field=*' for "
+            "the row's own value) to pick one" if matches
+            else f" (settings: {', '.join(s.name for s in settings)})"))
   if explicit:
     raise SweepError(why)
-  return None, why + "; no delta_ci"
+  return {}, why + "; no delta_ci"
 
 
 def _correct_per_seed(workdir: paths.PathLike, s: Setting) -> dict[int, dict]:
@@ -711,32 +735,41 @@ def _correct_per_seed(workdir: paths.PathLike, s: Setting) -> dict[int, dict]:
 def add_delta_ci(summary: dict, settings: Sequence[Setting], workdir: paths.PathLike,
                  reference: Optional[str]) -> None:
   """Every row gets `delta_ci` ({"mean", "low", "high", "excludes_zero", "seeds", ...} from
-  `stats.paired_delta_ci`, fractions) against the reference row, or None with `delta_ci_note`;
-  the reference row gets `reference: true`. summary["reference"] records the setting, the spec
-  and the bootstrap's parameters."""
+  `stats.paired_delta_ci`, fractions) against its reference row (`resolve_references`), or
+  None with `delta_ci_note`; a reference row gets `reference: true`, and with one reference per
+  '*' value a row names its own in `reference_setting`. summary["reference"] records the
+  setting ("settings" when there are several), the spec and the bootstrap's parameters."""
   from mmap_jax.apps import stats
-  ref, note = resolve_reference(settings, reference)
+  refs, note = resolve_references(settings, reference)
+  distinct = list({r.name: r for r in refs.values()}.values())
   summary["reference"] = {"spec": DEFAULT_REFERENCE if reference is None else reference,
-                          "setting": ref.values if ref else None, "note": note,
-                          "bootstrap": dict(BOOTSTRAP), "definition": DELTA_NOTE}
+                          "setting": distinct[0].values if len(distinct) == 1 else None,
+                          "note": note, "bootstrap": dict(BOOTSTRAP), "definition": DELTA_NOTE}
+  if len(distinct) > 1:
+    summary["reference"]["settings"] = [r.values for r in distinct]
   by_values = {tuple(sorted(s.values.items())): s for s in settings}
-  ref_correct = _correct_per_seed(workdir, ref) if ref else {}
+  ref_correct = {r.name: _correct_per_seed(workdir, r) for r in distinct}
   for row in summary["rows"]:
     s = by_values[tuple(sorted(row["setting"].items()))]
     row["delta_ci"] = None
+    ref = refs.get(s.name)
     if ref is None:
+      if refs:
+        row["delta_ci_note"] = "no reference setting for this row's values"
       continue
     if s is ref:
       row["reference"] = True
       continue
-    mine = _correct_per_seed(workdir, s)
-    seeds = [k for k in mine if k in ref_correct]
+    if len(distinct) > 1:
+      row["reference_setting"] = ref.values
+    mine, theirs = _correct_per_seed(workdir, s), ref_correct[ref.name]
+    seeds = [k for k in mine if k in theirs]
     if not seeds:
       row["delta_ci_note"] = ("no seed where both this setting and the reference wrote "
                               "test_correct.npz")
       continue
     try:
-      ci = stats.paired_delta_ci([mine[k] for k in seeds], [ref_correct[k] for k in seeds],
+      ci = stats.paired_delta_ci([mine[k] for k in seeds], [theirs[k] for k in seeds],
                                  **BOOTSTRAP)
     except ValueError as e:  # e.g. runs over other test images: no pairing
       row["delta_ci_note"] = f"not paired with the reference: {e}"
@@ -843,6 +876,9 @@ def markdown_table(summary: Mapping[str, Any], fields: Sequence[str]) -> str:
              "steps; '(in budget)': counted in them), wall seconds on the host (mean ± std).")
   if with_delta:
     note += f" {DELTA_NOTE} (in points)."
+    if summary["reference"].get("settings"):
+      note += (" 'field=*' in the reference: each row against the reference setting with the "
+               "row's own value of that field.")
   return "\n".join(lines + ["", note])
 
 
