@@ -67,10 +67,11 @@ another sweep finished with the same resolved RunSpec (`run_key`: everything the
 the seed included) is copied from there (its files, without checkpoints/ or TensorBoard events,
 plus `reused_from.json`: {"sweep": the --reuse directory as given, "run": '<setting>/seed=<s>'})
 instead of being trained again; e.g. a shots sweep's 16-shot runs are the method table's runs
-when 16 is the config's default. It assumes the same code and CLIP files; on one host such runs
-agree per test image bit for bit (the demo's MmAP-MT trained again in the
-`prompt.budget=equal` sweep, where that field changes nothing for it, against the table's 5
-seeds: `tests/test_sweep.py`).
+when 16 is the config's default. It assumes the same code and CLIP files. On one host such runs
+agree per test image bit for bit (the demo's MmAP-MT trained again in the `prompt.budget=equal`
+sweep, where that field changes nothing for it, against the table's 5 seeds:
+`tests/test_sweep.py`). Across hosts XLA's float32 rounding may differ: the demo's grouping
+warm-up affinities differed at ~1e-6 relative between two of our dev hosts.
 """
 from __future__ import annotations
 
