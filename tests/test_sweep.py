@@ -415,12 +415,11 @@ def test_reference_star_pairs_each_row_with_its_own_value(env, tmp_path):
           "method=coop_mt__optim.lr=0.01": [1, 0, 1, 0],
           "method=mmap_mt__optim.lr=0.02": [1, 1, 1, 1],
           "method=coop_mt__optim.lr=0.02": [0, 0, 0, 0]}
-  tmp = tmp_path
   for s in settings:
     for r in s.runs:
-      _fake_run(tmp / r.name, {"a": float(np.mean(hits[s.name]))})
-      _fake_correct(tmp / r.name, {"a": hits[s.name]})
-  summary = sweep.write_outputs(settings, str(tmp), log=lambda s: None,
+      _fake_run(tmp_path / r.name, {"a": float(np.mean(hits[s.name]))})
+      _fake_correct(tmp_path / r.name, {"a": hits[s.name]})
+  summary = sweep.write_outputs(settings, str(tmp_path), log=lambda s: None,
                                 reference="method=mmap_mt;optim.lr=*")
   rows = {sweep.setting_name(tuple(r["setting"].items())): r for r in summary["rows"]}
   assert rows["method=coop_mt__optim.lr=0.01"]["delta_ci"]["mean"] == 0.0
@@ -430,7 +429,7 @@ def test_reference_star_pairs_each_row_with_its_own_value(env, tmp_path):
   assert rows["method=mmap_mt__optim.lr=0.01"]["reference"]
   assert rows["method=mmap_mt__optim.lr=0.02"]["reference"]
   assert summary["reference"]["setting"] is None and len(summary["reference"]["settings"]) == 2
-  assert "'field=*' in the reference" in (tmp / "results.md").read_text()
+  assert "'field=*' in the reference" in (tmp_path / "results.md").read_text()
 
 
 def test_seed_expansion_names_configs_and_commands(env):
