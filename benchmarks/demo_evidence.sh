@@ -14,6 +14,8 @@
 #   affinity  the TAG lookahead affinity against the gradient cosine, seeds 0-4
 #   shots     accuracy against shots (4 / 16 / 64 / all) for 7 methods, seeds 0-2, delta_ci vs
 #             MmAP-MT at the same shots
+#   cost      what the committed pieces took: runs trained (not reused) and their summed wall
+#             seconds per piece, into cost.json (sweep.trained_cost); trains nothing
 #
 # Every piece resumes: a run is finished once its directory holds results.json, so a piece
 # stopped by its time limit (SECONDS: SIGTERM, the running run saves a checkpoint; exit 124) is
@@ -28,7 +30,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=${EVIDENCE_ROOT:-benchmarks/results/demo_world2/evidence}
-piece=${1:?"usage: bash benchmarks/demo_evidence.sh tune|table|tune_budget|budget|grouping|affinity|shots [SECONDS]"}
+piece=${1:?"usage: bash benchmarks/demo_evidence.sh tune|table|tune_budget|budget|grouping|affinity|shots|cost [SECONDS]"}
 limit=${2:-0}
 limited() { if [ "$limit" -gt 0 ]; then timeout --signal=TERM "$limit" "$@"; else "$@"; fi; }
 sweep() {
@@ -60,6 +62,10 @@ print(";".join(f"{m}={v[m] / 2!r},{v[m]!r},{v[m] * 2!r}" for m in ("vpt_mt", "ma
     sweep affinity "$five" --reuse="$root/table" --sweep='groups.affinity=cosine,tag' --reference='groups.affinity=cosine' ;;
   shots)
     sweep shots --seeds=0,1,2 --reuse="$root/table" --reference='method=mmap_mt;data.shots=*' --sweep='method=mmap_mt,zeroshot,coop_mt,maple_mt,lora_mt,mmap_st,fullft_mt;data.shots=4,16,64,0' ;;
+  cost)
+    python3 -c 'import json, sys; from mmap_jax.apps import sweep
+out = json.dumps(sweep.trained_cost(sys.argv[1]), indent=2)
+open(sys.argv[1] + "/cost.json", "w").write(out + "\n"); print(out)' "$root" ;;
   *)
     echo "unknown piece $piece" >&2; exit 2 ;;
 esac

@@ -758,3 +758,36 @@ def test_identical_runs_of_two_evidence_sweeps_agree_per_test_image():
                                  f"seed={seed}")
     assert list(a) == ["photo", "clipart", "sketch", "painting"] and list(b) == list(a)
     assert all(a[t].size == 1920 and np.array_equal(a[t], b[t]) for t in a), seed
+    ga, gb = (json.loads((root / piece / name / f"seed={seed}" / "groups.json").read_text())
+              for piece, name in (("table", "method=mmap_mt"),
+                                  ("budget", "method=mmap_mt__prompt.budget=equal")))
+    assert ga["affinity"] == gb["affinity"] and ga["groups"] == gb["groups"], seed
+
+
+def test_evidence_cost_counts_trained_runs_not_reused_ones(tmp_path):
+  """`demo_evidence.sh cost` (sweep.trained_cost): per piece, runs trained there and their wall
+  seconds; a --reuse copy, an unfinished run and a run without cost are not trained compute."""
+  def fake(path, wall=None, reused=False):
+    path.mkdir(parents=True)
+    res = {"average": 0.5} | ({"cost": {"wall_seconds": wall}} if wall is not None else {})
+    (path / "results.json").write_text(json.dumps(res))
+    if reused:
+      (path / sweep.REUSED_FILE).write_text("{}")
+  fake(tmp_path / "table" / "method=a" / "seed=0", 100.0)
+  fake(tmp_path / "table" / "method=a" / "seed=1", 260.0)
+  fake(tmp_path / "shots" / "method=a__data.shots=4" / "seed=0", 40.0)
+  fake(tmp_path / "shots" / "method=a__data.shots=16" / "seed=0", 100.0, reused=True)
+  fake(tmp_path / "tune" / "mmap_mt" / "method=mmap_mt__optim.lr=0.1" / "seed=100", 20.0)
+  fake(tmp_path / "tune" / "zeroshot" / "method=zeroshot" / "seed=100")    # no cost recorded
+  (tmp_path / "shots" / "method=b" / "seed=0").mkdir(parents=True)        # unfinished
+  env = fx.subprocess_env() | {"EVIDENCE_ROOT": str(tmp_path)}
+  out = subprocess.run(["bash", "benchmarks/demo_evidence.sh", "cost"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-3000:]
+  cost = json.loads((tmp_path / "cost.json").read_text())
+  assert cost["parts"] == {
+      "shots": {"trained": 1, "reused": 1, "wall_seconds": 40.0},
+      "table": {"trained": 2, "reused": 0, "wall_seconds": 360.0},
+      "tune": {"trained": 1, "reused": 0, "wall_seconds": 20.0}}
+  assert cost["total"] == {"trained": 4, "reused": 1, "wall_seconds": 420.0,
+                           "hours": 0.12}

@@ -69,9 +69,10 @@ plus `reused_from.json`: {"sweep": the --reuse directory as given, "run": '<sett
 instead of being trained again; e.g. a shots sweep's 16-shot runs are the method table's runs
 when 16 is the config's default. It assumes the same code and CLIP files. On one host such runs
 agree per test image bit for bit (the demo's MmAP-MT trained again in the `prompt.budget=equal`
-sweep, where that field changes nothing for it, against the table's 5 seeds:
-`tests/test_sweep.py`). Across hosts XLA's float32 rounding may differ: the demo's grouping
-warm-up affinities differed at ~1e-6 relative between two of our dev hosts.
+sweep, where that field changes nothing for it, against the table's 5 seeds, and their
+grouping warm-ups' affinities: `tests/test_sweep.py`). Across hosts XLA's float32 rounding may
+differ: the demo's TAG warm-up affinities, re-run in a later session, moved at ~1e-6 relative
+(`git diff 91ffca0 b213535 -- benchmarks/results/demo_world2/evidence/affinity`).
 """
 from __future__ import annotations
 
@@ -707,7 +708,7 @@ def resolve_references(settings: Sequence[Setting], spec: Optional[str]
   strata: dict[tuple, list[Setting]] = {}
   for m in matches:
     strata.setdefault(tuple(m.values[f] for f in same), []).append(m)
-  if len(matches) == 1 or (same and matches and all(len(v) == 1 for v in strata.values())):
+  if matches and all(len(v) == 1 for v in strata.values()):   # without '*': one stratum
     refs = {s.name: strata[key][0] for s in settings
             if (key := tuple(s.values[f] for f in same)) in strata}
     where = f" at each row's {', '.join(same)}" if same else ""
@@ -795,6 +796,30 @@ def accuracy_csv(summary: Mapping[str, Any], fields: Sequence[str]) -> str:
         w.writerow([name, *values, seed, t, repr(stat["per_seed"][i]),
                     "" if val is None else repr(val["per_seed"][i])])
   return buf.getvalue()
+
+
+def trained_cost(root: paths.PathLike) -> dict:
+  """The compute a tree of sweeps took: per top-level directory under `root` (e.g. an evidence
+  piece: a sweep, `<piece>/<setting>/seed=<s>`, or launch.tune's sweeps, one level deeper), the
+  runs trained there (finished, results.json with `cost`; a --reuse copy counts as reused, not
+  trained) and the sum of their wall seconds; then the totals. (epath globs no '**' on GCS.)"""
+  root = paths.as_path(root)
+  parts: dict[str, dict] = {}
+  found = [*root.glob(f"*/*/seed=*/{RESULTS_FILE}"), *root.glob(f"*/*/*/seed=*/{RESULTS_FILE}")]
+  for res in sorted(found):
+    part = parts.setdefault(res.relative_to(root).parts[0],
+                            {"trained": 0, "reused": 0, "wall_seconds": 0.0})
+    if (res.parent / REUSED_FILE).is_file():
+      part["reused"] += 1
+      continue
+    cost = json.loads(res.read_text()).get("cost")
+    if cost:
+      part["trained"] += 1
+      part["wall_seconds"] += float(cost["wall_seconds"])
+  total = {k: sum(p[k] for p in parts.values()) for k in ("trained", "reused", "wall_seconds")}
+  for part in (*parts.values(), total):
+    part["wall_seconds"] = round(part["wall_seconds"], 2)
+  return {"parts": parts, "total": total | {"hours": round(total["wall_seconds"] / 3600, 2)}}
 
 
 def cost_summary(costs: Sequence[Mapping[str, Any]]) -> dict:
