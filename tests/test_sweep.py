@@ -764,6 +764,7 @@ def test_identical_runs_of_two_evidence_sweeps_agree_per_test_image():
     assert ga["affinity"] == gb["affinity"] and ga["groups"] == gb["groups"], seed
 
 
+@pytest.mark.slow
 def test_evidence_cost_counts_trained_runs_not_reused_ones(tmp_path):
   """`demo_evidence.sh cost` (sweep.trained_cost): per piece, runs trained there and their wall
   seconds; a --reuse copy, an unfinished run and a run without cost are not trained compute."""
